@@ -1,0 +1,196 @@
+// lazymig/lazymig.hpp — the embedding API.
+//
+// A VMM owns guest RAM and vCPUs; lazymig moves the RAM. On the source:
+//
+//   lazymig::SourceConfig cfg{.regions = {ram.region()}, .hooks = hooks,
+//                             .uri = "tcp:10.0.0.2:4444", .mode = lazymig::Mode::postcopy};
+//   auto src = lazymig::Source::create(std::move(cfg));   // validates, nothing started
+//   if (!src) return fail(src.error().message());
+//   (*src)->migrate();   // starts; returns at once
+//   ... (*src)->stats() from any thread, for progress ...
+//   auto outcome = (*src)->wait();   // completed, or the error that ended it
+//
+// On the destination, before the source migrates:
+//
+//   auto dst = lazymig::Destination::listen({.regions = {ram.region()}, .hooks = hooks,
+//                                            .uri = "tcp:0.0.0.0:4444"});
+//   ... (*dst)->local_uri() tells the bound port ...
+//   auto outcome = (*dst)->wait();   // every page present, or why not
+//
+// Hook call order. Source: pause_vcpus → save_device_state → (post-copy runs) → on_event
+// (completed|failed). Destination: load_device_state → resume_vcpus → (faults are served
+// while pages arrive) → on_event(completed); on a failure after resume: pause_vcpus, then
+// on_event(failed) naming how many pages never arrived. Hooks run on lazymig's session
+// thread, never on a vCPU thread; pause_vcpus must return only when vCPUs are parked.
+//
+// Threads: Source and Destination each own their threads and join them in cancel()/
+// wait()/the destructor. All member functions may be called from any thread.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "lazymig/error.hpp"
+
+namespace lazymig {
+
+// Value 0 of every enum is invalid, as on the wire.
+enum class Backing : std::uint8_t { invalid = 0, anon, memfd, hugetlbfs };
+enum class Mode : std::uint8_t { invalid = 0, postcopy, precopy, hybrid };
+enum class Phase : std::uint8_t {
+    invalid = 0,
+    idle,        // created, migrate() not called / destination listening
+    setup,       // connecting, handshake, region table
+    precopy,     // iterative rounds (precopy, hybrid)
+    switchover,  // source vCPUs paused, device state moving
+    postcopy,    // destination running, pages arriving
+    completed,
+    failed,
+    cancelled,
+};
+[[nodiscard]] std::string_view to_string(Backing) noexcept;
+[[nodiscard]] std::string_view to_string(Mode) noexcept;
+[[nodiscard]] std::string_view to_string(Phase) noexcept;
+[[nodiscard]] Result<Backing> parse_backing(std::string_view) noexcept;  // "anon|memfd|hugetlbfs"
+[[nodiscard]] Result<Mode> parse_mode(std::string_view) noexcept;        // "postcopy|precopy|hybrid"
+
+// One contiguous range of guest RAM in this process. The VMM owns the mapping.
+// memfd and hugetlbfs regions must be MAP_SHARED mappings of `fd` at `fd_offset`: the
+// destination writes arriving pages through a second mapping of that file.
+struct GuestRegion {
+    std::string name;            // "ram0"; must match the peer's region of the same index
+    void* host = nullptr;        // page-aligned start of the mapping
+    std::size_t size = 0;        // bytes, a multiple of page_size
+    std::size_t page_size = 4096;  // 4096, or the huge page size for hugetlbfs
+    Backing backing = Backing::anon;
+    int fd = -1;                 // memfd / hugetlbfs file; -1 for anon
+    std::uint64_t fd_offset = 0;
+};
+
+// Guest RAM allocated for a VMM (or a test): owns the mapping and the file.
+class GuestMemory {
+public:
+    // anon: MAP_PRIVATE|MAP_ANONYMOUS; memfd: memfd_create + MAP_SHARED; hugetlbfs:
+    // memfd_create(MFD_HUGETLB) + MAP_SHARED with 2 MiB pages (fails naming
+    // /proc/sys/vm/nr_hugepages when none are free). `populate` pre-faults the mapping.
+    [[nodiscard]] static Result<GuestMemory> create(std::string name, std::size_t size,
+                                                    Backing backing, bool populate) noexcept;
+    GuestMemory() = default;
+    GuestMemory(GuestMemory&&) noexcept;
+    GuestMemory& operator=(GuestMemory&&) noexcept;
+    GuestMemory(const GuestMemory&) = delete;
+    GuestMemory& operator=(const GuestMemory&) = delete;
+    ~GuestMemory();
+
+    [[nodiscard]] GuestRegion region() const { return region_; }
+    [[nodiscard]] std::byte* data() const { return static_cast<std::byte*>(region_.host); }
+    [[nodiscard]] std::size_t size() const { return region_.size; }
+
+private:
+    GuestRegion region_{};
+};
+
+struct Event {
+    enum class Kind : std::uint8_t { invalid = 0, phase, info, error };
+    Kind kind = Kind::invalid;
+    Phase phase = Phase::invalid;  // the phase after this event
+    std::string message;
+};
+
+struct VmmHooks {
+    std::function<void()> pause_vcpus;    // returns when every vCPU is parked
+    std::function<void()> resume_vcpus;
+    std::function<Result<std::vector<std::byte>>()> save_device_state;        // source
+    std::function<Result<void>(std::span<const std::byte>)> load_device_state;  // destination
+    std::function<void(std::uint64_t epoch)> on_epoch_committed;  // hybrid mode
+    std::function<void(const Event&)> on_event;                   // any thread of lazymig's
+};
+
+// Tunable while a migration runs (migrate-set-parameters).
+struct Parameters {
+    std::uint64_t max_bandwidth = 0;      // bytes/s for the pusher; 0 = unlimited.
+                                          // Demand replies are never limited.
+    std::uint32_t push_batch_pages = 256; // pages per bulk frame (1 MiB of 4 KiB pages)
+    std::uint32_t prefetch_pages = 16;    // most pages requested around one fault
+};
+
+struct LatencySummary {
+    std::uint64_t count = 0;
+    double p50_us = 0, p99_us = 0, p999_us = 0, max_us = 0, mean_us = 0;
+};
+
+struct Stats {
+    Phase phase = Phase::invalid;
+    Mode mode = Mode::invalid;
+    std::uint64_t total_pages = 0;
+    std::uint64_t pages_present = 0;     // destination: placed; source: sent at least once
+    std::uint64_t pages_pushed = 0;      // via the bulk channel
+    std::uint64_t pages_demanded = 0;    // via the urgent channel (requested by faults)
+    std::uint64_t zero_pages = 0;        // sent/received as a flag
+    std::uint64_t duplicate_pages = 0;   // arrived after the page was already present
+    std::uint64_t faults = 0;            // destination: uffd faults on missing pages
+    std::uint64_t requests = 0;          // demand requests sent (dest) / served (source)
+    std::uint64_t bytes_sent = 0;
+    std::uint64_t bytes_received = 0;
+    std::uint64_t device_state_bytes = 0;
+    double downtime_ms = 0;              // pause → destination resumed
+    double elapsed_ms = 0;               // since migrate()/accept
+    double postcopy_ms = 0;              // resume → last page present
+    LatencySummary fault_latency;        // destination: fault read → page placed
+    std::string error;                   // the error that ended it, if any
+};
+
+struct SourceConfig {
+    std::vector<GuestRegion> regions;
+    VmmHooks hooks;
+    std::string uri;                      // "tcp:HOST:PORT" of the destination
+    Mode mode = Mode::postcopy;
+    Parameters parameters{};
+    std::chrono::milliseconds connect_timeout{10'000};
+};
+
+class Source {
+public:
+    // Validates the configuration (regions page-aligned, sizes, hooks present, uri).
+    [[nodiscard]] static Result<std::unique_ptr<Source>> create(SourceConfig config);
+    virtual ~Source() = default;
+
+    // Starts the migration on lazymig's threads and returns. Fails if already started.
+    [[nodiscard]] virtual Result<void> migrate() = 0;
+    // Blocks until the migration ends; returns the error that ended it, if any.
+    [[nodiscard]] virtual Result<void> wait() = 0;
+    // Stops at once. Before switchover the source vCPUs are resumed; after it the
+    // destination fails (the VM cannot be saved without the source).
+    virtual void cancel() = 0;
+    virtual void set_parameters(const Parameters&) = 0;
+    [[nodiscard]] virtual Stats stats() const = 0;
+};
+
+struct DestinationConfig {
+    std::vector<GuestRegion> regions;
+    VmmHooks hooks;
+    std::string uri;                      // "tcp:HOST:PORT" to listen on; port 0 picks one
+    Parameters parameters{};
+};
+
+class Destination {
+public:
+    // Prepares guest RAM (registers it with userfaultfd, populates memfd aliases) and
+    // listens. Errors name the missing kernel feature or permission.
+    [[nodiscard]] static Result<std::unique_ptr<Destination>> listen(DestinationConfig config);
+    virtual ~Destination() = default;
+
+    [[nodiscard]] virtual std::string local_uri() const = 0;  // with the bound port
+    [[nodiscard]] virtual Result<void> wait() = 0;
+    virtual void cancel() = 0;
+    virtual void set_parameters(const Parameters&) = 0;
+    [[nodiscard]] virtual Stats stats() const = 0;
+};
+
+}  // namespace lazymig
