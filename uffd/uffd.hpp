@@ -13,7 +13,9 @@
 // Kernel hazards worth knowing (see userfaultfd(2) and Documentation/admin-guide/mm/
 // userfaultfd.rst):
 //  - While a REMOVE/UNMAP/REMAP event is pending (EVENT_* features on), every
-//    placement ioctl fails with EAGAIN until the event has been read.
+//    placement ioctl fails with EAGAIN until the event has been read and the thread
+//    that caused it has resumed: for a moment after the read EAGAIN persists, so
+//    EAGAIN with nothing done means "retry", never "fatal".
 //  - COPY/ZEROPAGE/CONTINUE/MOVE stop at the first page that is already mapped and
 //    report the bytes done before it; the ioctl then fails with EAGAIN if some bytes
 //    were done, or with EEXIST if none were. IoctlOutcome keeps these apart.
@@ -22,6 +24,7 @@
 //    still touch a page that has not arrived (poison those pages first).
 #pragma once
 
+#include <linux/ioctl.h>  // _IOWR for kIoctlMove/kIoctlPoison below
 #include <linux/userfaultfd.h>
 
 #include <cstddef>
@@ -86,7 +89,8 @@ struct Features {
     [[nodiscard]] std::string describe() const;
 };
 
-// Name of one UFFD_FEATURE_* bit ("MINOR_SHMEM"), "bit N" for unknown ones.
+// Name of one UFFD_FEATURE_* bit given as its mask (UFFD_FEATURE_MINOR_SHMEM ->
+// "MINOR_SHMEM"), "bit N" for unknown ones; several bits are joined with '|'.
 [[nodiscard]] std::string feature_name(std::uint64_t bit);
 
 // Result of a range ioctl (COPY, ZEROPAGE, CONTINUE, MOVE, POISON).
@@ -94,8 +98,10 @@ struct Features {
 struct [[nodiscard]] IoctlOutcome {
     std::size_t done = 0;  // bytes the kernel completed from the start of the range
     int err = 0;           // 0: the whole range; EEXIST: the page at `done` was already
-                           // mapped; EAGAIN: a mapping change is pending (read events, retry);
-                           // other errno: failure at `done`
+                           // mapped; EAGAIN with done > 0: stopped early at `done` (one call
+                           // cannot tell why: retry from `done`, usually to see EEXIST);
+                           // EAGAIN with done == 0: a mapping change is pending (read events,
+                           // retry); other errno: failure at `done`
     [[nodiscard]] bool ok() const { return err == 0; }
 };
 

@@ -1,0 +1,136 @@
+// tests/uffd/events_test.cpp — non-cooperative events: REMOVE, UNMAP, REMAP, FORK.
+//
+// The thread that causes such an event blocks in the kernel until the event is read,
+// so each cause runs on a worker while the test thread reads.
+#include <sys/mman.h>
+#include <sys/wait.h>
+
+#include <array>
+#include <climits>
+#include <filesystem>
+
+#include "helpers.hpp"
+
+using namespace uffd_test;
+
+namespace {
+
+Uffd open_registered(std::uint64_t features, const Mapping& area) {
+    auto u = Uffd::open(features);
+    REQUIRE_MESSAGE(u.has_value(), err_of(u));
+    auto r = u->register_range(area.page(0), area.len(), UFFDIO_REGISTER_MODE_MISSING);
+    REQUIRE_MESSAGE(r.has_value(), err_of(r));
+    return std::move(*u);
+}
+
+}  // namespace
+
+TEST_CASE("uffd/events/nothing queued reads as zero events") {
+    Mapping area = Mapping::anon(1);
+    Uffd u = open_registered(0, area);
+    std::array<Event, 4> batch;
+    auto n = u.read_events(batch);
+    REQUIRE_MESSAGE(n.has_value(), err_of(n));
+    CHECK(*n == 0);
+}
+
+TEST_CASE("uffd/events/MADV_DONTNEED yields remove; placement sees EAGAIN while it is pending") {
+    Mapping area = Mapping::anon(4);
+    Uffd u = open_registered(UFFD_FEATURE_EVENT_REMOVE, area);
+    const auto src = pattern(4 * kPage, 10);
+    REQUIRE(u.copy(area.page(0), src.data(), 4 * kPage).ok());
+
+    Workers w(u);
+    int rc = -2;
+    w.spawn([&] { rc = ::madvise(area.page(1), 2 * kPage, MADV_DONTNEED); });
+    REQUIRE(wait_readable(u.fd()));
+    // Page 0 is present: without the pending event this would be EEXIST.
+    const IoctlOutcome pending = u.copy(area.page(0), src.data(), kPage);
+    CHECK(pending.done == 0);
+    CHECK(pending.err == EAGAIN);
+
+    auto ev = next_event(u);
+    REQUIRE(ev.has_value());
+    CHECK(ev->kind == Event::Kind::remove);
+    CHECK(ev->address == addr(area.page(1)));
+    CHECK(ev->end == addr(area.page(3)));
+    REQUIRE(w.wait_all());
+    CHECK(rc == 0);
+
+    // The removed pages are missing again; the others kept their bytes.
+    CHECK(u.copy(area.page(0), src.data(), kPage).err == EEXIST);
+    CHECK(u.copy(area.page(1), src.data() + kPage, 2 * kPage).ok());
+    CHECK(std::memcmp(area.page(0), src.data(), 4 * kPage) == 0);
+}
+
+TEST_CASE("uffd/events/munmap yields unmap with its range") {
+    Mapping area = Mapping::anon(4);
+    Uffd u = open_registered(UFFD_FEATURE_EVENT_UNMAP, area);
+    const std::uint64_t start = addr(area.page(0)), end = addr(area.page(4));
+
+    Workers w(u);
+    int rc = -2;
+    w.spawn([&] { rc = ::munmap(area.page(0), area.len()); });
+    auto ev = next_event(u);
+    REQUIRE(ev.has_value());
+    REQUIRE(w.wait_all());
+    area.release();
+    CHECK(rc == 0);
+    CHECK(ev->kind == Event::Kind::unmap);
+    CHECK(ev->address == start);
+    CHECK(ev->end == end);
+}
+
+TEST_CASE("uffd/events/mremap yields remap with old address, new address and length") {
+    Mapping area = Mapping::anon(2);
+    Mapping target = Mapping::anon(2, PROT_NONE);  // a reservation mremap replaces
+    Uffd u = open_registered(UFFD_FEATURE_EVENT_REMAP, area);
+    const std::uint64_t old_start = addr(area.page(0));
+    const auto src = pattern(2 * kPage, 11);
+    REQUIRE(u.copy(area.page(0), src.data(), 2 * kPage).ok());
+
+    Workers w(u);
+    void* moved = MAP_FAILED;
+    w.spawn([&] {
+        moved = ::mremap(area.page(0), 2 * kPage, 2 * kPage, MREMAP_MAYMOVE | MREMAP_FIXED, target.page(0));
+    });
+    auto ev = next_event(u);
+    REQUIRE(ev.has_value());
+    REQUIRE(w.wait_all());
+    REQUIRE(moved == target.page(0));
+    area.release();
+    CHECK(ev->kind == Event::Kind::remap);
+    CHECK(ev->address == old_start);
+    CHECK(ev->end == addr(target.page(0)));
+    CHECK(ev->len == 2 * kPage);
+    CHECK(std::memcmp(target.page(0), src.data(), 2 * kPage) == 0);
+    // The registration moved with the range.
+    CHECK(u.copy(target.page(0), src.data(), kPage).err == EEXIST);
+}
+
+TEST_CASE("uffd/events/fork yields the child's uffd") {
+    Mapping area = Mapping::anon(1);
+    Uffd u = open_registered(UFFD_FEATURE_EVENT_FORK, area);
+
+    Workers w(u);
+    int status = -1;
+    pid_t child = -1;
+    w.spawn([&] {
+        child = ::fork();  // returns in the parent once the fork event was read
+        if (child == 0) ::_exit(0);
+        if (child > 0) ::waitpid(child, &status, 0);
+    });
+    auto ev = next_event(u);
+    REQUIRE(ev.has_value());
+    CHECK(ev->kind == Event::Kind::fork);
+    REQUIRE(ev->fork_fd >= 0);
+    CHECK(ev->fork_fd != u.fd());
+    std::error_code ec;
+    const auto target = std::filesystem::read_symlink("/proc/self/fd/" + std::to_string(ev->fork_fd), ec);
+    CHECK(target.string() == "anon_inode:[userfaultfd]");
+    CHECK(::close(ev->fork_fd) == 0);
+    REQUIRE(w.wait_all());
+    REQUIRE(child > 0);
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);
+}
