@@ -1,0 +1,111 @@
+// The fault thread: the one place where a vCPU's missing page turns into a request.
+//
+// It blocks in poll() on the uffd and the stop eventfd, reads fault messages in
+// batches and, per fault:
+//   PRESENT    → the page was placed after the fault was queued: UFFDIO_WAKE.
+//   REQUESTED/PLACING → already on its way; the placement's ioctl will wake the thread.
+//   MISSING    → REQUESTED, plus up to `window` following MISSING pages, in one request.
+// The window doubles while faults walk forward through a region and falls back to one
+// page on a random access, so a sequential scan costs few round trips and a random one
+// does not wait for pages it will not use.
+#include <poll.h>
+
+#include <array>
+
+#include <fmt/format.h>
+
+#include "pager/pager.hpp"
+#include "src/log.hpp"
+
+namespace lazymig::pager {
+
+Result<void> Pager::start(RequestSink sink, std::function<void(const Error&)> on_error) {
+    if (thread_.joinable()) return logic_error("pager: fault thread already running");
+    sink_ = std::move(sink);
+    on_error_ = std::move(on_error);
+    try {
+        thread_ = std::thread([this] { fault_thread(); });
+    } catch (const std::system_error& e) {
+        return sys_error("pager: starting the fault thread", e.code().value());
+    }
+    return {};
+}
+
+void Pager::stop() {
+    if (!thread_.joinable()) return;
+    stop_event_.signal();
+    thread_.join();
+}
+
+void Pager::fault_thread() {
+    std::array<uffd::Event, 64> events;
+    pollfd fds[2] = {{uffd_.fd(), POLLIN, 0}, {stop_event_.fd(), POLLIN, 0}};
+    auto fail = [&](const Error& e) {
+        LZ_LOG(error, "pager_fault_thread_failed", "{}", e.message());
+        if (on_error_) on_error_(e);
+    };
+    for (;;) {
+        const int n = ::poll(fds, 2, -1);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) return fail(Error{errno, "pager: poll on the userfaultfd"});
+        if (fds[1].revents) return;
+        if (fds[0].revents & (POLLERR | POLLHUP | POLLNVAL))
+            return fail(Error{0, fmt::format("pager: userfaultfd reported poll events {:#x}", fds[0].revents)});
+        auto got = uffd_.read_events(events);
+        if (!got) return fail(got.error());
+        for (std::size_t i = 0; i < *got; ++i) {
+            if (auto r = handle_fault(events[i]); !r) return fail(r.error());
+        }
+    }
+}
+
+Result<void> Pager::handle_fault(const uffd::Event& ev) {
+    if (ev.kind != uffd::Event::Kind::pagefault) {
+        if (ev.kind == uffd::Event::Kind::fork && ev.fork_fd >= 0) ::close(ev.fork_fd);
+        LZ_LOG(debug, "pager_event_ignored", "kind={}", static_cast<int>(ev.kind));
+        return {};
+    }
+    // Find the region; the uffd only reports addresses inside registered ranges.
+    std::uint32_t ri = 0;
+    for (; ri < regions_.size(); ++ri) {
+        const auto base = reinterpret_cast<std::uint64_t>(regions_[ri].guest.host);
+        if (ev.address >= base && ev.address < base + regions_[ri].guest.size) break;
+    }
+    if (ri == regions_.size())
+        return logic_error(fmt::format("pager: fault at {:#x} outside every guest region", ev.address));
+    Region& r = regions_[ri];
+    const std::uint64_t page = (ev.address - reinterpret_cast<std::uint64_t>(r.guest.host)) / r.guest.page_size;
+    stats_.faults.add();
+
+    switch (r.state.get(page)) {
+    case PageState::present:
+        stats_.wakes.add();
+        return uffd_.wake(r.host(page), r.guest.page_size);
+    case PageState::requested:
+    case PageState::placing: {
+        std::uint32_t none = 0;  // first fault on a prefetched page starts its clock
+        r.fault_at[page].compare_exchange_strong(none, now_us(), std::memory_order_relaxed);
+        return {};
+    }
+    case PageState::missing:
+        break;
+    }
+    if (!r.state.mark_requested(page)) return {};  // a push claimed it meanwhile
+    r.fault_at[page].store(now_us(), std::memory_order_relaxed);
+
+    // Prefetch trend: forward within twice the window doubles it; anything else resets.
+    if (r.last_fault != ~0ull && page > r.last_fault && page - r.last_fault <= 2ull * r.window)
+        r.window = std::min(r.window * 2, prefetch_max_);
+    else
+        r.window = 1;
+    r.last_fault = page;
+
+    std::uint32_t count = 1;
+    while (count < r.window && page + count < r.pages && r.state.mark_requested(page + count)) ++count;
+    stats_.requests.add();
+    stats_.requested_pages.add(count);
+    LZ_LOG(debug, "pager_request", "region={} page={} count={}", ri, page, count);
+    return sink_(proto::PageRequest{.region = ri, .count = count, .first = page});
+}
+
+}  // namespace lazymig::pager

@@ -1,0 +1,137 @@
+// Destination guest memory: uffd registration, file aliases, teardown.
+#include <fcntl.h>
+#include <sys/mman.h>
+
+#include <fmt/format.h>
+
+#include "pager/pager.hpp"
+#include "src/log.hpp"
+#include "src/region.hpp"
+
+namespace lazymig::pager {
+namespace {
+
+std::uint64_t features_for(std::span<const GuestRegion> regions) {
+    std::uint64_t f = 0;
+    for (const auto& r : regions) {
+        if (r.fd >= 0)
+            f |= r.backing == Backing::hugetlbfs ? UFFD_FEATURE_MINOR_HUGETLBFS : UFFD_FEATURE_MINOR_SHMEM;
+        else if (r.backing == Backing::hugetlbfs)
+            f |= UFFD_FEATURE_MISSING_HUGETLBFS;
+    }
+    return f;
+}
+
+}  // namespace
+
+Result<std::unique_ptr<Pager>> Pager::create(std::span<const GuestRegion> regions, std::uint32_t prefetch_pages) {
+    if (auto v = validate_regions(regions, "destination"); !v) return std::unexpected(v.error());
+    std::unique_ptr<Pager> p(new Pager());
+    p->prefetch_max_ = std::clamp<std::uint32_t>(prefetch_pages, 1, proto::kMaxPagesPerFrame);
+    auto stop = net::ShutdownEvent::create();
+    if (!stop) return std::unexpected(stop.error());
+    p->stop_event_ = std::move(*stop);
+
+    auto u = uffd::Uffd::open(features_for(regions));
+    if (!u) return std::unexpected(u.error().wrap("destination"));
+    p->uffd_ = std::move(*u);
+
+    for (std::size_t i = 0; i < regions.size(); ++i) {
+        const auto& g = regions[i];
+        Region r;
+        r.guest = g;
+        r.pages = g.size / g.page_size;
+        r.state = PageStateTable(r.pages);
+        r.fault_at = std::make_unique<std::atomic<std::uint32_t>[]>(r.pages);
+        const std::string where = fmt::format("destination region {} '{}'", i, g.name);
+        std::uint64_t mode = UFFDIO_REGISTER_MODE_MISSING;
+        if (g.fd >= 0) {
+            // Allocate the whole file now so every guest fault is a MINOR fault (the page
+            // is in the page cache, not yet mapped) and arriving data needs no allocation.
+            if (::fallocate(g.fd, 0, static_cast<off_t>(g.fd_offset), static_cast<off_t>(g.size)) != 0)
+                return sys_error(fmt::format("{}: fallocate {} bytes of guest memory", where, g.size));
+            void* a = ::mmap(nullptr, g.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, g.fd,
+                             static_cast<off_t>(g.fd_offset));
+            if (a == MAP_FAILED) return sys_error(fmt::format("{}: mmap the write alias", where));
+            r.alias = static_cast<std::byte*>(a);
+            mode = UFFDIO_REGISTER_MODE_MINOR;
+        }
+        // The guest mapping must hold no page yet: drop whatever the VMM may have touched
+        // (for a file this only unmaps; the file's pages stay).
+        if (::madvise(g.host, g.size, MADV_DONTNEED) != 0)
+            return sys_error(fmt::format("{}: madvise(MADV_DONTNEED) the guest mapping", where));
+        auto ioctls = p->uffd_.register_range(g.host, g.size, mode);
+        if (!ioctls) return std::unexpected(ioctls.error().wrap(where));
+        const std::uint64_t need = g.fd >= 0 ? (1ull << _UFFDIO_CONTINUE) : (1ull << _UFFDIO_COPY);
+        if ((*ioctls & need) != need)
+            return logic_error(fmt::format("{}: the kernel offers no UFFDIO_{} on this mapping", where,
+                                           g.fd >= 0 ? "CONTINUE" : "COPY"));
+        p->total_pages_ += r.pages;
+        p->regions_.push_back(std::move(r));
+        p->guest_.push_back(g);
+        LZ_LOG(info, "pager_region", "region={} name={} size={} page={} backing={} placement={}", i, g.name,
+               g.size, g.page_size, to_string(g.backing), g.fd >= 0 ? "continue" : "copy");
+    }
+    std::size_t largest = 0;
+    for (const auto& g : regions) largest = std::max(largest, g.page_size);
+    if (largest > 4096) p->zero_page_.assign(largest, std::byte{0});
+    return p;
+}
+
+Pager::~Pager() {
+    stop();
+    for (auto& r : regions_)
+        if (r.alias) ::munmap(r.alias, r.guest.size);
+}
+
+std::size_t Pager::overhead_bytes() const {
+    std::size_t n = 0;
+    for (const auto& r : regions_) n += r.state.bytes() + r.pages * sizeof(std::uint32_t);
+    return n + zero_page_.size();
+}
+
+std::uint32_t Pager::now_us() const {
+    const auto us = std::chrono::duration_cast<std::chrono::microseconds>(std::chrono::steady_clock::now() - epoch_).count();
+    return static_cast<std::uint32_t>(us) | 1u;  // never 0, which means "no fault seen"
+}
+
+Result<void> Pager::finish() {
+    stop();
+    for (std::size_t i = 0; i < regions_.size(); ++i) {
+        auto& r = regions_[i];
+        if (auto u = uffd_.unregister_range(r.guest.host, r.guest.size); !u)
+            return std::unexpected(u.error().wrap(fmt::format("destination region {} '{}'", i, r.guest.name)));
+        if (r.alias) ::munmap(r.alias, r.guest.size);
+        r.alias = nullptr;
+    }
+    uffd_.close();
+    LZ_LOG(info, "pager_finish", "pages={} duplicates={}", total_pages_, stats_.duplicate.get());
+    return {};
+}
+
+Result<std::uint64_t> Pager::poison_missing() {
+    if (!uffd_.features().has(UFFD_FEATURE_POISON))
+        return logic_error("cannot poison pages that never arrived: the kernel lacks userfaultfd POISON; "
+                           "threads blocked on them stay blocked");
+    std::uint64_t poisoned = 0;
+    for (auto& r : regions_) {
+        for (std::uint64_t p = 0; p < r.pages;) {
+            if (!r.state.claim(p)) {  // present, or being placed right now
+                ++p;
+                continue;
+            }
+            std::uint64_t end = p + 1;
+            while (end < r.pages && r.state.claim(end)) ++end;
+            auto o = uffd_.poison(r.host(p), (end - p) * r.guest.page_size);
+            if (!o.ok() && o.err != EEXIST)
+                return sys_error(fmt::format("UFFDIO_POISON {:#x}+{}", reinterpret_cast<std::uintptr_t>(r.host(p)),
+                                             (end - p) * r.guest.page_size), o.err);
+            poisoned += end - p;
+            p = end;
+        }
+    }
+    LZ_LOG(warn, "pager_poison", "pages={}", poisoned);
+    return poisoned;
+}
+
+}  // namespace lazymig::pager

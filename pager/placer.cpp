@@ -1,0 +1,122 @@
+// Placement: claimed pages go into the guest in runs, one ioctl per run.
+//
+// Anonymous memory: UFFDIO_COPY from the receive buffer (runs of non-zero pages) and
+// UFFDIO_ZEROPAGE (runs of zero pages). File-backed memory: the bytes are written
+// through the alias mapping, then UFFDIO_CONTINUE maps the whole run, zero or not.
+// Either ioctl wakes the vCPUs blocked on the run.
+#include <cstring>
+
+#include <fmt/format.h>
+
+#include "pager/pager.hpp"
+#include "src/log.hpp"
+
+namespace lazymig::pager {
+namespace {
+
+// Applies a range ioctl over [0, len), stepping over pages that turn out to be mapped
+// already (EEXIST: someone else placed them; they count as present) and resuming after
+// partial progress. A pending mapping change (EAGAIN with nothing done) is retried a
+// bounded number of times: with no REMOVE/UNMAP events enabled it does not persist.
+template <class Op>
+Result<void> apply(Op op, std::size_t len, std::size_t page, std::string_view what, std::byte* base) {
+    std::size_t off = 0;
+    int again = 0;
+    while (off < len) {
+        const uffd::IoctlOutcome o = op(off, len - off);
+        if (o.ok()) return {};
+        off += o.done;
+        if (o.err == EEXIST) {
+            off += page;
+        } else if (o.err == EAGAIN) {
+            if (o.done == 0 && ++again > 1000)
+                return sys_error(fmt::format("{} {:#x}: a mapping change stays pending", what,
+                                             reinterpret_cast<std::uintptr_t>(base + off)), EAGAIN);
+        } else {
+            return sys_error(fmt::format("{} {:#x}+{}", what, reinterpret_cast<std::uintptr_t>(base + off), len - off),
+                             o.err);
+        }
+    }
+    return {};
+}
+
+}  // namespace
+
+Result<std::uint64_t> Pager::place(const proto::PagesMeta& meta, const std::byte* data, bool demanded) {
+    Region& r = regions_[meta.region];
+    const std::size_t ps = r.guest.page_size;
+    std::array<bool, proto::kMaxPagesPerFrame> mine;
+    for (std::uint32_t i = 0; i < meta.count; ++i) mine[i] = r.state.claim(meta.first + i);
+
+    std::uint64_t placed = 0, duplicates = 0;
+    const std::byte* next = data;  // the data of page i, when it is non-zero
+    for (std::uint32_t i = 0; i < meta.count;) {
+        if (!mine[i]) {
+            if (!meta.is_zero(i)) next += ps;
+            ++duplicates;
+            ++i;
+            continue;
+        }
+        // A run of claimed pages; for COPY also of one kind (zero or not).
+        const bool zero = meta.is_zero(i);
+        std::uint32_t j = i + 1;
+        while (j < meta.count && mine[j] && (r.alias || meta.is_zero(j) == zero)) ++j;
+        const std::uint64_t first = meta.first + i, count = j - i;
+        if (r.alias) {
+            for (std::uint32_t k = i; k < j; ++k) {
+                std::byte* dst = r.alias + (meta.first + k) * ps;
+                if (meta.is_zero(k)) {
+                    std::memset(dst, 0, ps);
+                } else {
+                    std::memcpy(dst, next, ps);
+                    next += ps;
+                }
+            }
+            if (auto p = place_run(r, first, count, false, nullptr); !p) return std::unexpected(p.error());
+        } else {
+            if (auto p = place_run(r, first, count, zero, next); !p) return std::unexpected(p.error());
+            if (!zero) next += count * ps;
+        }
+        mark_present(r, first, count);
+        placed += count;
+        i = j;
+    }
+    std::uint64_t zeros = 0;
+    for (std::uint32_t i = 0; i < meta.count; ++i) zeros += mine[i] && meta.is_zero(i);
+    stats_.zero.add(zeros);
+    stats_.duplicate.add(duplicates);
+    stats_.placed.add(placed);
+    (demanded ? stats_.demanded_pages : stats_.pushed_pages).add(placed);
+    if (placed && present_.fetch_add(placed, std::memory_order_acq_rel) + placed == total_pages_) {
+        LZ_LOG(info, "pager_all_present", "pages={}", total_pages_);
+        if (on_complete_) on_complete_();
+    }
+    return placed;
+}
+
+Result<void> Pager::place_run(Region& r, std::uint64_t first, std::uint64_t count, bool zero, const std::byte* data) {
+    std::byte* dst = r.host(first);
+    const std::size_t ps = r.guest.page_size, len = count * ps;
+    if (r.alias)
+        return apply([&](std::size_t off, std::size_t n) { return uffd_.continue_range(dst + off, n); }, len, ps,
+                     "UFFDIO_CONTINUE", dst);
+    if (zero && ps == 4096)
+        return apply([&](std::size_t off, std::size_t n) { return uffd_.zeropage(dst + off, n); }, len, ps,
+                     "UFFDIO_ZEROPAGE", dst);
+    if (zero)  // hugetlb has no ZEROPAGE: copy from a zero huge page, one page per ioctl
+        return apply([&](std::size_t off, std::size_t) { return uffd_.copy(dst + off, zero_page_.data(), ps); },
+                     len, ps, "UFFDIO_COPY (zero)", dst);
+    return apply([&](std::size_t off, std::size_t n) { return uffd_.copy(dst + off, data + off, n); }, len, ps,
+                 "UFFDIO_COPY", dst);
+}
+
+void Pager::mark_present(Region& r, std::uint64_t first, std::uint64_t count) {
+    const std::uint32_t now = now_us();
+    for (std::uint64_t p = first; p < first + count; ++p) {
+        r.state.set_present(p);
+        if (const std::uint32_t at = r.fault_at[p].exchange(0, std::memory_order_relaxed); at != 0)
+            stats_.fault_latency.record(std::uint64_t(now - at) * 1000);
+    }
+}
+
+}  // namespace lazymig::pager

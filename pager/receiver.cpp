@@ -1,0 +1,121 @@
+// Receiving pages: verify a PAGES frame whole, then place it.
+#include <sys/mman.h>
+
+#include <fmt/format.h>
+
+#include "pager/pager.hpp"
+#include "src/crc32c.hpp"
+#include "src/failpoint.hpp"
+#include "src/log.hpp"
+
+namespace lazymig::pager {
+namespace {
+
+// A populated receive buffer: page data lands here once, checked, then placed.
+class Staging {
+public:
+    static Result<Staging> create(std::size_t bytes) {
+        void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+        if (p == MAP_FAILED) return sys_error(fmt::format("mmap a {} byte receive buffer", bytes));
+        Staging s;
+        s.data_ = static_cast<std::byte*>(p);
+        s.size_ = bytes;
+        return s;
+    }
+    Staging() = default;
+    Staging(Staging&& o) noexcept : data_(std::exchange(o.data_, nullptr)), size_(o.size_) {}
+    Staging& operator=(Staging&&) = delete;
+    ~Staging() {
+        if (data_) ::munmap(data_, size_);
+    }
+    [[nodiscard]] std::byte* data() const { return data_; }
+    [[nodiscard]] std::size_t size() const { return size_; }
+
+private:
+    std::byte* data_ = nullptr;
+    std::size_t size_ = 0;
+};
+
+Result<void> receive_pages(net::FrameReader& reader, Pager& pager, const proto::Header& h, Staging& staging,
+                           std::vector<std::uint32_t>& crcs, std::vector<const std::byte*>& ptrs, bool demanded) {
+    const std::string& where = reader.where();
+    auto truncated = [&](const Error& e) -> Error {
+        if (e.code == ECONNRESET) return Error{0, fmt::format("{}: truncated PAGES frame: {}", where, e.context)};
+        return e;
+    };
+    if (h.length < proto::kPagesMetaFixed)
+        return logic_error(fmt::format("{}: PAGES frame of {} bytes is shorter than its metadata", where, h.length));
+    std::array<std::byte, proto::kPagesMetaFixed> fixed;
+    if (auto r = reader.read(fixed.data(), fixed.size()); !r) return std::unexpected(truncated(r.error()));
+    auto meta = proto::decode_pages_fixed(fixed, where);
+    if (!meta) return std::unexpected(meta.error());
+    const auto& regions = pager.regions();
+    if (meta->region >= regions.size())
+        return logic_error(fmt::format("{}: PAGES frame for region {}, but there are {} regions", where, meta->region,
+                                       regions.size()));
+    const auto& region = regions[meta->region];
+    if (meta->first > region.pages || meta->count > region.pages - meta->first)
+        return logic_error(fmt::format("{}: PAGES frame for pages {}..{} of region {} '{}', which has {} pages", where,
+                                       meta->first, meta->first + meta->count - 1, meta->region, region.guest.name,
+                                       region.pages));
+    if (h.length < meta->meta_bytes())
+        return logic_error(fmt::format("{}: PAGES frame of {} bytes is shorter than its metadata", where, h.length));
+    if (auto r = reader.read(reinterpret_cast<std::byte*>(meta->zero.data()), meta->bitmap_bytes()); !r)
+        return std::unexpected(truncated(r.error()));
+    const std::size_t ps = region.guest.page_size;
+    if (auto r = proto::check_pages_length(*meta, h.length, ps, where); !r) return std::unexpected(r.error());
+    const std::uint32_t nonzero = meta->nonzero_pages();
+    if (std::size_t(nonzero) * ps > staging.size())
+        return logic_error(fmt::format("{}: PAGES frame carries {} bytes, more than the {} byte receive buffer",
+                                       where, std::size_t(nonzero) * ps, staging.size()));
+    if (auto r = reader.read(staging.data(), std::size_t(nonzero) * ps); !r)
+        return std::unexpected(truncated(r.error()));
+
+    // Verify before a single byte reaches the guest.
+    for (std::uint32_t i = 0; i < nonzero; ++i) ptrs[i] = staging.data() + std::size_t(i) * ps;
+    crc32c_pages(ptrs.data(), nonzero, ps, crcs.data());
+    std::array<std::byte, proto::kPagesMetaFixed + proto::kMaxPagesPerFrame / 8> meta_raw;
+    std::memcpy(meta_raw.data(), fixed.data(), fixed.size());
+    std::memcpy(meta_raw.data() + fixed.size(), meta->zero.data(), meta->bitmap_bytes());
+    const auto sum = proto::pages_checksum(reader.raw_header(), std::span(meta_raw.data(), meta->meta_bytes()),
+                                           std::span(crcs.data(), nonzero));
+    if (sum != h.checksum)
+        return logic_error(fmt::format("{}: PAGES frame checksum mismatch for region {} pages {}..{} (got {:#010x}, "
+                                       "computed {:#010x}); the frame was refused and none of its pages placed",
+                                       where, meta->region, meta->first, meta->first + meta->count - 1, h.checksum, sum));
+    if (int e = failpoint::check(demanded ? "pager_urgent_before_place" : "pager_bulk_before_place", meta->region,
+                                 meta->first, meta->count))
+        return sys_error(fmt::format("{}: failpoint before placing", where), e);
+    auto placed = pager.place(*meta, staging.data(), demanded);
+    if (!placed) return std::unexpected(placed.error());
+    return {};
+}
+
+}  // namespace
+
+Result<void> receive_loop(net::FrameReader& reader, Pager& pager, bool demanded, const ControlHandler& on_control) {
+    std::size_t largest = 4096;
+    for (const auto& r : pager.regions()) largest = std::max(largest, r.guest.page_size);
+    const std::size_t bytes = std::min(proto::kMaxPagesPayload, largest * proto::kMaxPagesPerFrame);
+    auto staging = Staging::create(bytes);
+    if (!staging) return std::unexpected(staging.error());
+    std::vector<std::uint32_t> crcs(proto::kMaxPagesPerFrame);
+    std::vector<const std::byte*> ptrs(proto::kMaxPagesPerFrame);
+    for (;;) {
+        auto h = reader.next();
+        if (!h) return std::unexpected(h.error());
+        if (!*h) return {};  // closed between frames; the caller decides if that was expected
+        if ((*h)->type == proto::Type::pages) {
+            if (auto r = receive_pages(reader, pager, **h, *staging, crcs, ptrs, demanded); !r)
+                return std::unexpected(r.error());
+            continue;
+        }
+        auto payload = reader.read_control(**h);
+        if (!payload) return std::unexpected(payload.error());
+        auto go_on = on_control(**h, std::move(*payload));
+        if (!go_on) return std::unexpected(go_on.error());
+        if (!*go_on) return {};
+    }
+}
+
+}  // namespace lazymig::pager

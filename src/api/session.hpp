@@ -1,0 +1,59 @@
+// api/session.hpp — what Source and Destination share: phase, first error, events.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <mutex>
+#include <optional>
+#include <string>
+
+#include "lazymig/lazymig.hpp"
+#include "src/log.hpp"
+
+namespace lazymig::api {
+
+// The state every migration endpoint reports: its phase and the error that ended it.
+// The first error wins; later ones (the echo of a shutdown) are logged only.
+class SessionState {
+public:
+    explicit SessionState(const VmmHooks& hooks, std::string_view side) : hooks_(hooks), side_(side) {}
+
+    void set_phase(Phase p, std::string_view why = {}) {
+        phase_.store(p, std::memory_order_release);
+        LZ_LOG(info, "session_phase", "side={} phase={} {}", side_, to_string(p), why);
+        emit(Event{Event::Kind::phase, p, std::string(why.empty() ? to_string(p) : why)});
+    }
+    [[nodiscard]] Phase phase() const { return phase_.load(std::memory_order_acquire); }
+
+    // Records `e` if it is the first error; returns true if it was.
+    bool record(const Error& e) {
+        std::lock_guard lock(mu_);
+        if (error_) {
+            LZ_LOG(debug, "session_later_error", "side={} {}", side_, e.message());
+            return false;
+        }
+        error_ = e;
+        LZ_LOG(warn, "session_error", "side={} {}", side_, e.message());
+        return true;
+    }
+    [[nodiscard]] std::optional<Error> error() const {
+        std::lock_guard lock(mu_);
+        return error_;
+    }
+    void emit(const Event& e) const {
+        if (hooks_.on_event) hooks_.on_event(e);
+    }
+
+private:
+    const VmmHooks& hooks_;
+    std::string side_;
+    std::atomic<Phase> phase_{Phase::idle};
+    mutable std::mutex mu_;
+    std::optional<Error> error_;
+};
+
+[[nodiscard]] inline double ms_since(std::chrono::steady_clock::time_point t) {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
+}
+
+}  // namespace lazymig::api

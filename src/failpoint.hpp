@@ -1,0 +1,39 @@
+// failpoint.hpp — named points where tests inject failures or delays.
+//
+//   LZ_FAILPOINT("pager_bulk_before_place", region, first, count);
+//
+// Costs one relaxed load when nothing is armed. Tests arm a point with a callback that
+// may block (to force an interleaving) or return an errno to make the step fail.
+// Points: pager_bulk_before_place, pager_urgent_before_place, source_push_batch,
+// source_serve_request.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <string_view>
+
+namespace lazymig::failpoint {
+
+struct Site {
+    std::uint32_t region = 0;
+    std::uint64_t first = 0;
+    std::uint32_t count = 0;
+};
+// Returns 0 to go on, or an errno the step fails with.
+using Action = std::function<int(const Site&)>;
+
+void arm(std::string_view name, Action action);
+void disarm_all();
+
+namespace detail {
+extern std::atomic<int> g_armed;
+int hit(std::string_view name, const Site& site);
+}  // namespace detail
+
+inline int check(std::string_view name, std::uint32_t region, std::uint64_t first, std::uint32_t count) {
+    if (detail::g_armed.load(std::memory_order_relaxed) == 0) return 0;
+    return detail::hit(name, Site{region, first, count});
+}
+
+}  // namespace lazymig::failpoint

@@ -1,0 +1,103 @@
+#include "src/net/frames.hpp"
+
+#include <cstring>
+
+#include <fmt/format.h>
+
+namespace lazymig::net {
+
+FrameReader::FrameReader(Ring& ring, int fd, std::string where, std::size_t buffer)
+    : ring_(ring), fd_(fd), where_(std::move(where)), buf_(buffer) {}
+
+Result<std::optional<proto::Header>> FrameReader::next() {
+    std::size_t have = tail_ - head_;
+    if (have == 0) {
+        head_ = tail_ = 0;
+        auto n = ring_.recv_some(fd_, buf_.data(), buf_.size(), where_);
+        if (!n) return std::unexpected(n.error());
+        if (*n == 0) return std::nullopt;
+        tail_ = *n;
+        bytes_ += *n;
+    }
+    if (auto r = read(raw_.data(), raw_.size()); !r) {
+        if (r.error().code == ECONNRESET)
+            return logic_error(fmt::format("{}: truncated frame: the peer closed the connection "
+                                           "inside a frame header", where_));
+        return std::unexpected(r.error());
+    }
+    auto h = proto::parse_header(raw_, where_);
+    if (!h) return std::unexpected(h.error());
+    return *h;
+}
+
+Result<void> FrameReader::read(std::byte* dst, std::size_t len) {
+    const std::size_t buffered = std::min(len, tail_ - head_);
+    std::memcpy(dst, buf_.data() + head_, buffered);
+    head_ += buffered;
+    dst += buffered;
+    len -= buffered;
+    if (len == 0) return {};
+    head_ = tail_ = 0;
+    if (len >= buf_.size() / 2) {  // large: straight into the caller's memory
+        auto r = ring_.recv_exact(fd_, dst, len, where_);
+        if (r) bytes_ += len;
+        return r;
+    }
+    while (len > 0) {  // small: refill the buffer, which may also pick up the next frames
+        auto n = ring_.recv_some(fd_, buf_.data(), buf_.size(), where_);
+        if (!n) return std::unexpected(n.error());
+        if (*n == 0)
+            return sys_error(fmt::format("{}: peer closed the connection inside a frame", where_), ECONNRESET);
+        bytes_ += *n;
+        tail_ = *n;
+        const std::size_t take = std::min(len, tail_);
+        std::memcpy(dst, buf_.data(), take);
+        head_ = take;
+        dst += take;
+        len -= take;
+    }
+    return {};
+}
+
+Result<std::vector<std::byte>> FrameReader::read_control(const proto::Header& h) {
+    std::vector<std::byte> payload(h.length);
+    if (auto r = read(payload.data(), payload.size()); !r) {
+        if (r.error().code == ECONNRESET)
+            return logic_error(fmt::format("{}: truncated {} frame: {}", where_, proto::to_string(h.type),
+                                           r.error().context));
+        return std::unexpected(r.error());
+    }
+    const auto sum = proto::frame_checksum(raw_, payload);
+    if (sum != h.checksum)
+        return logic_error(fmt::format("{}: {} frame checksum mismatch (got {:#010x}, computed {:#010x})",
+                                       where_, proto::to_string(h.type), h.checksum, sum));
+    return payload;
+}
+
+Result<std::vector<std::byte>> FrameReader::expect(proto::Type want) {
+    auto h = next();
+    if (!h) return std::unexpected(h.error());
+    if (!*h)
+        return logic_error(fmt::format("{}: peer closed the connection while {} was expected", where_,
+                                       proto::to_string(want)));
+    auto payload = read_control(**h);
+    if (!payload) return std::unexpected(payload.error());
+    if ((*h)->type == proto::Type::error && want != proto::Type::error)
+        return std::unexpected(peer_error(*payload, where_));
+    if ((*h)->type != want)
+        return logic_error(fmt::format("{}: expected {}, got {}", where_, proto::to_string(want),
+                                       proto::to_string((*h)->type)));
+    return payload;
+}
+
+Result<void> send_frame(Ring& ring, int fd, const proto::Frame& frame, std::string_view where) {
+    return ring.send_all(fd, frame.data(), frame.size(), where);
+}
+
+Error peer_error(std::span<const std::byte> payload, std::string_view where) {
+    auto m = proto::decode_error(payload);
+    if (!m) return m.error().wrap(fmt::format("{}: undecodable ERROR from the peer", where));
+    return Error{0, fmt::format("{}: peer reported: {}", where, m->text)};
+}
+
+}  // namespace lazymig::net

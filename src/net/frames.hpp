@@ -1,0 +1,54 @@
+// net/frames.hpp — framed reading and writing over a Ring.
+//
+// FrameReader buffers small reads (headers, requests, page metadata arrive many to a
+// recv) and hands large payloads straight to the caller's memory, so page data is
+// received once, into an already-populated buffer, never through the small buffer.
+#pragma once
+
+#include <array>
+#include <atomic>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "src/net/ring.hpp"
+#include "src/protocol.hpp"
+
+namespace lazymig::net {
+
+class FrameReader {
+public:
+    FrameReader(Ring& ring, int fd, std::string where, std::size_t buffer = 64 * 1024);
+
+    // The next header, validated; nullopt on a clean close between frames.
+    [[nodiscard]] Result<std::optional<proto::Header>> next();
+    // The raw bytes of the header next() returned (for checksums).
+    [[nodiscard]] std::span<const std::byte, proto::kHeaderSize> raw_header() const { return raw_; }
+    // Reads the next `len` bytes of the current frame's payload.
+    [[nodiscard]] Result<void> read(std::byte* dst, std::size_t len);
+    // Reads a whole control payload and verifies the frame checksum.
+    [[nodiscard]] Result<std::vector<std::byte>> read_control(const proto::Header& h);
+    // Reads the next frame, which must be of type `want` (an ERROR frame from the peer
+    // becomes an error carrying its text). Returns the verified payload.
+    [[nodiscard]] Result<std::vector<std::byte>> expect(proto::Type want);
+
+    [[nodiscard]] const std::string& where() const { return where_; }
+    [[nodiscard]] std::uint64_t bytes_read() const { return bytes_.load(std::memory_order_relaxed); }
+
+private:
+    Ring& ring_;
+    int fd_;
+    std::string where_;
+    std::vector<std::byte> buf_;
+    std::size_t head_ = 0, tail_ = 0;  // unread bytes are buf_[head_, tail_)
+    std::array<std::byte, proto::kHeaderSize> raw_{};
+    std::atomic<std::uint64_t> bytes_{0};
+};
+
+// Sends a whole encoded frame.
+[[nodiscard]] Result<void> send_frame(Ring& ring, int fd, const proto::Frame& frame, std::string_view where);
+
+// Turns a received ERROR payload into an Error: "peer reported: <text>".
+[[nodiscard]] Error peer_error(std::span<const std::byte> payload, std::string_view where);
+
+}  // namespace lazymig::net

@@ -1,0 +1,352 @@
+#include "src/protocol.hpp"
+
+#include <bit>
+#include <cstring>
+
+#include <fmt/format.h>
+
+#include "src/crc32c.hpp"
+
+namespace lazymig::proto {
+namespace {
+
+template <class T>
+T to_le(T v) noexcept {
+    if constexpr (std::endian::native == std::endian::big) return std::byteswap(v);
+    return v;
+}
+template <class T>
+void put(std::byte* p, T v) noexcept {
+    v = to_le(v);
+    std::memcpy(p, &v, sizeof v);
+}
+template <class T>
+T get(const std::byte* p) noexcept {
+    T v;
+    std::memcpy(&v, p, sizeof v);
+    return to_le(v);
+}
+
+// Appends little-endian fields to a frame under construction.
+class Writer {
+public:
+    explicit Writer(Type type) : type_(type), out_(kHeaderSize) {}
+    template <class T>
+    Writer& num(T v) {
+        const auto at = out_.size();
+        out_.resize(at + sizeof v);
+        put(out_.data() + at, v);
+        return *this;
+    }
+    Writer& bytes(std::span<const std::byte> b) {
+        out_.insert(out_.end(), b.begin(), b.end());
+        return *this;
+    }
+    Writer& str(std::string_view s) {
+        num<std::uint32_t>(static_cast<std::uint32_t>(s.size()));
+        return bytes(std::as_bytes(std::span(s.data(), s.size())));
+    }
+    Frame finish() {
+        auto head = std::span<std::byte, kHeaderSize>(out_.data(), kHeaderSize);
+        write_header(head, type_, static_cast<std::uint32_t>(out_.size() - kHeaderSize));
+        set_checksum(head, frame_checksum(head, std::span(out_).subspan(kHeaderSize)));
+        return std::move(out_);
+    }
+
+private:
+    Type type_;
+    Frame out_;
+};
+
+// Reads fields from a payload; every shortfall is an error naming the message and offset.
+class Reader {
+public:
+    Reader(std::span<const std::byte> in, Type type) : in_(in), type_(type) {}
+    template <class T>
+    Result<T> num() {
+        if (auto r = need(sizeof(T)); !r) return std::unexpected(r.error());
+        T v = get<T>(in_.data() + pos_);
+        pos_ += sizeof(T);
+        return v;
+    }
+    Result<std::string> str(std::size_t max) {
+        auto n = num<std::uint32_t>();
+        if (!n) return std::unexpected(n.error());
+        if (*n > max)
+            return logic_error(fmt::format("{}: string of {} bytes at offset {} exceeds {}",
+                                           to_string(type_), *n, pos_ - 4, max));
+        if (auto r = need(*n); !r) return std::unexpected(r.error());
+        std::string s(reinterpret_cast<const char*>(in_.data() + pos_), *n);
+        pos_ += *n;
+        return s;
+    }
+    Result<void> done() const {
+        if (pos_ != in_.size())
+            return logic_error(fmt::format("{}: {} unexpected trailing bytes", to_string(type_),
+                                           in_.size() - pos_));
+        return {};
+    }
+
+private:
+    Result<void> need(std::size_t n) const {
+        if (in_.size() - pos_ < n)
+            return logic_error(fmt::format("{}: truncated: need {} bytes at offset {}, have {}",
+                                           to_string(type_), n, pos_, in_.size() - pos_));
+        return {};
+    }
+    std::span<const std::byte> in_;
+    std::size_t pos_ = 0;
+    Type type_;
+};
+
+std::size_t max_payload(Type t) noexcept {
+    switch (t) {
+    case Type::device_state: return kMaxDeviceState;
+    case Type::pages: return kMaxPagesPayload;
+    default: return kMaxControlPayload;
+    }
+}
+
+// Unwraps a Result inside a decoder, returning its error.
+#define LZ_TRY(var, expr)                                         \
+    auto var##_r = (expr);                                        \
+    if (!var##_r) return std::unexpected(std::move(var##_r.error())); \
+    auto var = *var##_r
+
+}  // namespace
+
+std::string_view to_string(Type t) noexcept {
+    switch (t) {
+    case Type::hello: return "HELLO";
+    case Type::hello_ack: return "HELLO_ACK";
+    case Type::error: return "ERROR";
+    case Type::region_table: return "REGION_TABLE";
+    case Type::region_ack: return "REGION_ACK";
+    case Type::device_state: return "DEVICE_STATE";
+    case Type::resumed: return "RESUMED";
+    case Type::page_request: return "PAGE_REQUEST";
+    case Type::pages: return "PAGES";
+    case Type::push_done: return "PUSH_DONE";
+    case Type::complete: return "COMPLETE";
+    case Type::invalid: break;
+    }
+    return "INVALID";
+}
+
+std::string_view to_string(Channel c) noexcept {
+    switch (c) {
+    case Channel::urgent: return "urgent";
+    case Channel::bulk: return "bulk";
+    case Channel::invalid: break;
+    }
+    return "invalid";
+}
+
+Result<Header> parse_header(std::span<const std::byte, kHeaderSize> raw, std::string_view where) noexcept {
+    const auto magic = get<std::uint32_t>(raw.data());
+    if (magic != kMagic)
+        return logic_error(fmt::format("{}: not a lazymig frame: magic {:#010x}, expected {:#010x}",
+                                       where, magic, kMagic));
+    const auto type = static_cast<std::uint8_t>(raw[4]);
+    if (type == 0 || type > kTypeLast)
+        return logic_error(fmt::format("{}: unknown message type {}", where, type));
+    const auto flags = static_cast<std::uint8_t>(raw[5]);
+    const auto reserved = get<std::uint16_t>(raw.data() + 6);
+    if (flags != 0 || reserved != 0)
+        return logic_error(fmt::format("{}: {} frame has reserved bits set (flags {:#x}, reserved {:#x})",
+                                       where, to_string(Type{type}), flags, reserved));
+    Header h{.type = Type{type}, .length = get<std::uint32_t>(raw.data() + 8),
+             .checksum = get<std::uint32_t>(raw.data() + 12)};
+    if (h.length > max_payload(h.type))
+        return logic_error(fmt::format("{}: {} frame of {} bytes exceeds the limit of {}", where,
+                                       to_string(h.type), h.length, max_payload(h.type)));
+    return h;
+}
+
+void write_header(std::span<std::byte, kHeaderSize> out, Type type, std::uint32_t length) noexcept {
+    put(out.data(), kMagic);
+    out[4] = std::byte{static_cast<std::uint8_t>(type)};
+    out[5] = std::byte{0};
+    put<std::uint16_t>(out.data() + 6, 0);
+    put(out.data() + 8, length);
+    put<std::uint32_t>(out.data() + 12, 0);
+}
+
+void set_checksum(std::span<std::byte, kHeaderSize> header, std::uint32_t checksum) noexcept {
+    put(header.data() + 12, checksum);
+}
+
+std::uint32_t frame_checksum(std::span<const std::byte, kHeaderSize> header,
+                             std::span<const std::byte> payload) noexcept {
+    return crc32c(crc32c(0, header.data(), 12), payload.data(), payload.size());
+}
+
+std::uint32_t pages_checksum(std::span<const std::byte, kHeaderSize> header, std::span<const std::byte> meta,
+                             std::span<const std::uint32_t> page_crcs) noexcept {
+    std::uint32_t c = crc32c(crc32c(0, header.data(), 12), meta.data(), meta.size());
+    if constexpr (std::endian::native == std::endian::little)
+        return crc32c(c, page_crcs.data(), page_crcs.size_bytes());
+    for (auto pc : page_crcs) {
+        pc = to_le(pc);
+        c = crc32c(c, &pc, sizeof pc);
+    }
+    return c;
+}
+
+Frame encode(const Hello& m) {
+    return Writer(Type::hello).num(m.version).num(static_cast<std::uint8_t>(m.channel))
+        .num(static_cast<std::uint8_t>(m.mode)).num<std::uint16_t>(0).num(m.session).finish();
+}
+Frame encode(const HelloAck& m) { return Writer(Type::hello_ack).num(m.version).finish(); }
+Frame encode(const ErrorMsg& m) { return Writer(Type::error).num(m.code).str(m.text).finish(); }
+Frame encode(const DeviceState& m) { return Writer(Type::device_state).bytes(m.blob).finish(); }
+Frame encode(const PageRequest& m) {
+    return Writer(Type::page_request).num(m.region).num(m.count).num(m.first).finish();
+}
+Frame encode(const RegionTable& m) {
+    Writer w(Type::region_table);
+    w.num(static_cast<std::uint32_t>(m.regions.size()));
+    for (const auto& r : m.regions)
+        w.str(r.name).num(r.size).num(r.page_size).num(static_cast<std::uint8_t>(r.backing));
+    return w.finish();
+}
+Frame encode_empty(Type type) { return Writer(type).finish(); }
+
+Result<Hello> decode_hello(std::span<const std::byte> payload) {
+    Reader r(payload, Type::hello);
+    // The version comes first and alone decides compatibility: a newer peer may append
+    // fields, so check it before anything else and name both versions.
+    LZ_TRY(version, r.num<std::uint32_t>());
+    if (version != kVersion)
+        return logic_error(fmt::format("peer speaks protocol version {}, this side speaks {}",
+                                       version, kVersion));
+    LZ_TRY(channel, r.num<std::uint8_t>());
+    LZ_TRY(mode, r.num<std::uint8_t>());
+    LZ_TRY(reserved, r.num<std::uint16_t>());
+    LZ_TRY(session, r.num<std::uint64_t>());
+    if (auto d = r.done(); !d) return std::unexpected(d.error());
+    if (channel == 0 || channel > 2) return logic_error(fmt::format("HELLO: unknown channel {}", channel));
+    if (mode == 0 || mode > 3) return logic_error(fmt::format("HELLO: unknown mode {}", mode));
+    if (reserved != 0) return logic_error("HELLO: reserved field is not zero");
+    return Hello{version, Channel{channel}, Mode{mode}, session};
+}
+
+Result<HelloAck> decode_hello_ack(std::span<const std::byte> payload) {
+    Reader r(payload, Type::hello_ack);
+    LZ_TRY(version, r.num<std::uint32_t>());
+    if (version != kVersion)
+        return logic_error(fmt::format("peer speaks protocol version {}, this side speaks {}",
+                                       version, kVersion));
+    if (auto d = r.done(); !d) return std::unexpected(d.error());
+    return HelloAck{version};
+}
+
+Result<ErrorMsg> decode_error(std::span<const std::byte> payload) {
+    Reader r(payload, Type::error);
+    LZ_TRY(code, r.num<std::uint32_t>());
+    LZ_TRY(text, r.str(4096));
+    if (auto d = r.done(); !d) return std::unexpected(d.error());
+    return ErrorMsg{code, std::move(text)};
+}
+
+Result<RegionTable> decode_region_table(std::span<const std::byte> payload) {
+    Reader r(payload, Type::region_table);
+    LZ_TRY(count, r.num<std::uint32_t>());
+    if (count == 0 || count > 64)
+        return logic_error(fmt::format("REGION_TABLE: {} regions (expected 1 to 64)", count));
+    RegionTable t;
+    for (std::uint32_t i = 0; i < count; ++i) {
+        LZ_TRY(name, r.str(255));
+        LZ_TRY(size, r.num<std::uint64_t>());
+        LZ_TRY(page_size, r.num<std::uint32_t>());
+        LZ_TRY(backing, r.num<std::uint8_t>());
+        if (backing == 0 || backing > 3)
+            return logic_error(fmt::format("REGION_TABLE: region {} '{}' has unknown backing {}", i, name, backing));
+        t.regions.push_back({std::move(name), size, page_size, Backing{backing}});
+    }
+    if (auto d = r.done(); !d) return std::unexpected(d.error());
+    return t;
+}
+
+Result<PageRequest> decode_page_request(std::span<const std::byte> payload) {
+    Reader r(payload, Type::page_request);
+    LZ_TRY(region, r.num<std::uint32_t>());
+    LZ_TRY(count, r.num<std::uint32_t>());
+    LZ_TRY(first, r.num<std::uint64_t>());
+    if (auto d = r.done(); !d) return std::unexpected(d.error());
+    if (count == 0 || count > kMaxPagesPerFrame)
+        return logic_error(fmt::format("PAGE_REQUEST: count {} (expected 1 to {})", count, kMaxPagesPerFrame));
+    return PageRequest{region, count, first};
+}
+
+RegionTable region_table_of(std::span<const GuestRegion> regions) {
+    RegionTable t;
+    for (const auto& r : regions)
+        t.regions.push_back({r.name, r.size, static_cast<std::uint32_t>(r.page_size), r.backing});
+    return t;
+}
+
+Result<void> check_region_table(const RegionTable& theirs, std::span<const GuestRegion> ours) {
+    if (theirs.regions.size() != ours.size())
+        return logic_error(fmt::format("region table mismatch: the source has {} regions, this side {}",
+                                       theirs.regions.size(), ours.size()));
+    for (std::size_t i = 0; i < ours.size(); ++i) {
+        const auto& t = theirs.regions[i];
+        const auto& o = ours[i];
+        if (t.name != o.name)
+            return logic_error(fmt::format("region table mismatch: region {} is '{}' here, '{}' at the source",
+                                           i, o.name, t.name));
+        if (t.size != o.size)
+            return logic_error(fmt::format("region table mismatch: region {} '{}': size {} here, {} at the source",
+                                           i, o.name, o.size, t.size));
+        if (t.page_size != o.page_size)
+            return logic_error(fmt::format("region table mismatch: region {} '{}': page size {} here, {} at the source",
+                                           i, o.name, o.page_size, t.page_size));
+    }
+    return {};
+}
+
+std::uint32_t PagesMeta::nonzero_pages() const {
+    std::uint32_t zeros = 0;
+    for (std::uint32_t i = 0; i < bitmap_bytes(); ++i) zeros += std::popcount(zero[i]);
+    return count - zeros;
+}
+
+std::size_t encode_pages_head(std::byte* out, const PagesMeta& meta, std::size_t page_size,
+                              std::span<const std::uint32_t> page_crcs) noexcept {
+    const std::size_t meta_len = meta.meta_bytes();
+    const auto length = static_cast<std::uint32_t>(meta_len + std::size_t(meta.nonzero_pages()) * page_size);
+    auto head = std::span<std::byte, kHeaderSize>(out, kHeaderSize);
+    write_header(head, Type::pages, length);
+    std::byte* m = out + kHeaderSize;
+    put(m, meta.region);
+    put(m + 4, meta.count);
+    put(m + 8, meta.first);
+    std::memcpy(m + kPagesMetaFixed, meta.zero.data(), meta.bitmap_bytes());
+    set_checksum(head, pages_checksum(head, std::span(m, meta_len), page_crcs));
+    return kHeaderSize + meta_len;
+}
+
+Result<PagesMeta> decode_pages_fixed(std::span<const std::byte, kPagesMetaFixed> raw,
+                                     std::string_view where) noexcept {
+    PagesMeta m;
+    m.region = get<std::uint32_t>(raw.data());
+    m.count = get<std::uint32_t>(raw.data() + 4);
+    m.first = get<std::uint64_t>(raw.data() + 8);
+    if (m.count == 0 || m.count > kMaxPagesPerFrame)
+        return logic_error(fmt::format("{}: PAGES frame with {} pages (expected 1 to {})", where,
+                                       m.count, kMaxPagesPerFrame));
+    return m;
+}
+
+Result<void> check_pages_length(const PagesMeta& meta, std::uint32_t length, std::size_t page_size,
+                                std::string_view where) noexcept {
+    const std::size_t want = meta.meta_bytes() + std::size_t(meta.nonzero_pages()) * page_size;
+    if (want != length)
+        return logic_error(fmt::format("{}: PAGES frame length {} does not match {} pages ({} non-zero) "
+                                       "of {} bytes (expected {})", where, length, meta.count,
+                                       meta.nonzero_pages(), page_size, want));
+    return {};
+}
+
+}  // namespace lazymig::proto
