@@ -1,0 +1,191 @@
+// The C ABI: thin adapters from lazymig.h to the C++ objects. No exception crosses it.
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "lazymig/lazymig.h"
+#include "lazymig/lazymig.hpp"
+
+struct lazymig_source {
+    std::unique_ptr<lazymig::Source> impl;
+};
+struct lazymig_destination {
+    std::unique_ptr<lazymig::Destination> impl;
+};
+
+namespace {
+
+thread_local std::string g_last_error;
+
+int fail(const lazymig::Error& e) {
+    g_last_error = e.message();
+    return e.code > 0 ? -e.code : -EINVAL;
+}
+
+int fail_text(const char* text, int code = EINVAL) {
+    g_last_error = text;
+    return -code;
+}
+
+// Runs `body`, turning an escaping exception (bad_alloc from a hook's vector, say)
+// into -ENOMEM / -EIO with its text.
+template <class F>
+int guarded(F body) {
+    try {
+        return body();
+    } catch (const std::bad_alloc&) {
+        return fail_text("out of memory", ENOMEM);
+    } catch (const std::exception& e) {
+        return fail_text(e.what(), EIO);
+    }
+}
+
+std::vector<lazymig::GuestRegion> to_regions(const lazymig_region* r, size_t n) {
+    std::vector<lazymig::GuestRegion> out;
+    for (size_t i = 0; i < n; ++i)
+        out.push_back({.name = r[i].name ? r[i].name : "", .host = r[i].host, .size = r[i].size,
+                       .page_size = r[i].page_size, .backing = lazymig::Backing(r[i].backing), .fd = r[i].fd,
+                       .fd_offset = r[i].fd_offset});
+    return out;
+}
+
+lazymig::VmmHooks to_hooks(const lazymig_hooks& h) {
+    lazymig::VmmHooks v;
+    if (h.pause_vcpus) v.pause_vcpus = [h] { h.pause_vcpus(h.ctx); };
+    if (h.resume_vcpus) v.resume_vcpus = [h] { h.resume_vcpus(h.ctx); };
+    if (h.save_device_state)
+        v.save_device_state = [h]() -> lazymig::Result<std::vector<std::byte>> {
+            void* buf = nullptr;
+            size_t len = 0;
+            if (int r = h.save_device_state(h.ctx, &buf, &len); r < 0)
+                return lazymig::sys_error("save_device_state hook", -r);
+            std::vector<std::byte> out(static_cast<std::byte*>(buf), static_cast<std::byte*>(buf) + len);
+            std::free(buf);
+            return out;
+        };
+    if (h.load_device_state)
+        v.load_device_state = [h](std::span<const std::byte> b) -> lazymig::Result<void> {
+            if (int r = h.load_device_state(h.ctx, b.data(), b.size()); r < 0)
+                return lazymig::sys_error("load_device_state hook", -r);
+            return {};
+        };
+    if (h.on_event)
+        v.on_event = [h](const lazymig::Event& e) {
+            h.on_event(h.ctx, static_cast<int>(e.phase), e.kind == lazymig::Event::Kind::error, e.message.c_str());
+        };
+    return v;
+}
+
+void to_c(const lazymig::Stats& s, lazymig_stats* o) {
+    *o = lazymig_stats{};
+    o->phase = static_cast<int>(s.phase);
+    o->total_pages = s.total_pages;
+    o->pages_present = s.pages_present;
+    o->pages_pushed = s.pages_pushed;
+    o->pages_demanded = s.pages_demanded;
+    o->zero_pages = s.zero_pages;
+    o->duplicate_pages = s.duplicate_pages;
+    o->faults = s.faults;
+    o->requests = s.requests;
+    o->bytes_sent = s.bytes_sent;
+    o->bytes_received = s.bytes_received;
+    o->device_state_bytes = s.device_state_bytes;
+    o->downtime_ms = s.downtime_ms;
+    o->elapsed_ms = s.elapsed_ms;
+    o->postcopy_ms = s.postcopy_ms;
+    o->fault_p50_us = s.fault_latency.p50_us;
+    o->fault_p99_us = s.fault_latency.p99_us;
+    o->fault_p999_us = s.fault_latency.p999_us;
+    o->fault_max_us = s.fault_latency.max_us;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* lazymig_last_error(void) { return g_last_error.c_str(); }
+
+int lazymig_source_create(const lazymig_region* regions, size_t count, const lazymig_hooks* hooks, const char* uri,
+                          int mode, lazymig_source** out) {
+    if (!regions || !hooks || !uri || !out) return fail_text("lazymig_source_create: null argument");
+    return guarded([&] {
+        auto s = lazymig::Source::create({.regions = to_regions(regions, count), .hooks = to_hooks(*hooks),
+                                          .uri = uri, .mode = lazymig::Mode(mode)});
+        if (!s) return fail(s.error());
+        *out = new lazymig_source{std::move(*s)};
+        return 0;
+    });
+}
+
+int lazymig_source_migrate(lazymig_source* src) {
+    return guarded([&] {
+        auto r = src->impl->migrate();
+        return r ? 0 : fail(r.error());
+    });
+}
+
+int lazymig_source_wait(lazymig_source* src) {
+    return guarded([&] {
+        auto r = src->impl->wait();
+        return r ? 0 : fail(r.error());
+    });
+}
+
+void lazymig_source_cancel(lazymig_source* src) { src->impl->cancel(); }
+
+int lazymig_source_set_max_bandwidth(lazymig_source* src, uint64_t bps) {
+    lazymig::Parameters p;
+    p.max_bandwidth = bps;
+    src->impl->set_parameters(p);
+    return 0;
+}
+
+int lazymig_source_stats(const lazymig_source* src, lazymig_stats* out) {
+    return guarded([&] {
+        to_c(src->impl->stats(), out);
+        return 0;
+    });
+}
+
+void lazymig_source_destroy(lazymig_source* src) { delete src; }
+
+int lazymig_destination_listen(const lazymig_region* regions, size_t count, const lazymig_hooks* hooks,
+                               const char* uri, lazymig_destination** out) {
+    if (!regions || !hooks || !uri || !out) return fail_text("lazymig_destination_listen: null argument");
+    return guarded([&] {
+        auto d = lazymig::Destination::listen(
+            {.regions = to_regions(regions, count), .hooks = to_hooks(*hooks), .uri = uri});
+        if (!d) return fail(d.error());
+        *out = new lazymig_destination{std::move(*d)};
+        return 0;
+    });
+}
+
+int lazymig_destination_local_uri(const lazymig_destination* dst, char* buf, size_t len) {
+    return guarded([&] {
+        const auto uri = dst->impl->local_uri();
+        if (uri.size() + 1 > len) return fail_text("lazymig_destination_local_uri: buffer too small", ENOSPC);
+        std::memcpy(buf, uri.c_str(), uri.size() + 1);
+        return 0;
+    });
+}
+
+int lazymig_destination_wait(lazymig_destination* dst) {
+    return guarded([&] {
+        auto r = dst->impl->wait();
+        return r ? 0 : fail(r.error());
+    });
+}
+
+void lazymig_destination_cancel(lazymig_destination* dst) { dst->impl->cancel(); }
+
+int lazymig_destination_stats(const lazymig_destination* dst, lazymig_stats* out) {
+    return guarded([&] {
+        to_c(dst->impl->stats(), out);
+        return 0;
+    });
+}
+
+void lazymig_destination_destroy(lazymig_destination* dst) { delete dst; }
+
+}  // extern "C"

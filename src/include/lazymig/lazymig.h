@@ -1,0 +1,101 @@
+/* lazymig.h — the C ABI over the embedding API (lazymig.hpp).
+ *
+ *   lazymig_destination *dst;
+ *   lazymig_region ram = { "ram0", host, size, 4096, LAZYMIG_BACKING_MEMFD, memfd, 0 };
+ *   if (lazymig_destination_listen(&ram, 1, &hooks, "tcp:0.0.0.0:4444", &dst) < 0)
+ *       fprintf(stderr, "%s\n", lazymig_last_error());
+ *   ... lazymig_destination_wait(dst); lazymig_destination_destroy(dst);
+ *
+ * Every int-returning call returns 0 on success and a negative errno on failure (-EINVAL
+ * for a logical error); lazymig_last_error() then holds the sentence, per thread.
+ * Hooks run on lazymig's threads, as in lazymig.hpp. Objects are freed by _destroy,
+ * which stops and joins their threads.
+ */
+#ifndef LAZYMIG_H
+#define LAZYMIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define LAZYMIG_BACKING_ANON 1
+#define LAZYMIG_BACKING_MEMFD 2
+#define LAZYMIG_BACKING_HUGETLBFS 3
+
+#define LAZYMIG_MODE_POSTCOPY 1
+#define LAZYMIG_MODE_PRECOPY 2
+#define LAZYMIG_MODE_HYBRID 3
+
+/* Phases, as lazymig::Phase. */
+#define LAZYMIG_PHASE_IDLE 1
+#define LAZYMIG_PHASE_SETUP 2
+#define LAZYMIG_PHASE_PRECOPY 3
+#define LAZYMIG_PHASE_SWITCHOVER 4
+#define LAZYMIG_PHASE_POSTCOPY 5
+#define LAZYMIG_PHASE_COMPLETED 6
+#define LAZYMIG_PHASE_FAILED 7
+#define LAZYMIG_PHASE_CANCELLED 8
+
+typedef struct lazymig_region {
+    const char *name;
+    void *host;
+    size_t size;
+    size_t page_size;
+    int backing;        /* LAZYMIG_BACKING_* */
+    int fd;             /* memfd/hugetlbfs file, -1 for anon */
+    uint64_t fd_offset;
+} lazymig_region;
+
+typedef struct lazymig_hooks {
+    void *ctx;
+    void (*pause_vcpus)(void *ctx);
+    void (*resume_vcpus)(void *ctx);
+    /* Source: set *buf to malloc()ed bytes (lazymig frees them) and *len; 0 or -errno. */
+    int (*save_device_state)(void *ctx, void **buf, size_t *len);
+    /* Destination: 0 or -errno. */
+    int (*load_device_state)(void *ctx, const void *buf, size_t len);
+    /* phase: LAZYMIG_PHASE_*; is_error: the message ends the migration. */
+    void (*on_event)(void *ctx, int phase, int is_error, const char *message);
+} lazymig_hooks;
+
+typedef struct lazymig_stats {
+    int phase;
+    uint64_t total_pages, pages_present, pages_pushed, pages_demanded, zero_pages, duplicate_pages;
+    uint64_t faults, requests, bytes_sent, bytes_received, device_state_bytes;
+    double downtime_ms, elapsed_ms, postcopy_ms;
+    double fault_p50_us, fault_p99_us, fault_p999_us, fault_max_us;
+} lazymig_stats;
+
+typedef struct lazymig_source lazymig_source;
+typedef struct lazymig_destination lazymig_destination;
+
+/* The last error of a failed call on this thread ("" if none). */
+const char *lazymig_last_error(void);
+
+int lazymig_source_create(const lazymig_region *regions, size_t count, const lazymig_hooks *hooks,
+                          const char *uri, int mode, lazymig_source **out);
+int lazymig_source_migrate(lazymig_source *src);
+int lazymig_source_wait(lazymig_source *src);
+void lazymig_source_cancel(lazymig_source *src);
+int lazymig_source_set_max_bandwidth(lazymig_source *src, uint64_t bytes_per_second);
+int lazymig_source_stats(const lazymig_source *src, lazymig_stats *out);
+void lazymig_source_destroy(lazymig_source *src);
+
+/* uri "tcp:HOST:PORT"; port 0 picks one, read it back with _local_uri. */
+int lazymig_destination_listen(const lazymig_region *regions, size_t count, const lazymig_hooks *hooks,
+                               const char *uri, lazymig_destination **out);
+/* Copies the bound "tcp:HOST:PORT" into buf (NUL-terminated); -ENOSPC if it does not fit. */
+int lazymig_destination_local_uri(const lazymig_destination *dst, char *buf, size_t len);
+int lazymig_destination_wait(lazymig_destination *dst);
+void lazymig_destination_cancel(lazymig_destination *dst);
+int lazymig_destination_stats(const lazymig_destination *dst, lazymig_stats *out);
+void lazymig_destination_destroy(lazymig_destination *dst);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* LAZYMIG_H */
