@@ -8,8 +8,9 @@
 namespace lazymig::source {
 
 Result<void> serve_loop(net::FrameReader& reader, net::Ring& ring, int fd, std::span<const GuestRegion> regions,
-                        SentMap& sent, HintQueue& hints, SourceStats& stats) {
+                        SentMap& sent, HintQueue& hints, SourceStats& stats, const std::function<void()>& on_resumed) {
     PageFramer framer(regions);
+    bool resumed = false;
     for (;;) {
         auto h = reader.next();
         if (!h) return std::unexpected(h.error());
@@ -19,7 +20,13 @@ Result<void> serve_loop(net::FrameReader& reader, net::Ring& ring, int fd, std::
         auto payload = reader.read_control(**h);
         if (!payload) return std::unexpected(payload.error());
         switch ((*h)->type) {
+        case proto::Type::resumed:
+            if (resumed) return logic_error(fmt::format("{}: RESUMED twice", reader.where()));
+            resumed = true;
+            on_resumed();
+            continue;
         case proto::Type::complete:
+            if (!resumed) return logic_error(fmt::format("{}: COMPLETE before RESUMED", reader.where()));
             LZ_LOG(info, "source_complete", "requests={} demanded={}", stats.requests.get(), stats.demanded_pages.get());
             return {};
         case proto::Type::error:

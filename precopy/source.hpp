@@ -113,10 +113,13 @@ private:
     std::chrono::steady_clock::time_point next_send_{};
 };
 
-// Serves the urgent channel after switchover until the destination reports COMPLETE
-// (returns normally) or something fails. Every PAGE_REQUEST is answered at once.
+// Serves the urgent channel from the moment the device state is sent until the
+// destination reports COMPLETE (returns normally) or something fails. Every
+// PAGE_REQUEST is answered at once: the destination may fault before its RESUMED
+// arrives here (a VMM thread can touch guest RAM before the vCPUs run), so RESUMED is
+// just one more frame, reported through `on_resumed`, and must precede COMPLETE.
 [[nodiscard]] Result<void> serve_loop(net::FrameReader& reader, net::Ring& ring, int fd,
                                       std::span<const GuestRegion> regions, SentMap& sent, HintQueue& hints,
-                                      SourceStats& stats);
+                                      SourceStats& stats, const std::function<void()>& on_resumed);
 
 }  // namespace lazymig::source

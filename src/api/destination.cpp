@@ -32,7 +32,7 @@ public:
           local_(std::move(local)), stop_(std::move(stop)), state_(cfg_.hooks, "destination") {}
 
     Result<void> start() {
-        pager_->on_complete([this] { send_complete(); });
+        pager_->on_complete([this] { maybe_send_complete(); });
         try {
             thread_ = std::thread([this] { session(); });
         } catch (const std::system_error& e) {
@@ -110,7 +110,10 @@ private:
         return {};
     }
 
-    void send_complete() {
+    // COMPLETE goes out once, after RESUMED, from whichever thread sees both conditions:
+    // pages pushed before the VM resumed can complete a small VM early.
+    void maybe_send_complete() {
+        if (!resumed_sent_.load() || !pager_->complete() || complete_sent_.exchange(true)) return;
         postcopy_ms_ = api::ms_since(resumed_at_);
         if (auto r = send_small(proto::encode_empty(proto::Type::complete), "COMPLETE"); !r) fail(r.error());
     }
@@ -132,17 +135,18 @@ private:
             }
         }
         auto e = *state_.error();
-        std::string text = e.message();
         if (resumed_) {
             // The VM ran here and pages are missing: it cannot continue. Poison what never
             // arrived (a touch raises SIGBUS, never reads zeroes) and stop the vCPUs.
             const std::uint64_t missing = pager_->total_pages() - pager_->present_pages();
             auto poisoned = pager_->poison_missing();
             cfg_.hooks.pause_vcpus();
-            text = fmt::format("{}; the VM cannot continue: {} of {} pages never arrived{}", text, missing,
-                               pager_->total_pages(),
-                               poisoned ? " (poisoned: a touch raises SIGBUS)" : "; " + poisoned.error().message());
+            e.context = fmt::format("{}; the VM cannot continue: {} of {} pages never arrived{}", e.context, missing,
+                                    pager_->total_pages(),
+                                    poisoned ? " (poisoned: a touch raises SIGBUS)" : "; " + poisoned.error().message());
+            state_.amend(e);
         }
+        const std::string text = e.message();
         state_.set_phase(e.code == ECANCELED ? Phase::cancelled : Phase::failed, text);
         state_.emit(Event{Event::Kind::error, state_.phase(), text});
     }
@@ -194,8 +198,9 @@ private:
         resumed_at_ = Clock::now();
         resumed_ = true;
         if (auto r = send_small(proto::encode_empty(proto::Type::resumed), "RESUMED"); !r) return r;
+        resumed_sent_ = true;
         state_.set_phase(Phase::postcopy);
-        if (pager_->complete()) send_complete();  // a region table of pushed-only pages cannot happen, but be exact
+        maybe_send_complete();
 
         auto r = pager::receive_loop(ureader, *pager_, true, [&](const proto::Header& h, std::vector<std::byte> p) -> Result<bool> {
             if (h.type == proto::Type::error) return std::unexpected(net::peer_error(p, uwhere));
@@ -272,7 +277,7 @@ private:
     std::atomic<Mode> mode_{Mode::invalid};
     std::atomic<std::uint64_t> bytes_received_{0}, device_bytes_{0};
     std::atomic<double> postcopy_ms_{0};
-    std::atomic<bool> accepted_{false}, resumed_{false};
+    std::atomic<bool> accepted_{false}, resumed_{false}, resumed_sent_{false}, complete_sent_{false};
     Clock::time_point accepted_at_{}, resumed_at_{};
 };
 

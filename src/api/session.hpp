@@ -36,6 +36,11 @@ public:
         LZ_LOG(warn, "session_error", "side={} {}", side_, e.message());
         return true;
     }
+    // Replaces the recorded error with a fuller account of the same failure.
+    void amend(Error e) {
+        std::lock_guard lock(mu_);
+        error_ = std::move(e);
+    }
     [[nodiscard]] std::optional<Error> error() const {
         std::lock_guard lock(mu_);
         return error_;

@@ -139,18 +139,19 @@ private:
         device_bytes_ = blob->size();
         auto dev = proto::encode(proto::DeviceState{std::move(*blob)});
         if (auto r = net::send_frame(*ring, urgent->get(), dev, uwhere); !r) return r;
-        if (auto r = ureader.expect(proto::Type::resumed); !r) return std::unexpected(r.error());
-        handed_over_ = true;
-        downtime_ms_ = api::ms_since(paused_at);
-        state_.set_phase(Phase::postcopy, fmt::format("destination resumed after {:.2f} ms", downtime_ms_.load()));
 
+        // From here the destination may fault: push and serve at once.
         pusher_ = std::make_unique<source::Pusher>(cfg_.regions, sent_, hints_, stats_,
                                                    source::PushConfig{&bandwidth_, &batch_});
         auto started = pusher_->start(bulk->get(), stop_.fd(), [this](const Error& e) {
             if (state_.record(e.wrap("source: pusher"))) stop_.signal();
         });
         if (!started) return started;
-        return source::serve_loop(ureader, *ring, urgent->get(), cfg_.regions, sent_, hints_, stats_);
+        return source::serve_loop(ureader, *ring, urgent->get(), cfg_.regions, sent_, hints_, stats_, [&] {
+            handed_over_ = true;
+            downtime_ms_ = api::ms_since(paused_at);
+            state_.set_phase(Phase::postcopy, fmt::format("destination resumed after {:.2f} ms", downtime_ms_.load()));
+        });
     }
 
     Result<void> handshake(net::Ring& ring, net::FrameReader& reader, int fd, proto::Channel ch, std::uint64_t id) {

@@ -1,0 +1,58 @@
+// The two-process migration over hugetlbfs memory. Reserves the huge pages it needs and
+// gives them back; exits 77 (skip) when the kernel cannot provide them.
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include "tests/postcopy/process.hpp"
+
+using lazymig::test::Process;
+
+namespace {
+long read_long(const char* path) {
+    std::ifstream f(path);
+    long v = -1;
+    f >> v;
+    return v;
+}
+bool write_long(const char* path, long v) {
+    std::ofstream f(path);
+    f << v;
+    return static_cast<bool>(f.flush());
+}
+const char* kNr = "/proc/sys/vm/nr_hugepages";
+const char* kFree = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
+}  // namespace
+
+int main() {
+    const long size_mib = 1024, need = 2 * size_mib / 2;  // both sides, 2 MiB pages
+    const long before = read_long(kNr);
+    if (before < 0) return std::puts("skip: no hugetlbfs support"), 77;
+    if (read_long(kFree) < need && !write_long(kNr, before + need)) {
+        std::printf("skip: cannot reserve %ld huge pages (need root)\n", need);
+        return 77;
+    }
+    if (read_long(kFree) < need) {
+        std::printf("skip: only %ld free huge pages, need %ld\n", read_long(kFree), need);
+        write_long(kNr, before);
+        return 77;
+    }
+    int rc = 0;
+    {
+        const std::string peer = LAZYMIG_PEER, size = std::to_string(size_mib);
+        Process dest({peer, "dest", "--size", size, "--backing", "hugetlbfs", "--seed", "11", "--workers", "4"});
+        auto uri = dest.until("uri ");
+        if (!uri) {
+            std::printf("FAIL: destination did not listen:\n%s\n", dest.output().c_str());
+            rc = 1;
+        } else {
+            Process source({peer, "source", "--size", size, "--backing", "hugetlbfs", "--seed", "11", "--uri", uri->substr(4)});
+            const int s = source.wait(), d = dest.wait();
+            std::printf("source (%d):\n%s\ndestination (%d):\n%s\n", s, source.output().c_str(), d, dest.output().c_str());
+            if (s != 0 || d != 0 || dest.output().find("wrong_units=0") == std::string::npos) rc = 1;
+        }
+    }
+    write_long(kNr, before);
+    std::puts(rc == 0 ? "PASS: hugetlbfs two-process migration verified" : "FAIL");
+    return rc;
+}
