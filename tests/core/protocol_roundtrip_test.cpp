@@ -1,0 +1,139 @@
+// Every message type survives encode → parse_header → checksum → decode unchanged.
+#include <doctest/doctest.h>
+
+#include <vector>
+
+#include "tests/core/frame_util.hpp"
+
+using namespace core_test;
+using lazymig::Backing;
+using lazymig::Mode;
+
+TEST_CASE("protocol/frame-header-layout") {
+    const auto f = proto::encode(proto::HelloAck{});
+    REQUIRE(f.size() == proto::kHeaderSize + 4);
+    // "LZMG" as bytes, type, zero flags and reserved, little-endian length.
+    CHECK(f[0] == std::byte{'L'});
+    CHECK(f[1] == std::byte{'Z'});
+    CHECK(f[2] == std::byte{'M'});
+    CHECK(f[3] == std::byte{'G'});
+    CHECK(f[4] == b(2));
+    CHECK(f[5] == b(0));
+    CHECK(f[6] == b(0));
+    CHECK(f[7] == b(0));
+    CHECK(f[8] == b(4));
+    CHECK(f[9] == b(0));
+    // The checksum covers header bytes 0..11 and the payload, not its own field.
+    CHECK(proto::frame_checksum(head_of(f), payload_of(f)) ==
+          lazymig::crc32c(lazymig::crc32c(0, f.data(), 12), f.data() + 16, 4));
+}
+
+TEST_CASE("protocol/roundtrip-hello") {
+    for (auto ch : {proto::Channel::urgent, proto::Channel::bulk}) {
+        for (auto mode : {Mode::postcopy, Mode::precopy, Mode::hybrid}) {
+            const proto::Hello in{.version = proto::kVersion, .channel = ch, .mode = mode,
+                                  .session = 0x0123456789abcdefull};
+            const auto f = proto::encode(in);
+            parse_verified(f, proto::Type::hello);
+            CHECK(payload_of(f).size() == 16);
+            auto out = proto::decode_hello(payload_of(f));
+            REQUIRE_MESSAGE(out.has_value(), err_of(out));
+            CHECK(out->version == proto::kVersion);
+            CHECK(out->channel == ch);
+            CHECK(out->mode == mode);
+            CHECK(out->session == 0x0123456789abcdefull);
+        }
+    }
+}
+
+TEST_CASE("protocol/roundtrip-hello-ack") {
+    const auto f = proto::encode(proto::HelloAck{});
+    parse_verified(f, proto::Type::hello_ack);
+    auto out = proto::decode_hello_ack(payload_of(f));
+    REQUIRE_MESSAGE(out.has_value(), err_of(out));
+    CHECK(out->version == proto::kVersion);
+}
+
+TEST_CASE("protocol/roundtrip-error") {
+    for (const std::string text : {std::string(), std::string("region table mismatch: ü"), std::string(4096, 'x')}) {
+        const auto f = proto::encode(proto::ErrorMsg{.code = 71, .text = text});
+        parse_verified(f, proto::Type::error);
+        auto out = proto::decode_error(payload_of(f));
+        REQUIRE_MESSAGE(out.has_value(), err_of(out));
+        CHECK(out->code == 71);
+        CHECK(out->text == text);
+    }
+}
+
+TEST_CASE("protocol/roundtrip-region-table") {
+    proto::RegionTable in;
+    in.regions.push_back({"ram0", 1ull << 30, 4096, Backing::anon});
+    in.regions.push_back({"ram1", 3ull << 33, 4096, Backing::memfd});
+    in.regions.push_back({std::string(255, 'n'), 2ull << 20, 2u << 20, Backing::hugetlbfs});
+    const auto f = proto::encode(in);
+    parse_verified(f, proto::Type::region_table);
+    auto out = proto::decode_region_table(payload_of(f));
+    REQUIRE_MESSAGE(out.has_value(), err_of(out));
+    REQUIRE(out->regions.size() == in.regions.size());
+    for (std::size_t i = 0; i < in.regions.size(); ++i) {
+        CAPTURE(i);
+        CHECK(out->regions[i].name == in.regions[i].name);
+        CHECK(out->regions[i].size == in.regions[i].size);
+        CHECK(out->regions[i].page_size == in.regions[i].page_size);
+        CHECK(out->regions[i].backing == in.regions[i].backing);
+    }
+}
+
+TEST_CASE("protocol/roundtrip-region-table-of-guest-regions") {
+    std::vector<lazymig::GuestRegion> ours = {
+        {.name = "ram0", .host = nullptr, .size = 8u << 20, .page_size = 4096, .backing = Backing::anon},
+        {.name = "ram1", .host = nullptr, .size = 4u << 20, .page_size = 2u << 20, .backing = Backing::hugetlbfs},
+    };
+    const auto f = proto::encode(proto::region_table_of(ours));
+    parse_verified(f, proto::Type::region_table);
+    auto out = proto::decode_region_table(payload_of(f));
+    REQUIRE_MESSAGE(out.has_value(), err_of(out));
+    auto same = proto::check_region_table(*out, ours);
+    CHECK_MESSAGE(same.has_value(), err_of(same));
+}
+
+TEST_CASE("protocol/roundtrip-device-state") {
+    std::vector<std::byte> blob(100'000);
+    for (std::size_t i = 0; i < blob.size(); ++i) blob[i] = b(static_cast<unsigned>(i * 31 + 7));
+    for (const auto& in : {std::vector<std::byte>{}, blob}) {
+        const auto f = proto::encode(proto::DeviceState{in});
+        parse_verified(f, proto::Type::device_state);
+        const auto p = payload_of(f);
+        CHECK(std::vector<std::byte>(p.begin(), p.end()) == in);
+    }
+}
+
+TEST_CASE("protocol/roundtrip-page-request") {
+    const proto::PageRequest in{.region = 3, .count = proto::kMaxPagesPerFrame, .first = 0x1'0000'0001ull};
+    const auto f = proto::encode(in);
+    parse_verified(f, proto::Type::page_request);
+    auto out = proto::decode_page_request(payload_of(f));
+    REQUIRE_MESSAGE(out.has_value(), err_of(out));
+    CHECK(out->region == 3);
+    CHECK(out->count == proto::kMaxPagesPerFrame);
+    CHECK(out->first == 0x1'0000'0001ull);
+}
+
+TEST_CASE("protocol/roundtrip-empty-messages") {
+    for (auto t : {proto::Type::region_ack, proto::Type::resumed, proto::Type::push_done, proto::Type::complete}) {
+        CAPTURE(proto::to_string(t));
+        const auto f = proto::encode_empty(t);
+        CHECK(f.size() == proto::kHeaderSize);
+        const auto h = parse_verified(f, t);
+        CHECK(h.length == 0);
+    }
+}
+
+TEST_CASE("protocol/type-names") {
+    CHECK(proto::to_string(proto::Type::invalid) == "INVALID");
+    CHECK(proto::to_string(proto::Type::pages) == "PAGES");
+    CHECK(proto::to_string(proto::Type{200}) == "INVALID");
+    CHECK(proto::to_string(proto::Channel::urgent) == "urgent");
+    CHECK(proto::to_string(proto::Channel::bulk) == "bulk");
+    CHECK(proto::to_string(proto::Channel{9}) == "invalid");
+}
