@@ -308,7 +308,8 @@ Result<void> check_region_table(const RegionTable& theirs, std::span<const Guest
 
 std::uint32_t PagesMeta::nonzero_pages() const {
     std::uint32_t zeros = 0;
-    for (std::uint32_t i = 0; i < bitmap_bytes(); ++i) zeros += std::popcount(zero[i]);
+    for (std::uint32_t i = 0; i < count / 8; ++i) zeros += std::popcount(zero[i]);
+    if (count % 8) zeros += std::popcount(static_cast<std::uint8_t>(zero[count / 8] & ((1u << (count % 8)) - 1)));
     return count - zeros;
 }
 
@@ -341,6 +342,11 @@ Result<PagesMeta> decode_pages_fixed(std::span<const std::byte, kPagesMetaFixed>
 
 Result<void> check_pages_length(const PagesMeta& meta, std::uint32_t length, std::size_t page_size,
                                 std::string_view where) noexcept {
+    // Bits past `count` in the bitmap's last byte are padding and must be zero: a frame
+    // that sets them means something this version does not understand.
+    if (meta.count % 8 && (meta.zero[meta.count / 8] >> (meta.count % 8)) != 0)
+        return logic_error(fmt::format("{}: PAGES frame for {} pages sets zero-bitmap padding bits ({:#04x} in its "
+                                       "last bitmap byte)", where, meta.count, meta.zero[meta.count / 8]));
     const std::size_t want = meta.meta_bytes() + std::size_t(meta.nonzero_pages()) * page_size;
     if (want != length)
         return logic_error(fmt::format("{}: PAGES frame length {} does not match {} pages ({} non-zero) "
