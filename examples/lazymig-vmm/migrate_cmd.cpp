@@ -1,0 +1,174 @@
+// `lazymig-vmm migrate`: drives a migration through the two management sockets, shows
+// live progress, then a summary. Exit code 0 only when the migration completed and
+// (with --dest-qmp) the destination's workload checks out.
+#include <unistd.h>
+
+#include <cerrno>
+
+#include <chrono>
+#include <cstdio>
+#include <optional>
+
+#include <fmt/format.h>
+
+#include "options.hpp"
+#include "qmp_client.hpp"
+
+namespace vmm {
+
+namespace {
+using json = nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+bool terminal(const std::string& phase) { return phase == "completed" || phase == "failed" || phase == "cancelled"; }
+
+std::uint64_t u64(const json& j, const char* a, const char* b = nullptr) {
+    const json* p = &j;
+    if (!p->contains(a)) return 0;
+    p = &(*p)[a];
+    if (b) {
+        if (!p->contains(b)) return 0;
+        p = &(*p)[b];
+    }
+    return p->is_number() ? p->get<std::uint64_t>() : 0;
+}
+double num(const json& j, const char* a, const char* b = nullptr) {
+    const json* p = &j;
+    if (!p->contains(a)) return 0;
+    p = &(*p)[a];
+    if (b) {
+        if (!p->contains(b)) return 0;
+        p = &(*p)[b];
+    }
+    return p->is_number() ? p->get<double>() : 0;
+}
+
+struct Sample {
+    Clock::time_point at;
+    std::uint64_t bytes = 0, faults = 0;
+};
+
+void print_summary(const MigrateOptions& o, const json& src, const std::optional<json>& dst,
+                   const std::optional<json>& check, double wall_ms) {
+    const json& d = dst ? *dst : src;  // figures measured on the destination when we have it
+    const double secs = num(src, "elapsed-ms") / 1000;
+    const std::uint64_t bytes = u64(src, "bytes", "sent");
+    auto row = [](std::string_view k, const std::string& v) { fmt::print("  {:<22}{}\n", k, v); };
+    fmt::print("\nmigration summary\n");
+    row("mode", std::string(lazymig::to_string(o.mode)));
+    row("result", src.value("phase", "?") + (src.contains("error") ? " (" + src["error"].get<std::string>() + ")" : ""));
+    row("total time", fmt::format("{:.1f} ms (wall {:.1f} ms)", num(src, "elapsed-ms"), wall_ms));
+    row("downtime", fmt::format("{:.2f} ms", std::max(num(src, "downtime-ms"), num(d, "downtime-ms"))));
+    row("pages total", fmt::format("{}", u64(src, "pages", "total")));
+    row("pages pushed", fmt::format("{}", u64(src, "pages", "pushed")));
+    row("pages demanded", fmt::format("{}", u64(src, "pages", "demanded")));
+    row("zero pages", fmt::format("{}", u64(src, "pages", "zero")));
+    row("bytes sent", fmt::format("{:.1f} MB", static_cast<double>(bytes) / 1e6));
+    row("throughput", fmt::format("{:.1f} MB/s", secs > 0 ? static_cast<double>(bytes) / 1e6 / secs : 0.0));
+    if (dst) {
+        row("faults (destination)", fmt::format("{}", u64(d, "faults")));
+        row("fault latency p50", fmt::format("{:.1f} us", num(d, "fault-latency-us", "p50")));
+        row("fault latency p99", fmt::format("{:.1f} us", num(d, "fault-latency-us", "p99")));
+    }
+    if (check) row("check-workload", fmt::format("{} ({})", check->value("ok", false) ? "ok" : "FAILED", check->value("detail", "")));
+    std::fflush(stdout);
+}
+}  // namespace
+
+int run_migrate(const MigrateOptions& o) {
+    auto src = QmpClient::connect(o.from);
+    if (!src) return fmt::print(stderr, "lazymig-vmm migrate: source: {}\n", src.error().message()), 1;
+    std::optional<QmpClient> dst;
+    if (!o.dest_qmp.empty()) {
+        auto c = QmpClient::connect(o.dest_qmp);
+        if (!c) return fmt::print(stderr, "lazymig-vmm migrate: destination: {}\n", c.error().message()), 1;
+        dst = std::move(*c);
+    }
+    std::string uri = o.to;
+    if (uri.empty()) {
+        auto st = dst->execute("query-status");
+        if (!st) return fmt::print(stderr, "lazymig-vmm migrate: {}\n", st.error().message()), 1;
+        if (!(*st)["incoming"].is_string()) return fmt::print(stderr, "lazymig-vmm migrate: the destination is not waiting for a migration\n"), 1;
+        uri = (*st)["incoming"];
+    }
+    // Events tell when each side is done; the progress line is sampled and redrawn at a
+    // display rate between them (4/s on a terminal, one line a second otherwise).
+    for (QmpClient* c : {&*src, dst ? &*dst : nullptr})
+        if (c)
+            if (auto ok = c->execute("enable-events"); !ok)
+                return fmt::print(stderr, "lazymig-vmm migrate: {}\n", ok.error().message()), 1;
+    const auto start = Clock::now();
+    if (auto ok = src->execute("migrate", {{"uri", uri}, {"mode", lazymig::to_string(o.mode)}}); !ok)
+        return fmt::print(stderr, "lazymig-vmm migrate: {}\n", ok.error().message()), 1;
+    fmt::print("migrating {} → {} ({})\n", o.from, uri, lazymig::to_string(o.mode));
+    std::fflush(stdout);
+
+    const bool tty = ::isatty(STDOUT_FILENO) == 1;
+    const auto draw_every = tty ? std::chrono::milliseconds(250) : std::chrono::milliseconds(1000);
+    const auto deadline = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.timeout_s));
+    Sample last{start};
+    json s, d;
+    auto draw = [&]() -> bool {
+        auto sq = src->execute("query-migrate");
+        if (!sq) return fmt::print(stderr, "\nlazymig-vmm migrate: source: {}\n", sq.error().message()), false;
+        s = *sq;
+        if (dst) {
+            auto dq = dst->execute("query-migrate");
+            if (!dq) return fmt::print(stderr, "\nlazymig-vmm migrate: destination: {}\n", dq.error().message()), false;
+            d = *dq;
+        }
+        const json& view = dst ? d : s;
+        const auto now = Clock::now();
+        const double dt = std::chrono::duration<double>(now - last.at).count();
+        const Sample cur{now, u64(s, "bytes", "sent"), u64(d, "faults")};
+        const double mbps = dt > 0 ? static_cast<double>(cur.bytes - std::min(cur.bytes, last.bytes)) / 1e6 / dt : 0;
+        const double fps = dt > 0 ? static_cast<double>(cur.faults - std::min(cur.faults, last.faults)) / dt : 0;
+        last = cur;
+        const std::string line = fmt::format("{:<10} {:6.1f}% present  {:8.1f} MB/s  {:8.0f} faults/s  {}/{} pages",
+                                             view.value("phase", "?"), num(view, "percent-present"), mbps, fps,
+                                             u64(view, "pages", "present"), u64(view, "pages", "total"));
+        if (tty) fmt::print("\r{:<100}", line);
+        else fmt::print("{}\n", line);
+        std::fflush(stdout);
+        return true;
+    };
+    auto is_end = [](const json& e) { return terminal(e["data"].value("status", "")); };
+    bool src_done = false, dst_done = !dst;
+    for (auto next_draw = start; !(src_done && dst_done);) {
+        auto now = Clock::now();
+        if (now >= next_draw) {
+            if (!draw()) return 1;
+            next_draw += draw_every;
+            now = Clock::now();
+        }
+        if (now > deadline) {
+            fmt::print("\nlazymig-vmm migrate: no completion within {} s: cancelling\n", o.timeout_s);
+            [[maybe_unused]] auto c = src->execute("migrate-cancel");
+            return 1;
+        }
+        QmpClient& side = src_done ? *dst : *src;
+        const auto until = std::min(next_draw, deadline);
+        auto e = side.wait_event("MIGRATION", is_end, std::chrono::duration_cast<std::chrono::milliseconds>(until - now) + std::chrono::milliseconds(1));
+        if (!e && e.error().code != ETIMEDOUT)
+            return fmt::print(stderr, "\nlazymig-vmm migrate: {}\n", e.error().message()), 1;
+        if (!e) continue;
+        if (src_done) dst_done = true;
+        else src_done = true;
+        // A source that failed leaves nothing to wait for at the destination.
+        if (&side == &*src && (*e)["data"].value("status", "") != "completed") dst_done = true;
+    }
+    if (!draw()) return 1;
+    const double wall_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+    if (tty) fmt::print("\n");
+    std::optional<json> check;
+    if (dst && d.value("phase", "") == "completed") {
+        auto c = dst->execute("check-workload");
+        check = c ? *c : json{{"ok", false}, {"detail", c.error().message()}};
+    }
+    print_summary(o, s, dst ? std::optional<json>(d) : std::nullopt, check, wall_ms);
+    const bool ok = s.value("phase", "") == "completed" && (!dst || d.value("phase", "") == "completed") &&
+                    (!check || check->value("ok", false));
+    return ok ? 0 : 1;
+}
+
+}  // namespace vmm

@@ -1,0 +1,219 @@
+#include "migration.hpp"
+
+#include <fmt/format.h>
+
+#include "events.hpp"
+#include "log.hpp"
+#include "vm.hpp"
+
+namespace vmm {
+
+Migration::~Migration() {
+    std::lock_guard ctl(ctl_mu_);
+    bool running;
+    {
+        std::lock_guard lock(mu_);
+        running = role_ != Role::none && !finished_;
+    }
+    if (running) {
+        log_event("migration_cancel", "reason=shutdown");
+        if (source_) source_->cancel();
+        if (dest_) dest_->cancel();
+    }
+    join_waiter();
+    source_.reset();
+    dest_.reset();
+}
+
+void Migration::join_waiter() {
+    if (waiter_.joinable()) waiter_.join();
+}
+
+namespace {
+bool terminal(lazymig::Phase p) {
+    return p == lazymig::Phase::completed || p == lazymig::Phase::failed || p == lazymig::Phase::cancelled;
+}
+const char* role_name(bool source) { return source ? "source" : "destination"; }
+}  // namespace
+
+lazymig::VmmHooks Migration::hooks(Role role) {
+    lazymig::VmmHooks h = vm_.hooks();
+    h.on_event = [this, role](const lazymig::Event& e) {
+        const char* kind = e.kind == lazymig::Event::Kind::error ? "error"
+                         : e.kind == lazymig::Event::Kind::phase ? "phase" : "info";
+        log_event("migration_event", "kind={} phase={} message=\"{}\"", kind, lazymig::to_string(e.phase), e.message);
+        const bool phase_change = e.kind == lazymig::Event::Kind::phase && !terminal(e.phase);
+        // Post-copy: once the destination runs the VM, so does its network.
+        if (phase_change && role == Role::source && e.phase == lazymig::Phase::postcopy) vm_.handed_over();
+        {
+            std::lock_guard lock(mu_);
+            last_event_ = e.message;
+            if (phase_change) last_phase_ = e.phase;
+        }
+        if (phase_change && events_)
+            events_->emit("MIGRATION", {{"status", lazymig::to_string(e.phase)}, {"role", role_name(role == Role::source)},
+                                        {"message", e.message}});
+    };
+    h.on_epoch_committed = [](std::uint64_t epoch) { log_event("migration_epoch_committed", "epoch={}", epoch); };
+    return h;
+}
+
+lazymig::Result<std::string> Migration::listen(const std::string& uri) {
+    std::lock_guard ctl(ctl_mu_);
+    if (role_ != Role::none) return lazymig::logic_error("this VM already takes part in a migration");
+    auto dst = lazymig::Destination::listen({.regions = vm_.regions(), .hooks = hooks(Role::destination), .uri = uri, .parameters = parameters()});
+    if (!dst) return std::unexpected(dst.error().wrap(fmt::format("incoming migration on {}", uri)));
+    std::lock_guard lock(mu_);
+    dest_ = std::move(*dst);
+    role_ = Role::destination;
+    incoming_uri_ = dest_->local_uri();
+    waiter_ = std::thread([this, d = dest_.get()] {
+        auto outcome = d->wait();
+        finish(Role::destination, std::move(outcome), d->stats().phase);
+    });
+    log_event("migration_listening", "uri={}", incoming_uri_);
+    return incoming_uri_;
+}
+
+lazymig::Result<void> Migration::migrate(const std::string& uri, lazymig::Mode mode) {
+    std::lock_guard ctl(ctl_mu_);
+    {
+        std::lock_guard lock(mu_);
+        if (role_ == Role::destination) return lazymig::logic_error("this VM is the destination of an incoming migration");
+        if (role_ == Role::source && !finished_) return lazymig::logic_error("a migration is already in progress");
+        if (role_ == Role::source && !error_) return lazymig::logic_error("the VM has already migrated away");
+    }
+    const std::string status = vm_.status()["status"];
+    if (status != "running" && status != "paused")
+        return lazymig::logic_error(fmt::format("cannot migrate a VM in state {}", status));
+    join_waiter();  // the previous (failed) migration's waiter has returned or is about to
+    source_.reset();
+    lazymig::SourceConfig cfg{.regions = vm_.regions(), .hooks = hooks(Role::source), .uri = uri, .mode = mode, .parameters = parameters()};
+    auto src = lazymig::Source::create(std::move(cfg));
+    if (!src) return std::unexpected(src.error().wrap(fmt::format("migrate to {}", uri)));
+    {
+        std::lock_guard lock(mu_);
+        last_event_.clear();
+    }
+    if (auto started = (*src)->migrate(); !started) return std::unexpected(started.error().wrap(fmt::format("migrate to {}", uri)));
+    std::lock_guard lock(mu_);
+    source_ = std::move(*src);
+    role_ = Role::source;
+    finished_ = false;
+    error_.reset();
+    last_phase_ = lazymig::Phase::setup;
+    waiter_ = std::thread([this, s = source_.get()] {
+        auto outcome = s->wait();
+        finish(Role::source, std::move(outcome), s->stats().phase);
+    });
+    log_event("migration_start", "uri={} mode={}", uri, lazymig::to_string(mode));
+    return {};
+}
+
+// The object behind wait() outlives this thread: it is destroyed only after a join.
+void Migration::finish(Role role, lazymig::Result<void> outcome, lazymig::Phase phase) {
+    const char* who = role_name(role == Role::source);
+    if (outcome && role == Role::source) vm_.migrated_away();
+    if (outcome) log_event("migration_completed", "role={}", who);
+    else log_event("migration_failed", "role={} phase={} error=\"{}\"", who, lazymig::to_string(phase), outcome.error().message());
+    if (outcome) phase = lazymig::Phase::completed;
+    else if (!terminal(phase)) phase = lazymig::Phase::failed;
+    {
+        std::lock_guard lock(mu_);
+        finished_ = true;
+        if (!outcome) error_ = outcome.error();
+    }
+    if (events_) {
+        nlohmann::json data{{"status", lazymig::to_string(phase)}, {"role", who}};
+        if (!outcome) data["error"] = outcome.error().message();
+        events_->emit("MIGRATION", std::move(data));
+    }
+}
+
+lazymig::Result<void> Migration::cancel() {
+    std::lock_guard ctl(ctl_mu_);
+    lazymig::Source* src = nullptr;
+    lazymig::Destination* dst = nullptr;
+    {
+        std::lock_guard lock(mu_);
+        if (role_ == Role::none || finished_) return lazymig::logic_error("no migration in progress");
+        src = source_.get();
+        dst = dest_.get();
+    }
+    // Without mu_: cancel() joins lazymig's threads, which may call our hooks.
+    log_event("migration_cancel", "reason=requested");
+    if (src) src->cancel();
+    if (dst) dst->cancel();
+    return {};
+}
+
+lazymig::Result<void> Migration::set_parameters(const ParameterUpdate& u) {
+    if (u.push_batch_pages && (*u.push_batch_pages == 0 || *u.push_batch_pages > 65536))
+        return lazymig::logic_error("push-batch-pages must be 1..65536");
+    if (u.prefetch_pages && *u.prefetch_pages > 65536) return lazymig::logic_error("prefetch-pages must be 0..65536");
+    std::lock_guard ctl(ctl_mu_);
+    lazymig::Source* src;
+    lazymig::Destination* dst;
+    lazymig::Parameters p;
+    {
+        std::lock_guard lock(mu_);
+        if (u.max_bandwidth) params_.max_bandwidth = *u.max_bandwidth;
+        if (u.push_batch_pages) params_.push_batch_pages = *u.push_batch_pages;
+        if (u.prefetch_pages) params_.prefetch_pages = *u.prefetch_pages;
+        p = params_;
+        src = finished_ ? nullptr : source_.get();
+        dst = finished_ ? nullptr : dest_.get();
+    }
+    if (src) src->set_parameters(p);
+    if (dst) dst->set_parameters(p);
+    log_event("migration_parameters", "max_bandwidth={} push_batch_pages={} prefetch_pages={}", p.max_bandwidth,
+              p.push_batch_pages, p.prefetch_pages);
+    return {};
+}
+
+lazymig::Parameters Migration::parameters() const {
+    std::lock_guard lock(mu_);
+    return params_;
+}
+
+std::optional<std::string> Migration::incoming_uri() const {
+    std::lock_guard lock(mu_);
+    if (role_ != Role::destination) return std::nullopt;
+    return incoming_uri_;
+}
+
+nlohmann::json Migration::query() const {
+    std::lock_guard ctl(ctl_mu_);
+    if (!source_ && !dest_) return {{"phase", "none"}, {"role", "none"}};
+    const lazymig::Stats s = source_ ? source_->stats() : dest_->stats();
+    nlohmann::json j;
+    lazymig::Phase phase = s.phase;
+    {
+        std::lock_guard lock(mu_);
+        if (terminal(phase) && !finished_) phase = last_phase_;  // the VM has not acted on it yet
+        j["role"] = role_ == Role::source ? "source" : "destination";
+        if (error_) j["error"] = error_->message();
+        if (!last_event_.empty()) j["last-event"] = last_event_;
+    }
+    const double secs = s.elapsed_ms / 1000.0;
+    const auto bytes = s.bytes_sent + s.bytes_received;
+    j["phase"] = std::string(lazymig::to_string(phase));
+    j["mode"] = std::string(lazymig::to_string(s.mode));
+    j["pages"] = {{"total", s.total_pages}, {"present", s.pages_present}, {"pushed", s.pages_pushed},
+                  {"demanded", s.pages_demanded}, {"zero", s.zero_pages}, {"duplicate", s.duplicate_pages}};
+    j["percent-present"] = s.total_pages ? 100.0 * static_cast<double>(s.pages_present) / static_cast<double>(s.total_pages) : 0.0;
+    j["faults"] = s.faults;
+    j["requests"] = s.requests;
+    j["bytes"] = {{"sent", s.bytes_sent}, {"received", s.bytes_received}, {"device-state", s.device_state_bytes}};
+    j["throughput-mbps"] = secs > 0 ? static_cast<double>(bytes) / secs / 1e6 : 0.0;
+    j["elapsed-ms"] = s.elapsed_ms;
+    j["downtime-ms"] = s.downtime_ms;
+    j["postcopy-ms"] = s.postcopy_ms;
+    const auto& l = s.fault_latency;
+    j["fault-latency-us"] = {{"count", l.count}, {"p50", l.p50_us}, {"p99", l.p99_us}, {"p999", l.p999_us},
+                             {"max", l.max_us}, {"mean", l.mean_us}};
+    if (!s.error.empty() && !j.contains("error")) j["error"] = s.error;
+    return j;
+}
+
+}  // namespace vmm

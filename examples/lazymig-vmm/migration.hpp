@@ -1,0 +1,87 @@
+// migration.hpp — this VM's side of a migration: one lazymig Source (outgoing) or
+// Destination (incoming), and the waiter thread that turns its outcome into VM state.
+//
+// Ownership: Migration owns the lazymig object and the waiter thread (which blocks in
+// Source/Destination::wait()). The destructor cancels whatever still runs, then joins
+// the waiter, then destroys the lazymig object: after it returns no hook runs again.
+// It must be destroyed before the Vm it drives.
+//
+// query()'s phase turns terminal only after the VM has acted on the outcome (a
+// completed source is "postmigrate" by then), so a client never sees the one without
+// the other.
+//
+// Phase rules: a VM is either incoming (listen() at start, never migrate()) or
+// outgoing; migrate() is refused while one runs or after one completed, and allowed
+// again after a failure or a cancel.
+//
+// Threads: every member may be called from any thread.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "lazymig/lazymig.hpp"
+
+namespace vmm {
+
+class EventBus;
+class Vm;
+
+struct ParameterUpdate {
+    std::optional<std::uint64_t> max_bandwidth;
+    std::optional<std::uint32_t> push_batch_pages;
+    std::optional<std::uint32_t> prefetch_pages;
+};
+
+class Migration {
+public:
+    // `events` (may be null) receives a MIGRATION event at every phase change; the
+    // terminal one (completed, failed, cancelled) only once the VM has acted on it.
+    Migration(Vm& vm, EventBus* events) : vm_(vm), events_(events) {}
+    ~Migration();
+    Migration(const Migration&) = delete;
+    Migration& operator=(const Migration&) = delete;
+
+    // Incoming: listens on `uri` ("tcp:HOST:PORT", port 0 allowed); returns the bound uri.
+    [[nodiscard]] lazymig::Result<std::string> listen(const std::string& uri);
+    // Outgoing: starts migrating to `uri` and returns at once.
+    [[nodiscard]] lazymig::Result<void> migrate(const std::string& uri, lazymig::Mode mode);
+    [[nodiscard]] lazymig::Result<void> cancel();
+    [[nodiscard]] lazymig::Result<void> set_parameters(const ParameterUpdate& update);
+    [[nodiscard]] lazymig::Parameters parameters() const;
+
+    [[nodiscard]] nlohmann::json query() const;
+    [[nodiscard]] std::optional<std::string> incoming_uri() const;
+
+private:
+    enum class Role { none, source, destination };
+    [[nodiscard]] lazymig::VmmHooks hooks(Role role);
+    void finish(Role role, lazymig::Result<void> outcome, lazymig::Phase phase);  // on the waiter thread
+    void join_waiter();
+
+    Vm& vm_;
+    EventBus* const events_;
+    // Lock order: ctl_mu_ → lazymig's own locks → mu_. ctl_mu_ serialises the calls
+    // that use or replace the lazymig object; mu_ guards the fields below and is
+    // never held across a lazymig call (hooks take it from lazymig's threads).
+    mutable std::mutex ctl_mu_;
+    mutable std::mutex mu_;
+    lazymig::Parameters params_{};
+    Role role_ = Role::none;
+    bool finished_ = false;              // the waiter has seen wait() return
+    std::optional<lazymig::Error> error_;  // why the last migration ended, if it failed
+    std::string last_event_;
+    lazymig::Phase last_phase_ = lazymig::Phase::setup;  // the last phase before the end
+    std::string incoming_uri_;
+    std::unique_ptr<lazymig::Source> source_;
+    std::unique_ptr<lazymig::Destination> dest_;
+    std::thread waiter_;
+};
+
+}  // namespace vmm

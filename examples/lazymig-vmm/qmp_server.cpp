@@ -1,0 +1,166 @@
+#include "qmp_server.hpp"
+
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "log.hpp"
+
+namespace vmm {
+
+std::string QmpServer::error_line(std::string_view cls, std::string_view desc) {
+    return nlohmann::json{{"error", {{"class", cls}, {"desc", desc}}}}.dump();
+}
+
+lazymig::Result<std::unique_ptr<QmpServer>> QmpServer::start(std::string path, EventBus& events, Handler handler) {
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    if (path.empty() || path.size() >= sizeof addr.sun_path)
+        return lazymig::logic_error(fmt::format("qmp socket path '{}' is empty or longer than {} bytes", path,
+                                                sizeof addr.sun_path - 1));
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    std::unique_ptr<QmpServer> s(new QmpServer(std::move(path), events, std::move(handler)));
+    s->listen_.reset(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (!s->listen_) return lazymig::sys_error("qmp: socket AF_UNIX");
+    // A socket left by a previous run is replaced; any other file there is not.
+    struct stat st;
+    if (::lstat(s->path_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(s->path_.c_str());
+    if (::bind(s->listen_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0)
+        return lazymig::sys_error(fmt::format("qmp: bind {}", s->path_));
+    if (::listen(s->listen_.get(), 16) != 0) return lazymig::sys_error(fmt::format("qmp: listen {}", s->path_));
+    auto stop = EventFd::create();
+    if (!stop) return std::unexpected(stop.error().wrap("qmp"));
+    s->stop_ = std::move(*stop);
+    s->thread_ = std::thread([srv = s.get()] { srv->run(); });
+    log_event("qmp_listening", "path={}", s->path_);
+    return s;
+}
+
+QmpServer::~QmpServer() { stop(); }
+
+void QmpServer::stop() {
+    if (!thread_.joinable()) return;
+    stop_.signal();
+    thread_.join();
+    for (auto& c : clients_)
+        if (c.fd) flush(c);  // a last try, e.g. the reply to `quit`
+    clients_.clear();
+    listen_.reset();
+    ::unlink(path_.c_str());
+    log_event("qmp_stopped", "path={}", path_);
+}
+
+void QmpServer::run() {
+    std::vector<pollfd> fds;
+    std::vector<Client*> owner;
+    for (;;) {
+        fds.assign({{stop_.fd(), POLLIN, 0}, {listen_.get(), POLLIN, 0}, {events_.fd(), POLLIN, 0}});
+        owner.clear();
+        for (auto& c : clients_) {
+            if (!c.fd) continue;
+            fds.push_back({c.fd.get(), static_cast<short>(POLLIN | (c.out.empty() ? 0 : POLLOUT)), 0});
+            owner.push_back(&c);
+        }
+        if (::poll(fds.data(), fds.size(), -1) < 0) {
+            if (errno == EINTR) continue;
+            log_event("qmp_error", "poll: {} (errno {})", std::strerror(errno), errno);
+            return;
+        }
+        if (fds[0].revents) return;
+        // Clients before the listener: slots freed by clients that left are free for
+        // a newcomer that arrived in the same round.
+        for (std::size_t i = 3; i < fds.size(); ++i) {
+            Client& c = *owner[i - 3];
+            if (fds[i].revents & POLLOUT) flush(c);
+            if (c.fd && (fds[i].revents & (POLLIN | POLLHUP | POLLERR))) read_from(c);
+        }
+        if (fds[2].revents) deliver_events();
+        if (fds[1].revents) accept_one();
+    }
+}
+
+void QmpServer::accept_one() {
+    UniqueFd fd(::accept4(listen_.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
+    if (!fd) {
+        if (errno != EAGAIN && errno != ECONNABORTED)
+            log_event("qmp_error", "accept4: {} (errno {})", std::strerror(errno), errno);
+        return;
+    }
+    for (auto& c : clients_) {
+        if (c.fd) continue;
+        c.fd = std::move(fd);
+        c.in.clear();
+        c.out.clear();
+        c.session = {};
+        return;
+    }
+    const auto line = error_line("GenericError", fmt::format("too many clients (at most {})", kMaxClients)) + "\n";
+    [[maybe_unused]] auto n = ::send(fd.get(), line.data(), line.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+    log_event("qmp_client_refused", "reason=too-many-clients");
+}
+
+void QmpServer::read_from(Client& c) {
+    char buf[4096];
+    const ssize_t n = ::recv(c.fd.get(), buf, sizeof buf, 0);
+    if (n <= 0) {
+        if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+        // Gone, perhaps mid-line: whatever it sent without a newline is dropped.
+        c.fd.reset();
+        return;
+    }
+    c.in.append(buf, static_cast<std::size_t>(n));
+    std::size_t start = 0;
+    for (auto nl = c.in.find('\n'); nl != std::string::npos; nl = c.in.find('\n', start)) {
+        std::string_view line(c.in.data() + start, nl - start);
+        start = nl + 1;
+        if (line.size() > kMaxLine) {
+            c.out += error_line("GenericError", fmt::format("request line longer than {} bytes", kMaxLine)) + "\n";
+            continue;
+        }
+        if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
+        c.out += handler_(line, c.session);
+        c.out += '\n';
+    }
+    c.in.erase(0, start);
+    if (c.in.size() > kMaxLine) {
+        c.out += error_line("GenericError", fmt::format("request line longer than {} bytes", kMaxLine)) + "\n";
+        flush(c);
+        log_event("qmp_client_dropped", "reason=line-too-long");
+        c.fd.reset();
+        return;
+    }
+    flush(c);
+}
+
+void QmpServer::deliver_events() {
+    for (const auto& line : events_.drain())
+        for (auto& c : clients_)
+            if (c.fd && c.session.events) c.out += line + "\n";
+    for (auto& c : clients_)
+        if (c.fd && !c.out.empty()) flush(c);
+}
+
+void QmpServer::flush(Client& c) {
+    while (c.fd && !c.out.empty()) {
+        const ssize_t n = ::send(c.fd.get(), c.out.data(), c.out.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN) c.fd.reset();
+            break;
+        }
+        c.out.erase(0, static_cast<std::size_t>(n));
+    }
+    if (c.out.size() > kMaxOutput) {
+        log_event("qmp_client_dropped", "reason=not-reading unsent={}", c.out.size());
+        c.fd.reset();
+    }
+}
+
+}  // namespace vmm
