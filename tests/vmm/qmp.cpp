@@ -1,0 +1,212 @@
+// vmm/qmp/*: the management socket of a real lazymig-vmm process — every command, bad
+// input of every kind, commands in the wrong phase, and clients that misbehave.
+#include <sys/socket.h>
+
+#include <doctest/doctest.h>
+
+#include "harness.hpp"
+
+using namespace vmm;
+using namespace vmm::test;
+
+namespace {
+std::string error_class(const json& r) { return r.contains("error") ? r["error"].value("class", "") : "(no error)"; }
+std::string error_desc(const json& r) { return r.contains("error") ? r["error"].value("desc", "") : r.dump(); }
+}  // namespace
+
+TEST_CASE("vmm/qmp/every-command") {
+    TempDir dir;
+    auto vm = VmProcess::start(dir, "vm", {"--workload", "pattern"});
+    INFO("vm log: " << vm->log_tail());
+
+    auto st = vm->execute("query-status");
+    CHECK(st["status"] == "running");
+    CHECK(st["running"] == true);
+    CHECK(st["workload"] == "pattern");
+    CHECK(st["vcpus"] == 2);
+    CHECK(st["memory"] == 64u << 20);
+    CHECK(st["incoming"].is_null());
+
+    CHECK(vm->execute("stop").empty());
+    st = vm->execute("query-status");
+    CHECK(st["status"] == "paused");
+    CHECK(st["pause-reasons"] == json::array({"user"}));
+    auto check = vm->execute("check-workload");  // works paused too
+    CHECK(check["ok"] == true);
+    CHECK(vm->execute("cont").empty());
+    CHECK(vm->execute("query-status")["status"] == "running");
+
+    check = vm->execute("check-workload");
+    CHECK(check["ok"] == true);
+    CHECK(check["detail"].get<std::string>().starts_with("pattern: 16383 pages consistent"));
+
+    CHECK(vm->execute("query-migrate")["phase"] == "none");
+    CHECK(vm->execute("migrate-set-parameters", {{"max-bandwidth", 50'000'000}, {"push-batch-pages", 64}, {"prefetch-pages", 8}})
+              .empty());
+    auto params = vm->execute("query-migrate-parameters");
+    CHECK(params == json{{"max-bandwidth", 50'000'000}, {"push-batch-pages", 64}, {"prefetch-pages", 8}});
+
+    auto r = vm->call("migrate-cancel");
+    CHECK(error_desc(r) == "no migration in progress");
+
+    auto names = vm->execute("query-commands");
+    CHECK(names.size() == 12);
+    CHECK(vm->execute("enable-events").empty());
+
+    CHECK(vm->quit() == 0);
+}
+
+TEST_CASE("vmm/qmp/bad-requests") {
+    TempDir dir;
+    auto vm = VmProcess::start(dir, "vm", {"--workload", "idle"});
+    INFO("vm log: " << vm->log_tail());
+    auto c = vm->connect();
+    auto raw = [&](const std::string& line) {
+        REQUIRE(c.send_raw(line + "\n").has_value());
+        auto l = c.read_line(10s);
+        REQUIRE_MESSAGE(l.has_value(), why(l));
+        return json::parse(*l);
+    };
+
+    auto r = raw("{\"execute\": \"query-status\"");  // truncated JSON
+    CHECK(error_class(r) == "GenericError");
+    CHECK(error_desc(r).starts_with("JSON parse error"));
+    CHECK(error_desc(raw("not json at all")).starts_with("JSON parse error"));
+    CHECK(error_desc(raw("[1, 2, 3]")) == "a request must be a JSON object");
+    CHECK(error_desc(raw("{}")) == "'execute' must be present and a string");
+    CHECK(error_desc(raw("{\"execute\": 42}")) == "'execute' must be present and a string");
+    CHECK(error_desc(raw("{\"execute\": \"stop\", \"arguments\": []}")) == "'arguments' must be an object");
+    CHECK(error_desc(raw("{\"execute\": \"stop\", \"extra\": 1}")) == "unexpected member 'extra'");
+
+    r = raw("{\"execute\": \"reboot-the-moon\"}");
+    CHECK(error_class(r) == "CommandNotFound");
+    CHECK(error_desc(r) == "the command reboot-the-moon has not been found");
+
+    // Arguments: missing, ill-typed, out of range, unexpected.
+    CHECK(error_desc(vm->call("migrate")) == "missing argument 'uri'");
+    CHECK(error_desc(vm->call("migrate", {{"uri", 7}})) == "argument 'uri' must be a string");
+    CHECK(error_desc(vm->call("migrate", {{"uri", "tcp:127.0.0.1:1"}, {"mode", "sideways"}}))
+              .starts_with("unknown mode 'sideways'"));
+    CHECK(error_desc(vm->call("migrate", {{"uri", "tcp:127.0.0.1:1"}, {"speed", 1}})) == "unexpected argument 'speed'");
+    CHECK(error_desc(vm->call("migrate-set-parameters", {{"max-bandwidth", "fast"}}))
+              .starts_with("argument 'max-bandwidth' must be an integer"));
+    CHECK(error_desc(vm->call("migrate-set-parameters", {{"prefetch-pages", -1}}))
+              .starts_with("argument 'prefetch-pages' must be an integer"));
+    CHECK(error_desc(vm->call("migrate-set-parameters", {{"push-batch-pages", 0}})) == "push-batch-pages must be 1..65536");
+    CHECK(error_desc(vm->call("migrate-set-parameters")).starts_with("give at least one of"));
+    CHECK(error_desc(vm->call("stop", {{"now", true}})) == "unexpected argument 'now'");
+
+    // An id comes back with the answer, error or not.
+    r = raw("{\"execute\": \"query-status\", \"id\": \"a-1\"}");
+    CHECK(r["id"] == "a-1");
+    CHECK(r.contains("return"));
+    r = raw("{\"execute\": \"nope\", \"id\": 9}");
+    CHECK(r["id"] == 9);
+    CHECK(error_class(r) == "CommandNotFound");
+
+    // Several requests in one write are answered in order; blank lines are ignored.
+    REQUIRE(c.send_raw("\n{\"execute\":\"stop\"}\n\n{\"execute\":\"cont\"}\n").has_value());
+    CHECK(json::parse(c.read_line(10s).value()).contains("return"));
+    CHECK(json::parse(c.read_line(10s).value()).contains("return"));
+
+    CHECK(vm->execute("query-status")["status"] == "running");
+    CHECK(vm->quit() == 0);
+}
+
+TEST_CASE("vmm/qmp/client-disconnects-mid-command") {
+    TempDir dir;
+    auto vm = VmProcess::start(dir, "vm", {"--workload", "bank"});
+    INFO("vm log: " << vm->log_tail());
+    for (int i = 0; i < 3; ++i) {
+        auto c = vm->connect();
+        REQUIRE(c.send_raw("{\"execute\": \"qu").has_value());  // half of `quit`, then gone
+        c.close();
+    }
+    {
+        auto c = vm->connect();  // a full command, then gone before reading the answer
+        REQUIRE(c.send_raw("{\"execute\": \"check-workload\"}\n").has_value());
+        c.close();
+    }
+    auto st = vm->execute("query-status");
+    CHECK(st["status"] == "running");
+    CHECK(vm->execute("check-workload")["ok"] == true);
+    CHECK(vm->quit() == 0);
+}
+
+TEST_CASE("vmm/qmp/limits") {
+    TempDir dir;
+    auto vm = VmProcess::start(dir, "vm", {"--workload", "idle"});
+    INFO("vm log: " << vm->log_tail());
+    {
+        std::vector<QmpClient> clients;
+        for (int i = 0; i < 16; ++i) {
+            clients.push_back(vm->connect());
+            REQUIRE(clients.back().execute("query-status").has_value());
+        }
+        auto extra = vm->connect();
+        auto line = extra.read_line(10s);
+        REQUIRE(line.has_value());
+        CHECK(json::parse(*line)["error"]["desc"] == "too many clients (at most 16)");
+    }
+    {
+        auto c = vm->connect();
+        REQUIRE(c.send_raw(std::string(70 * 1024, 'x')).has_value());
+        auto line = c.read_line(10s);
+        REQUIRE(line.has_value());
+        CHECK(json::parse(*line)["error"]["desc"] == "request line longer than 65536 bytes");
+        CHECK_FALSE(c.read_line(10s).has_value());  // and closed
+    }
+    CHECK(vm->execute("query-status")["status"] == "running");
+    CHECK(vm->quit() == 0);
+}
+
+TEST_CASE("vmm/qmp/wrong-phase") {
+    TempDir dir;
+    auto src = VmProcess::start(dir, "src", {"--workload", "idle"});
+    auto dst = VmProcess::start(dir, "dst", {"--workload", "idle", "--incoming", "tcp:127.0.0.1:0"});
+    INFO("src log: " << src->log_tail());
+    INFO("dst log: " << dst->log_tail());
+    REQUIRE(dst->incoming.starts_with("tcp:127.0.0.1:"));
+    CHECK(dst->incoming != "tcp:127.0.0.1:0");
+
+    // The destination has no guest state until the migration brings it.
+    auto st = dst->execute("query-status");
+    CHECK(st["status"] == "inmigrate");
+    CHECK(st["incoming"] == dst->incoming);
+    CHECK(error_desc(dst->call("migrate", {{"uri", "tcp:127.0.0.1:1"}})) == "this VM is the destination of an incoming migration");
+    CHECK(error_desc(dst->call("stop")) == "the VM is waiting for an incoming migration");
+    CHECK(error_desc(dst->call("cont")) == "the VM is waiting for an incoming migration");
+    CHECK(error_desc(dst->call("check-workload")).starts_with("no guest state yet"));
+    CHECK(dst->execute("query-migrate")["phase"] == "idle");
+
+    // A migration throttled to 2 MB/s is still running when the second migrate comes.
+    auto events = src->connect();
+    REQUIRE(events.execute("enable-events").has_value());
+    CHECK(src->execute("migrate-set-parameters", {{"max-bandwidth", 2'000'000}}).empty());
+    CHECK(src->execute("migrate", {{"uri", dst->incoming}, {"mode", "postcopy"}}).empty());
+    auto resumed = events.wait_event("MIGRATION", [](const json& e) { return e["data"]["status"] == "postcopy"; }, 30s);
+    REQUIRE_MESSAGE(resumed.has_value(), why(resumed));
+    CHECK((*resumed)["data"]["role"] == "source");
+    CHECK(error_desc(src->call("migrate", {{"uri", dst->incoming}})) == "a migration is already in progress");
+    auto q = src->execute("query-migrate");
+    CHECK(q["role"] == "source");
+    CHECK(q["mode"] == "postcopy");
+
+    // Cancelled after the destination resumed: the source keeps the VM parked and the
+    // destination cannot continue; pages that never arrived are poisoned, and the
+    // checker names one instead of the process dying of SIGBUS.
+    CHECK(src->execute("migrate-cancel").empty());
+    auto end = events.wait_event("MIGRATION", [](const json& e) { return e["data"]["status"] == "cancelled"; }, 30s);
+    REQUIRE_MESSAGE(end.has_value(), why(end));
+    q = src->execute("query-migrate");
+    CHECK(q["phase"] == "cancelled");
+    CHECK(src->execute("query-status")["status"] == "paused");
+    CHECK(error_desc(src->call("migrate-cancel")) == "no migration in progress");
+    auto check = dst->execute("check-workload");
+    CHECK(check["ok"] == false);
+    CHECK(check["detail"].get<std::string>().find("never arrived (poisoned)") != std::string::npos);
+    CHECK(dst->execute("query-status")["running"] == false);
+
+    CHECK(src->quit() == 0);
+    CHECK(dst->quit() == 0);
+}
