@@ -55,7 +55,7 @@ TEST_CASE("protocol/roundtrip-hello-ack") {
 }
 
 TEST_CASE("protocol/roundtrip-error") {
-    for (const std::string text : {std::string(), std::string("region table mismatch: ü"), std::string(4096, 'x')}) {
+    for (const std::string& text : {std::string(), std::string("region table mismatch: ü"), std::string(4096, 'x')}) {
         const auto f = proto::encode(proto::ErrorMsg{.code = 71, .text = text});
         parse_verified(f, proto::Type::error);
         auto out = proto::decode_error(payload_of(f));
