@@ -1,0 +1,282 @@
+// tests/race/harness.hpp — an in-process Source and Destination over loopback, guest
+// threads that may touch pages still in flight, and bounded waits.
+//
+// Guest threads read and write destination memory through guarded_read/guarded_write:
+// a poisoned page (the migration failed after resume) raises SIGBUS, which the guard
+// turns into `false` instead of a dead test. That is what lets every wait here be a
+// failure detector: on a timeout the test cancels the destination, which poisons what
+// never arrived, so every blocked thread returns and is joined.
+#pragma once
+
+#include <doctest/doctest.h>
+#include <setjmp.h>
+#include <signal.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
+#include <functional>
+#include <future>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "lazymig/lazymig.hpp"
+
+namespace race {
+
+using lazymig::Backing;
+inline constexpr std::size_t kPage = 4096;
+inline constexpr std::size_t kWords = kPage / 8;
+inline constexpr auto kLimit = std::chrono::seconds(60);
+
+template <class T>
+std::string err_of(const lazymig::Result<T>& r) {
+    return r ? std::string("(no error)") : r.error().message();
+}
+
+// The source's contents: a hash of (page, word); every 7th page is zero so zero pages
+// travel as bitmap bits too.
+inline std::uint64_t content(std::uint64_t page, std::uint64_t word) {
+    if (page % 7 == 3) return 0;
+    std::uint64_t x = ((page << 9) | word) * 0x9E3779B97F4A7C15ull + 1;
+    x ^= x >> 29;
+    x *= 0xBF58476D1CE4E5B9ull;
+    return x ^ (x >> 32);
+}
+inline void expected_page(std::uint64_t page, std::uint64_t* out) {
+    for (std::uint64_t w = 0; w < kWords; ++w) out[w] = content(page, w);
+}
+
+namespace detail {
+inline thread_local sigjmp_buf* tl_jmp = nullptr;
+inline void on_sigbus(int, siginfo_t*, void*) {
+    if (sigjmp_buf* j = tl_jmp) siglongjmp(*j, 1);
+    ::signal(SIGBUS, SIG_DFL);  // not a guarded access: return, fault again, die of it
+}
+}  // namespace detail
+
+// Routes SIGBUS of guarded accesses back to them while it lives.
+class SigbusGuard {
+public:
+    SigbusGuard() {
+        struct sigaction sa {};
+        sa.sa_sigaction = detail::on_sigbus;
+        sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+        REQUIRE(::sigaction(SIGBUS, &sa, &old_) == 0);
+    }
+    ~SigbusGuard() { ::sigaction(SIGBUS, &old_, nullptr); }
+    SigbusGuard(const SigbusGuard&) = delete;
+    SigbusGuard& operator=(const SigbusGuard&) = delete;
+
+private:
+    struct sigaction old_ {};
+};
+
+// Copies `n` bytes of guest memory; false if the access raised SIGBUS (a poisoned page).
+inline bool guarded_read(void* dst, const void* src, std::size_t n) {
+    sigjmp_buf env;
+    if (sigsetjmp(env, 1) != 0) {
+        detail::tl_jmp = nullptr;
+        return false;
+    }
+    detail::tl_jmp = &env;
+    std::memcpy(dst, src, n);
+    detail::tl_jmp = nullptr;
+    return true;
+}
+inline bool guarded_write(std::uint64_t* dst, std::uint64_t v) {
+    sigjmp_buf env;
+    if (sigsetjmp(env, 1) != 0) {
+        detail::tl_jmp = nullptr;
+        return false;
+    }
+    detail::tl_jmp = &env;
+    *static_cast<volatile std::uint64_t*>(dst) = v;
+    detail::tl_jmp = nullptr;
+    return true;
+}
+
+// A one-shot event. wait_for() is a failure detector: false means "never happened".
+class Flag {
+public:
+    void set() {
+        {
+            std::lock_guard lock(mu_);
+            set_ = true;
+        }
+        cv_.notify_all();
+    }
+    [[nodiscard]] bool wait_for(std::chrono::milliseconds limit = kLimit) {
+        std::unique_lock lock(mu_);
+        return cv_.wait_for(lock, limit, [&] { return set_; });
+    }
+    [[nodiscard]] bool is_set() {
+        std::lock_guard lock(mu_);
+        return set_;
+    }
+
+private:
+    std::mutex mu_;
+    std::condition_variable cv_;
+    bool set_ = false;
+};
+
+// Guest threads. On destruction, threads still running are released with `release`
+// (cancel the destination: it poisons missing pages, so blocked faults return) and
+// joined: a failing test never leaves one behind.
+class Threads {
+public:
+    explicit Threads(std::function<void()> release) : release_(std::move(release)) {}
+    ~Threads() {
+        if (!wait_all(std::chrono::seconds(0))) release_();
+        for (auto& t : threads_) t.join();
+    }
+    void spawn(std::function<void()> body) {
+        threads_.emplace_back([this, body = std::move(body)] {
+            body();
+            std::lock_guard lock(mu_);
+            ++finished_;
+            cv_.notify_all();
+        });
+    }
+    // True when every body returned within `limit`.
+    [[nodiscard]] bool wait_all(std::chrono::milliseconds limit = kLimit) {
+        std::unique_lock lock(mu_);
+        return cv_.wait_for(lock, limit, [&] { return finished_ == threads_.size(); });
+    }
+
+private:
+    std::function<void()> release_;
+    std::mutex mu_;
+    std::condition_variable cv_;
+    std::size_t finished_ = 0;
+    std::vector<std::thread> threads_;
+};
+
+// Runs `wait()` with a deadline; on expiry the test fails and the endpoint is cancelled.
+template <class Endpoint>
+lazymig::Result<void> bounded_wait(Endpoint& e, std::chrono::seconds limit = kLimit) {
+    std::promise<lazymig::Result<void>> done;
+    auto fut = done.get_future();
+    std::thread t([&] { done.set_value(e.wait()); });
+    if (fut.wait_for(limit) != std::future_status::ready) {
+        FAIL_CHECK("wait() did not return within ", limit.count(), " s; cancelling");
+        e.cancel();
+    }
+    t.join();
+    return fut.get();
+}
+
+// What each end's wait() returned.
+struct Outcome {
+    lazymig::Result<void> dst, src;
+    [[nodiscard]] bool clean() const { return dst.has_value() && src.has_value(); }
+};
+
+// Hook calls, counted.
+struct Counts {
+    std::atomic<int> dst_pause{0}, dst_resume{0}, src_pause{0}, src_resume{0};
+};
+
+// Source and destination memory of the same shape, and the two endpoints.
+class Pair {
+public:
+    Pair(Backing backing, std::size_t size, lazymig::Parameters source_params = {})
+        : size_(size), counts_(std::make_shared<Counts>()) {
+        auto s = lazymig::GuestMemory::create("ram0", size, backing, true);
+        REQUIRE_MESSAGE(s.has_value(), err_of(s));
+        src_mem_ = std::move(*s);
+        auto d = lazymig::GuestMemory::create("ram0", size, backing, false);
+        REQUIRE_MESSAGE(d.has_value(), err_of(d));
+        dst_mem_ = std::move(*d);
+        auto* w = reinterpret_cast<std::uint64_t*>(src_mem_.data());
+        for (std::uint64_t p = 0; p < pages(); ++p) expected_page(p, w + p * kWords);
+
+        auto c = counts_;
+        lazymig::VmmHooks dh{.pause_vcpus = [c] { ++c->dst_pause; }, .resume_vcpus = [c] { ++c->dst_resume; },
+                             .save_device_state = {},
+                             .load_device_state = [](std::span<const std::byte>) -> lazymig::Result<void> { return {}; },
+                             .on_epoch_committed = {}, .on_event = {}};
+        auto dst = lazymig::Destination::listen(
+            {.regions = {dst_mem_.region()}, .hooks = dh, .uri = "tcp:127.0.0.1:0", .parameters = {}});
+        REQUIRE_MESSAGE(dst.has_value(), err_of(dst));
+        dst_ = std::move(*dst);
+        lazymig::VmmHooks sh{.pause_vcpus = [c] { ++c->src_pause; }, .resume_vcpus = [c] { ++c->src_resume; },
+                             .save_device_state = []() -> lazymig::Result<std::vector<std::byte>> {
+                                 return std::vector<std::byte>(64, std::byte{9});
+                             },
+                             .load_device_state = {}, .on_epoch_committed = {}, .on_event = {}};
+        auto src = lazymig::Source::create({.regions = {src_mem_.region()}, .hooks = sh, .uri = dst_->local_uri(),
+                                            .mode = lazymig::Mode::postcopy, .parameters = source_params,
+                                            .connect_timeout = std::chrono::milliseconds(10'000)});
+        REQUIRE_MESSAGE(src.has_value(), err_of(src));
+        src_ = std::move(*src);
+    }
+
+    void migrate() {
+        auto r = src_->migrate();
+        REQUIRE_MESSAGE(r.has_value(), err_of(r));
+    }
+    // Waits for both ends; every page must have arrived at the destination.
+    Outcome finish() {
+        Outcome o{bounded_wait(*dst_), bounded_wait(*src_)};
+        REQUIRE_MESSAGE(dst_->stats().pages_present == pages(), "destination: ", err_of(o.dst));
+        return o;
+    }
+    // Both ends report success and the migrated VM was never paused again.
+    void check_clean_end(const Outcome& o) {
+        CHECK_MESSAGE(o.dst.has_value(), "destination: ", err_of(o.dst));
+        CHECK_MESSAGE(o.src.has_value(), "source: ", err_of(o.src));
+        CHECK(dst_->stats().phase == lazymig::Phase::completed);
+        CHECK(src_->stats().phase == lazymig::Phase::completed);
+        CHECK(counts_->dst_resume == 1);
+        CHECK(counts_->dst_pause == 0);
+        CHECK(counts_->src_pause == 1);
+        CHECK(counts_->src_resume == 0);
+    }
+    // For tests about something else: every page arrived, so an unclean end is the
+    // shutdown bug race/clean-end-* documents; note it without failing.
+    void note_unclean_end(const Outcome& o) {
+        WARN_MESSAGE(o.dst.has_value(), "destination (known shutdown bug, see race/clean-end-*): ", err_of(o.dst));
+        WARN_MESSAGE(o.src.has_value(), "source (known shutdown bug, see race/clean-end-*): ", err_of(o.src));
+    }
+    // Stops a migration that hangs: missing pages are poisoned, blocked guest threads return.
+    void cancel() { dst_->cancel(); }
+
+    [[nodiscard]] std::uint64_t pages() const { return size_ / kPage; }
+    [[nodiscard]] std::uint64_t* dst_page(std::uint64_t p) const {
+        return reinterpret_cast<std::uint64_t*>(dst_mem_.data() + p * kPage);
+    }
+    [[nodiscard]] lazymig::Destination& dst() { return *dst_; }
+    [[nodiscard]] lazymig::Source& src() { return *src_; }
+    [[nodiscard]] Counts& counts() { return *counts_; }
+
+    // Pages whose bytes differ from the source's (a poisoned page counts as differing).
+    [[nodiscard]] std::uint64_t pages_differing_from_source() const {
+        std::vector<std::byte> got(kPage);
+        std::uint64_t bad = 0;
+        for (std::uint64_t p = 0; p < pages(); ++p)
+            bad += !guarded_read(got.data(), dst_page(p), kPage) ||
+                   std::memcmp(src_mem_.data() + p * kPage, got.data(), kPage) != 0;
+        return bad;
+    }
+
+private:
+    std::size_t size_;
+    std::shared_ptr<Counts> counts_;
+    lazymig::GuestMemory src_mem_, dst_mem_;  // declared before the endpoints: they outlive them
+    std::unique_ptr<lazymig::Destination> dst_;
+    std::unique_ptr<lazymig::Source> src_;
+};
+
+inline Backing pick_backing() {
+    Backing b = Backing::anon;
+    SUBCASE("anon") { b = Backing::anon; }
+    SUBCASE("memfd") { b = Backing::memfd; }
+    return b;
+}
+
+}  // namespace race
