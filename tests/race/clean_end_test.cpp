@@ -85,3 +85,28 @@ TEST_CASE("race/clean-end-when-the-bulk-channel-lags" * doctest::may_fail()) {
     CHECK(pair.dst().stats().duplicate_pages > 0);
     pair.check_clean_end(Outcome{end.dst, src_end});
 }
+
+// BUG 3 (src/api/destination.cpp DestinationImpl::cancel/fail, src/api/source.cpp
+// SourceImpl::cancel): cancel() after a completed migration records ECANCELED as the
+// migration's error (fail() lets ECANCELED through even when every page is present;
+// the source records it unconditionally), so a later wait() or stats().error reports
+// "migration cancelled" for a migration whose phase is completed. A VMM that cancels
+// in its clean-up path then believes the migration failed. Expected: cancel() after
+// the end changes nothing.
+TEST_CASE("race/cancel-after-completion-changes-nothing" * doctest::may_fail()) {
+    SigbusGuard guard;
+    Pair pair(Backing::anon, 1u << 20);
+    pair.migrate();
+    auto end = pair.finish();
+    REQUIRE_MESSAGE(end.clean(), "destination: ", err_of(end.dst), "; source: ", err_of(end.src));
+    pair.dst().cancel();
+    pair.src().cancel();
+    auto d = bounded_wait(pair.dst());
+    auto s = bounded_wait(pair.src());
+    CHECK_MESSAGE(d.has_value(), "destination: ", err_of(d));
+    CHECK_MESSAGE(s.has_value(), "source: ", err_of(s));
+    CHECK(pair.dst().stats().error.empty());
+    CHECK(pair.src().stats().error.empty());
+    CHECK(pair.dst().stats().phase == lazymig::Phase::completed);
+    CHECK(pair.src().stats().phase == lazymig::Phase::completed);
+}
