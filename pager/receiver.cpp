@@ -40,7 +40,8 @@ Result<void> receive_pages(net::FrameReader& reader, Pager& pager, const proto::
                            std::vector<std::uint32_t>& crcs, std::vector<const std::byte*>& ptrs, bool demanded) {
     const std::string& where = reader.where();
     auto truncated = [&](const Error& e) -> Error {
-        if (e.code == ECONNRESET) return Error{0, fmt::format("{}: truncated PAGES frame: {}", where, e.context)};
+        if (e.code == ECONNRESET)
+            return Error{0, fmt::format("{}: truncated PAGES frame: the peer closed the connection inside it", where)};
         return e;
     };
     if (h.length < proto::kPagesMetaFixed)
@@ -56,8 +57,8 @@ Result<void> receive_pages(net::FrameReader& reader, Pager& pager, const proto::
     const auto& region = regions[meta->region];
     if (meta->first > region.pages || meta->count > region.pages - meta->first)
         return logic_error(fmt::format("{}: PAGES frame for pages {}..{} of region {} '{}', which has {} pages", where,
-                                       meta->first, meta->first + meta->count - 1, meta->region, region.guest.name,
-                                       region.pages));
+                                       meta->first, proto::last_page(meta->first, meta->count), meta->region,
+                                       region.guest.name, region.pages));
     if (h.length < meta->meta_bytes())
         return logic_error(fmt::format("{}: PAGES frame of {} bytes is shorter than its metadata", where, h.length));
     if (auto r = reader.read(reinterpret_cast<std::byte*>(meta->zero.data()), meta->bitmap_bytes()); !r)

@@ -45,7 +45,7 @@ Result<void> serve_loop(net::FrameReader& reader, net::Ring& ring, int fd, std::
         const std::uint64_t pages = regions[req->region].size / regions[req->region].page_size;
         if (req->first >= pages || req->count > pages - req->first)
             return logic_error(fmt::format("{}: PAGE_REQUEST for pages {}..{} of region {}, which has {} pages",
-                                           reader.where(), req->first, req->first + req->count - 1, req->region, pages));
+                                           reader.where(), req->first, proto::last_page(req->first, req->count), req->region, pages));
         if (int e = failpoint::check("source_serve_request", req->region, req->first, req->count))
             return sys_error(fmt::format("{}: failpoint source_serve_request", reader.where()), e);
         std::uint64_t zeros = 0;

@@ -153,6 +153,13 @@ using Frame = std::vector<std::byte>;
                                               std::span<const GuestRegion> ours);
 [[nodiscard]] RegionTable region_table_of(std::span<const GuestRegion> regions);
 
+// The last page of a range, for messages: a hostile `first` near 2^64 must not wrap.
+[[nodiscard]] inline std::string last_page(std::uint64_t first, std::uint32_t count) {
+    if (count == 0) return "(none)";
+    if (first > UINT64_MAX - (count - 1)) return "(beyond 2^64)";
+    return std::to_string(first + count - 1);
+}
+
 // ─── PAGES frames ───────────────────────────────────────────────────────────────────
 struct PagesMeta {
     std::uint32_t region = 0;

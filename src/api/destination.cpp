@@ -91,10 +91,14 @@ private:
         if (bulk_thread_.joinable()) bulk_thread_.join();
     }
 
-    // The first error stops every thread; errors after completion are echoes of the
-    // source closing and do not count.
+    // The first error stops every thread. Once every page is present nothing can fail
+    // the migration any more: later errors are echoes of the channels closing, and a
+    // cancel() then changes nothing.
     void fail(const Error& e) {
-        if (pager_->complete() && e.code != ECANCELED) return;
+        if (pager_->complete()) {
+            LZ_LOG(debug, "session_error_after_complete", "side=destination {}", e.message());
+            return;
+        }
         if (state_.record(e)) stop_.signal();
     }
 
@@ -124,16 +128,20 @@ private:
         pager_->stop();
         stop_.signal();  // the bulk receiver ends on EOF after success; make sure either way
         if (bulk_thread_.joinable()) bulk_thread_.join();
-        if (pager_->complete() && !state_.error()) {
+        if (pager_->complete()) {
+            // Every page arrived verified: the VM is whole here whatever else happened.
+            state_.forget_error();
             if (auto f = pager_->finish(); !f) {
-                fail(f.error());
-            } else {
-                state_.set_phase(Phase::completed,
-                                 fmt::format("all {} pages present after {:.1f} ms of post-copy",
-                                             pager_->total_pages(), postcopy_ms_.load()));
+                state_.record(f.error());
+                state_.set_phase(Phase::failed, f.error().message());
+                state_.emit(Event{Event::Kind::error, Phase::failed, f.error().message()});
                 return;
             }
+            state_.set_phase(Phase::completed, fmt::format("all {} pages present after {:.1f} ms of post-copy",
+                                                           pager_->total_pages(), postcopy_ms_.load()));
+            return;
         }
+        if (!state_.error()) state_.record(Error{0, "destination: the migration ended before every page arrived"});
         auto e = *state_.error();
         if (resumed_) {
             // The VM ran here and pages are missing: it cannot continue. Poison what never

@@ -41,6 +41,12 @@ public:
         std::lock_guard lock(mu_);
         error_ = std::move(e);
     }
+    // The migration completed after all (an error raced with the last page): forget it.
+    void forget_error() {
+        std::lock_guard lock(mu_);
+        if (error_) LZ_LOG(info, "session_error_forgotten", "side={} {}", side_, error_->message());
+        error_.reset();
+    }
     [[nodiscard]] std::optional<Error> error() const {
         std::lock_guard lock(mu_);
         return error_;

@@ -55,9 +55,10 @@ public:
     }
 
     void cancel() override {
-        cancelled_ = true;
-        state_.record(Error{ECANCELED, "source: migration cancelled"});
-        stop_.signal();
+        if (!completed_) {
+            cancelled_ = true;
+            fail(Error{ECANCELED, "source: migration cancelled"});
+        }
         join();
     }
 
@@ -90,13 +91,25 @@ private:
         if (thread_.joinable()) thread_.join();
     }
 
+    // The first error stops both threads; after COMPLETE nothing fails the migration.
+    void fail(const Error& e) {
+        if (completed_) {
+            LZ_LOG(debug, "session_error_after_complete", "side=source {}", e.message());
+            return;
+        }
+        if (state_.record(e)) stop_.signal();
+    }
+
     void session() {
         auto r = run();
-        if (pusher_) {
-            stop_.signal();  // on success the pusher has nothing left; on failure it must stop
-            pusher_->join();
-        }
-        if (!r) state_.record(r.error());
+        if (r) completed_ = true;
+        else fail(r.error());
+        // The pusher may still be sending (the destination had every page before the
+        // sweep ended): stop it before its socket closes.
+        stop_.signal();
+        if (pusher_) pusher_->join();
+        urgent_.reset();
+        bulk_.reset();
         if (auto e = state_.error()) {
             // Before the destination resumed the VM runs here again; after, it cannot.
             if (paused_ && !handed_over_ && cfg_.hooks.resume_vcpus) cfg_.hooks.resume_vcpus();
@@ -115,14 +128,18 @@ private:
         if (!ring) return std::unexpected(ring.error());
         const std::uint64_t session_id = std::random_device{}() | (std::uint64_t(std::random_device{}()) << 32);
 
-        auto urgent = net::connect_tcp(to_, stop_.fd(), cfg_.connect_timeout, true);
-        if (!urgent) return std::unexpected(urgent.error().wrap("source: urgent channel"));
+        auto connected = net::connect_tcp(to_, stop_.fd(), cfg_.connect_timeout, true);
+        if (!connected) return std::unexpected(connected.error().wrap("source: urgent channel"));
+        urgent_ = std::move(*connected);
+        net::Fd* urgent = &urgent_;
         const std::string uwhere = fmt::format("urgent channel to {}", to_.uri());
         net::FrameReader ureader(*ring, urgent->get(), uwhere);
         if (auto r = handshake(*ring, ureader, urgent->get(), proto::Channel::urgent, session_id); !r) return r;
 
-        auto bulk = net::connect_tcp(to_, stop_.fd(), cfg_.connect_timeout, false);
-        if (!bulk) return std::unexpected(bulk.error().wrap("source: bulk channel"));
+        connected = net::connect_tcp(to_, stop_.fd(), cfg_.connect_timeout, false);
+        if (!connected) return std::unexpected(connected.error().wrap("source: bulk channel"));
+        bulk_ = std::move(*connected);
+        net::Fd* bulk = &bulk_;
         net::FrameReader breader(*ring, bulk->get(), fmt::format("bulk channel to {}", to_.uri()));
         if (auto r = handshake(*ring, breader, bulk->get(), proto::Channel::bulk, session_id); !r) return r;
 
@@ -143,9 +160,7 @@ private:
         // From here the destination may fault: push and serve at once.
         pusher_ = std::make_unique<source::Pusher>(cfg_.regions, sent_, hints_, stats_,
                                                    source::PushConfig{&bandwidth_, &batch_});
-        auto started = pusher_->start(bulk->get(), stop_.fd(), [this](const Error& e) {
-            if (state_.record(e.wrap("source: pusher"))) stop_.signal();
-        });
+        auto started = pusher_->start(bulk->get(), stop_.fd(), [this](const Error& e) { fail(e.wrap("source: pusher")); });
         if (!started) return started;
         return source::serve_loop(ureader, *ring, urgent->get(), cfg_.regions, sent_, hints_, stats_, [&] {
             handed_over_ = true;
@@ -177,7 +192,8 @@ private:
     std::uint64_t total_pages_ = 0;
     std::atomic<std::uint64_t> device_bytes_{0};
     std::atomic<double> downtime_ms_{0};
-    std::atomic<bool> started_{false}, cancelled_{false}, paused_{false}, handed_over_{false};
+    std::atomic<bool> started_{false}, cancelled_{false}, paused_{false}, handed_over_{false}, completed_{false};
+    net::Fd urgent_, bulk_;  // closed only after the pusher has stopped
     Clock::time_point start_{};
     std::mutex mu_, join_mu_;
     std::thread thread_;

@@ -63,8 +63,8 @@ Result<std::vector<std::byte>> FrameReader::read_control(const proto::Header& h)
     std::vector<std::byte> payload(h.length);
     if (auto r = read(payload.data(), payload.size()); !r) {
         if (r.error().code == ECONNRESET)
-            return logic_error(fmt::format("{}: truncated {} frame: {}", where_, proto::to_string(h.type),
-                                           r.error().context));
+            return logic_error(fmt::format("{}: truncated {} frame: the peer closed the connection inside it",
+                                           where_, proto::to_string(h.type)));
         return std::unexpected(r.error());
     }
     const auto sum = proto::frame_checksum(raw_, payload);

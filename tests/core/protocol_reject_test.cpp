@@ -321,5 +321,5 @@ TEST_CASE("frames/refuses-truncated-payload") {
     p.send(std::span(f).first(f.size() - 10));
     p.close_writer();
     auto r = reader.expect(proto::Type::hello_ack);
-    CHECK(err_of(r) == "test channel: truncated ERROR frame: test channel: peer closed the connection inside a frame");
+    CHECK(err_of(r) == "test channel: truncated ERROR frame: the peer closed the connection inside it");
 }

@@ -65,7 +65,7 @@ TEST_CASE("hostile/truncated-payload") {
     urgent.shutdown_write();
     const std::string e = t.failure();
     CHECK_MESSAGE(e.starts_with("urgent channel from the source: truncated HELLO frame: "), e);
-    CHECK_MESSAGE(e.find("peer closed the connection inside a frame") != std::string::npos, e);
+    CHECK_MESSAGE(e.ends_with("the peer closed the connection inside it"), e);
     check_not_resumed(t);
     t.check_nothing_placed();
 }
