@@ -18,7 +18,9 @@ Result<void> Pusher::start(int fd, int shutdown_fd, std::function<void(const Err
         thread_ = std::thread([this, shutdown_fd, on_error = std::move(on_error)] {
             auto ring = net::Ring::create(shutdown_fd);
             Result<void> r = ring ? run(*ring) : Result<void>(std::unexpected(ring.error()));
-            if (!r) {
+            if (!r && r.error().code == ECANCELED) {
+                LZ_LOG(debug, "source_push_stopped", "{}", r.error().message());
+            } else if (!r) {
                 LZ_LOG(warn, "source_push_failed", "{}", r.error().message());
                 on_error(r.error());
             }
