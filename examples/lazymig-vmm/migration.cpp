@@ -48,6 +48,7 @@ lazymig::VmmHooks Migration::hooks(Role role) {
         {
             std::lock_guard lock(mu_);
             last_event_ = e.message;
+            if (e.kind == lazymig::Event::Kind::error) last_error_event_ = e.message;
             if (phase_change) last_phase_ = e.phase;
         }
         if (phase_change && events_)
@@ -69,7 +70,7 @@ lazymig::Result<std::string> Migration::listen(const std::string& uri) {
     incoming_uri_ = dest_->local_uri();
     waiter_ = std::thread([this, d = dest_.get()] {
         auto outcome = d->wait();
-        finish(Role::destination, std::move(outcome), d->stats().phase);
+        finish(Role::destination, std::move(outcome), d->stats());
     });
     log_event("migration_listening", "uri={}", incoming_uri_);
     return incoming_uri_;
@@ -94,6 +95,7 @@ lazymig::Result<void> Migration::migrate(const std::string& uri, lazymig::Mode m
     {
         std::lock_guard lock(mu_);
         last_event_.clear();
+        last_error_event_.clear();
     }
     if (auto started = (*src)->migrate(); !started) return std::unexpected(started.error().wrap(fmt::format("migrate to {}", uri)));
     std::lock_guard lock(mu_);
@@ -104,15 +106,23 @@ lazymig::Result<void> Migration::migrate(const std::string& uri, lazymig::Mode m
     last_phase_ = lazymig::Phase::setup;
     waiter_ = std::thread([this, s = source_.get()] {
         auto outcome = s->wait();
-        finish(Role::source, std::move(outcome), s->stats().phase);
+        finish(Role::source, std::move(outcome), s->stats());
     });
     log_event("migration_start", "uri={} mode={}", uri, lazymig::to_string(mode));
     return {};
 }
 
 // The object behind wait() outlives this thread: it is destroyed only after a join.
-void Migration::finish(Role role, lazymig::Result<void> outcome, lazymig::Phase phase) {
+void Migration::finish(Role role, lazymig::Result<void> outcome, const lazymig::Stats& end) {
     const char* who = role_name(role == Role::source);
+    lazymig::Phase phase = end.phase;
+    if (!outcome) {
+        // The error event can say more than wait()'s error (the destination adds how
+        // many pages never arrived): report the fuller sentence.
+        std::lock_guard lock(mu_);
+        if (last_error_event_.size() > outcome.error().message().size())
+            outcome = std::unexpected(lazymig::Error{0, last_error_event_});
+    }
     if (outcome && role == Role::source) vm_.migrated_away();
     if (outcome) log_event("migration_completed", "role={}", who);
     else log_event("migration_failed", "role={} phase={} error=\"{}\"", who, lazymig::to_string(phase), outcome.error().message());

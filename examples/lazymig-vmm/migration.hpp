@@ -62,7 +62,7 @@ public:
 private:
     enum class Role { none, source, destination };
     [[nodiscard]] lazymig::VmmHooks hooks(Role role);
-    void finish(Role role, lazymig::Result<void> outcome, lazymig::Phase phase);  // on the waiter thread
+    void finish(Role role, lazymig::Result<void> outcome, const lazymig::Stats& end);  // on the waiter thread
     void join_waiter();
 
     Vm& vm_;
@@ -77,6 +77,7 @@ private:
     bool finished_ = false;              // the waiter has seen wait() return
     std::optional<lazymig::Error> error_;  // why the last migration ended, if it failed
     std::string last_event_;
+    std::string last_error_event_;       // the sentence lazymig ended with, if it failed
     lazymig::Phase last_phase_ = lazymig::Phase::setup;  // the last phase before the end
     std::string incoming_uri_;
     std::unique_ptr<lazymig::Source> source_;

@@ -100,3 +100,42 @@ TEST_CASE("vmm/migrate/postcopy/kv") {
     CHECK(checked.find("verified 20000 acknowledged writes: 20000 ok, 0 missing, 0 wrong") != std::string::npos);
     check_and_quit(p);
 }
+
+// The source goes away mid-post-copy (cancelled after the destination resumed): the
+// destination cannot continue. Pages that never arrived are poisoned by lazymig; a
+// vCPU that touches one stops (reported, not a crash), the checker names one, and
+// both processes still answer and quit cleanly.
+TEST_CASE("vmm/migrate/postcopy/source-lost") {
+    Pair p("pattern");
+    INFO("src log: " << p.src->log_tail());
+    INFO("dst log: " << p.dst->log_tail());
+    auto src_events = p.src->connect();
+    auto dst_events = p.dst->connect();
+    REQUIRE(src_events.execute("enable-events").has_value());
+    REQUIRE(dst_events.execute("enable-events").has_value());
+    auto status_is = [](const char* s) { return [s](const json& e) { return e["data"]["status"] == s; }; };
+
+    p.src->execute("migrate-set-parameters", {{"max-bandwidth", 2'000'000}});  // most pages still missing
+    p.src->execute("migrate", {{"uri", p.dst->incoming}});
+    auto resumed = src_events.wait_event("MIGRATION", status_is("postcopy"), 30s);
+    REQUIRE_MESSAGE(resumed.has_value(), why(resumed));
+    p.src->execute("migrate-cancel");
+
+    auto failed = dst_events.wait_event("MIGRATION", status_is("failed"), 30s);
+    REQUIRE_MESSAGE(failed.has_value(), why(failed));
+    CHECK((*failed)["data"]["error"].get<std::string>().find("pages never arrived") != std::string::npos);
+    auto st = p.dst->execute("query-status");
+    CHECK(st["running"] == false);
+    if (st["status"] == "internal-error") {  // a vCPU touched a poisoned page first
+        REQUIRE(st["vcpu-errors"].size() >= 1);
+        CHECK(st["vcpu-errors"][0].get<std::string>().find("never arrived (poisoned)") != std::string::npos);
+    } else {
+        CHECK(st["status"] == "paused");
+    }
+    auto check = p.dst->execute("check-workload");
+    CHECK(check["ok"] == false);
+    CHECK(check["detail"].get<std::string>().find("never arrived (poisoned)") != std::string::npos);
+    CHECK(p.src->execute("query-migrate")["phase"] == "cancelled");
+    CHECK(p.src->quit() == 0);
+    CHECK(p.dst->quit() == 0);
+}

@@ -182,6 +182,8 @@ TEST_CASE("vmm/qmp/wrong-phase") {
     // A migration throttled to 2 MB/s is still running when the second migrate comes.
     auto events = src->connect();
     REQUIRE(events.execute("enable-events").has_value());
+    auto dst_events = dst->connect();
+    REQUIRE(dst_events.execute("enable-events").has_value());
     CHECK(src->execute("migrate-set-parameters", {{"max-bandwidth", 2'000'000}}).empty());
     CHECK(src->execute("migrate", {{"uri", dst->incoming}, {"mode", "postcopy"}}).empty());
     auto resumed = events.wait_event("MIGRATION", [](const json& e) { return e["data"]["status"] == "postcopy"; }, 30s);
@@ -202,6 +204,10 @@ TEST_CASE("vmm/qmp/wrong-phase") {
     CHECK(q["phase"] == "cancelled");
     CHECK(src->execute("query-status")["status"] == "paused");
     CHECK(error_desc(src->call("migrate-cancel")) == "no migration in progress");
+    auto dst_end = dst_events.wait_event("MIGRATION", [](const json& e) { return e["data"]["status"] == "failed"; }, 30s);
+    REQUIRE_MESSAGE(dst_end.has_value(), why(dst_end));
+    CHECK_MESSAGE((*dst_end)["data"]["error"].get<std::string>().find("pages never arrived") != std::string::npos, dst_end->dump());
+    CHECK(dst->execute("query-migrate")["phase"] == "failed");
     auto check = dst->execute("check-workload");
     CHECK(check["ok"] == false);
     CHECK(check["detail"].get<std::string>().find("never arrived (poisoned)") != std::string::npos);
