@@ -36,7 +36,8 @@ public:
         if (::connect(c.fd_.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0)
             return lazymig::sys_error(fmt::format("connect 127.0.0.1:{}", port));
         const int one = 1;
-        ::setsockopt(c.fd_.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        if (::setsockopt(c.fd_.get(), IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0)
+            return lazymig::sys_error("setsockopt TCP_NODELAY");
         return c;
     }
     // One request, one response line; the wait is bounded.

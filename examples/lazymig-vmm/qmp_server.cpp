@@ -111,6 +111,8 @@ void QmpServer::read_from(Client& c) {
     const ssize_t n = ::recv(c.fd.get(), buf, sizeof buf, 0);
     if (n <= 0) {
         if (n < 0 && (errno == EAGAIN || errno == EINTR)) return;
+        if (n < 0 && errno != ECONNRESET)
+            log_event("qmp_client_dropped", "reason=\"recv: {} (errno {})\"", std::strerror(errno), errno);
         // Gone, perhaps mid-line: whatever it sent without a newline is dropped.
         c.fd.reset();
         return;
@@ -152,7 +154,11 @@ void QmpServer::flush(Client& c) {
         const ssize_t n = ::send(c.fd.get(), c.out.data(), c.out.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n < 0) {
             if (errno == EINTR) continue;
-            if (errno != EAGAIN) c.fd.reset();
+            if (errno != EAGAIN) {
+                if (errno != EPIPE && errno != ECONNRESET)
+                    log_event("qmp_client_dropped", "reason=\"send: {} (errno {})\"", std::strerror(errno), errno);
+                c.fd.reset();
+            }
             break;
         }
         c.out.erase(0, static_cast<std::size_t>(n));

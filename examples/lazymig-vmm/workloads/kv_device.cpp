@@ -147,7 +147,8 @@ void KvDevice::read_from(std::uint32_t c) {
     const ssize_t n = ::recv(k.fd.get(), buf, sizeof buf, 0);
     if (n == 0) return close_conn(c, "");
     if (n < 0) {
-        if (errno != EAGAIN && errno != EINTR) close_conn(c, "");
+        if (errno == EAGAIN || errno == EINTR) return;
+        close_conn(c, errno == ECONNRESET ? "" : fmt::format("recv: {} (errno {})", std::strerror(errno), errno));
         return;
     }
     k.in.append(buf, static_cast<std::size_t>(n));
@@ -201,7 +202,10 @@ void KvDevice::flush(std::uint32_t c) {
     while (k.fd && !k.out.empty()) {
         const ssize_t n = ::send(k.fd.get(), k.out.data(), k.out.size(), MSG_NOSIGNAL);
         if (n < 0) {
-            if (errno != EAGAIN && errno != EINTR) close_conn(c, "");
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN)
+                close_conn(c, errno == EPIPE || errno == ECONNRESET
+                                  ? "" : fmt::format("send: {} (errno {})", std::strerror(errno), errno));
             return;
         }
         k.out.erase(0, static_cast<std::size_t>(n));
