@@ -93,9 +93,11 @@ lazymig::Result<void> Migration::migrate(const std::string& uri, lazymig::Mode m
     auto src = lazymig::Source::create(std::move(cfg));
     if (!src) return std::unexpected(src.error().wrap(fmt::format("migrate to {}", uri)));
     {
+        // Before migrate(): its threads may report phases at once.
         std::lock_guard lock(mu_);
         last_event_.clear();
         last_error_event_.clear();
+        last_phase_ = lazymig::Phase::setup;
     }
     if (auto started = (*src)->migrate(); !started) return std::unexpected(started.error().wrap(fmt::format("migrate to {}", uri)));
     std::lock_guard lock(mu_);
@@ -103,7 +105,6 @@ lazymig::Result<void> Migration::migrate(const std::string& uri, lazymig::Mode m
     role_ = Role::source;
     finished_ = false;
     error_.reset();
-    last_phase_ = lazymig::Phase::setup;
     waiter_ = std::thread([this, s = source_.get()] {
         auto outcome = s->wait();
         finish(Role::source, std::move(outcome), s->stats());

@@ -11,6 +11,10 @@
 // Error classes: CommandNotFound for an unknown command, GenericError for the rest
 // (bad JSON, missing or ill-typed arguments, a command in the wrong phase). handle()
 // never throws.
+//
+// Commands run on the server thread, one at a time. check-workload reads all of guest
+// RAM: on a destination still in post-copy that faults in every missing page, and
+// other clients wait until it is done.
 #pragma once
 
 #include <functional>
