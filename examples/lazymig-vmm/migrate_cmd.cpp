@@ -108,7 +108,9 @@ int run_migrate(const MigrateOptions& o) {
     const auto deadline = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.timeout_s));
     Sample last{start};
     json s, d;
-    auto draw = [&]() -> bool {
+    // The last line shows rates over the whole run, not over its last instant.
+    auto draw = [&](bool final = false) -> bool {
+        if (final) last = Sample{start};
         auto sq = src->execute("query-migrate");
         if (!sq) return fmt::print(stderr, "\nlazymig-vmm migrate: source: {}\n", sq.error().message()), false;
         s = *sq;
@@ -157,7 +159,7 @@ int run_migrate(const MigrateOptions& o) {
         // A source that failed leaves nothing to wait for at the destination.
         if (&side == &*src && (*e)["data"].value("status", "") != "completed") dst_done = true;
     }
-    if (!draw()) return 1;
+    if (!draw(true)) return 1;
     const double wall_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
     if (tty) fmt::print("\n");
     std::optional<json> check;
