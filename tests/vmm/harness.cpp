@@ -48,8 +48,13 @@ std::unique_ptr<Process> Process::spawn(const std::vector<std::string>& argv, co
     posix_spawnattr_init(&attr);
     posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP);
     posix_spawnattr_setpgroup(&attr, 0);
+    // Through setpriv --pdeathsig where there is one: if this test process dies (a crash,
+    // a meson timeout), the kernel kills its children instead of leaving them behind.
+    std::vector<std::string> full;
+    if (::access("/usr/bin/setpriv", X_OK) == 0) full = {"/usr/bin/setpriv", "--pdeathsig", "KILL", "--"};
+    full.insert(full.end(), argv.begin(), argv.end());
     std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+    for (const auto& a : full) args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
     std::vector<std::string> env_store(extra_env);
     for (char** e = environ; *e; ++e) env_store.emplace_back(*e);
@@ -57,7 +62,7 @@ std::unique_ptr<Process> Process::spawn(const std::vector<std::string>& argv, co
     for (auto& e : env_store) env.push_back(e.data());
     env.push_back(nullptr);
     std::unique_ptr<Process> p(new Process);
-    const int rc = ::posix_spawn(&p->pid_, argv[0].c_str(), &fa, &attr, args.data(), env.data());
+    const int rc = ::posix_spawn(&p->pid_, full[0].c_str(), &fa, &attr, args.data(), env.data());
     posix_spawn_file_actions_destroy(&fa);
     posix_spawnattr_destroy(&attr);
     if (rc != 0) throw std::runtime_error(fmt::format("posix_spawn {}: {}", argv[0], std::strerror(rc)));
