@@ -116,14 +116,16 @@ TEST_CASE("vmm/checker/bank") {
         CHECK_FALSE(r.ok);
         CHECK(r.detail.find(gpa(150)) != std::string::npos);
     }
-    SUBCASE("a stale page breaks the sum") {
+    SUBCASE("a stale page is named by the versions its accounts' partners saw") {
         std::vector<std::byte> old(g.view.page(42), g.view.page(42) + kGuestPage);
         for (int i = 0; i < 20000; ++i) BankWorkload::step(g.view, g.regs[i % 2]);
         REQUIRE(std::memcmp(old.data(), g.view.page(42), kGuestPage) != 0);  // a transfer touched it
         std::memcpy(g.view.page(42), old.data(), kGuestPage);
         auto r = w.check(g.view, g.regs);
         CHECK_FALSE(r.ok);
-        CHECK(r.detail.find("stale contents") != std::string::npos);
+        CHECK(r.detail.find(gpa(42) + ", host") != std::string::npos);
+        CHECK(r.detail.find(") stale: account") != std::string::npos);
+        CHECK(r.detail.find("and 1 more bad") != std::string::npos);  // the sum is off too
     }
 }
 
