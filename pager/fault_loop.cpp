@@ -95,12 +95,13 @@ Result<void> Pager::handle_fault(const uffd::Event& ev) {
 
     // Prefetch trend: forward within twice the window doubles it; anything else resets.
     if (r.last_fault != ~0ull && page > r.last_fault && page - r.last_fault <= 2ull * r.window)
-        r.window = std::min(r.window * 2, prefetch_max_);
+        r.window = std::min(r.window * 2, prefetch_max_.load(std::memory_order_relaxed));
     else
         r.window = 1;
     r.last_fault = page;
 
     std::uint32_t count = 1;
+    r.window = std::min(r.window, prefetch_max_.load(std::memory_order_relaxed));
     while (count < r.window && page + count < r.pages && r.state.mark_requested(page + count)) ++count;
     stats_.requests.add();
     stats_.requested_pages.add(count);

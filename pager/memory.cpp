@@ -27,7 +27,7 @@ std::uint64_t features_for(std::span<const GuestRegion> regions) {
 Result<std::unique_ptr<Pager>> Pager::create(std::span<const GuestRegion> regions, std::uint32_t prefetch_pages) {
     if (auto v = validate_regions(regions, "destination"); !v) return std::unexpected(v.error());
     std::unique_ptr<Pager> p(new Pager());
-    p->prefetch_max_ = std::clamp<std::uint32_t>(prefetch_pages, 1, proto::kMaxPagesPerFrame);
+    p->set_prefetch(prefetch_pages);
     auto stop = net::ShutdownEvent::create();
     if (!stop) return std::unexpected(stop.error());
     p->stop_event_ = std::move(*stop);

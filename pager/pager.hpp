@@ -82,6 +82,10 @@ public:
     [[nodiscard]] Result<std::uint64_t> place(const proto::PagesMeta& meta, const std::byte* data,
                                               bool demanded);
 
+    // The most pages one fault may request (1..kMaxPagesPerFrame); takes effect at the next fault.
+    void set_prefetch(std::uint32_t pages) {
+        prefetch_max_.store(std::clamp<std::uint32_t>(pages, 1, proto::kMaxPagesPerFrame), std::memory_order_relaxed);
+    }
     [[nodiscard]] std::uint64_t total_pages() const { return total_pages_; }
     [[nodiscard]] std::uint64_t present_pages() const { return present_.load(std::memory_order_acquire); }
     [[nodiscard]] bool complete() const { return present_pages() == total_pages_; }
@@ -114,7 +118,7 @@ private:
     std::vector<GuestRegion> guest_;
     std::uint64_t total_pages_ = 0;
     std::atomic<std::uint64_t> present_{0};
-    std::uint32_t prefetch_max_ = 16;
+    std::atomic<std::uint32_t> prefetch_max_{16};
     uffd::Uffd uffd_;
     std::vector<std::byte> zero_page_;  // source for zero huge pages (no ZEROPAGE on hugetlb)
     std::function<void()> on_complete_;

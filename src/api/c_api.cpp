@@ -97,6 +97,8 @@ void to_c(const lazymig::Stats& s, lazymig_stats* o) {
     o->fault_p99_us = s.fault_latency.p99_us;
     o->fault_p999_us = s.fault_latency.p999_us;
     o->fault_max_us = s.fault_latency.max_us;
+    o->pages_missing = s.pages_missing;
+    o->destination_resumed = s.destination_resumed ? 1 : 0;
 }
 
 }  // namespace

@@ -59,7 +59,7 @@ public:
         join();
     }
 
-    void set_parameters(const Parameters&) override {}
+    void set_parameters(const Parameters& p) override { pager_->set_prefetch(p.prefetch_pages); }
 
     Stats stats() const override {
         auto& ps = pager_->stats();
@@ -77,7 +77,9 @@ public:
         s.bytes_received = bytes_received_.load();
         s.device_state_bytes = device_bytes_.load();
         s.fault_latency = ps.fault_latency.summary();
-        if (accepted_) s.elapsed_ms = api::ms_since(accepted_at_);
+        if (accepted_) s.elapsed_ms = state_.elapsed_ms(accepted_at_);
+        s.destination_resumed = resumed_;
+        s.pages_missing = pages_missing_.load();
         s.postcopy_ms = postcopy_ms_.load();
         if (s.postcopy_ms == 0 && resumed_) s.postcopy_ms = api::ms_since(resumed_at_);
         if (auto e = state_.error()) s.error = e->message();
@@ -147,6 +149,7 @@ private:
             // The VM ran here and pages are missing: it cannot continue. Poison what never
             // arrived (a touch raises SIGBUS, never reads zeroes) and stop the vCPUs.
             const std::uint64_t missing = pager_->total_pages() - pager_->present_pages();
+            pages_missing_ = missing;
             auto poisoned = pager_->poison_missing();
             cfg_.hooks.pause_vcpus();
             e.context = fmt::format("{}; the VM cannot continue: {} of {} pages never arrived{}", e.context, missing,
@@ -155,8 +158,10 @@ private:
             state_.amend(e);
         }
         const std::string text = e.message();
-        state_.set_phase(e.code == ECANCELED ? Phase::cancelled : Phase::failed, text);
-        state_.emit(Event{Event::Kind::error, state_.phase(), text});
+        state_.set_phase(e.code == ECANCELED ? Phase::cancelled : Phase::failed, text,
+                         Event{.pages_missing = pages_missing_.load()});
+        state_.emit(Event{.kind = Event::Kind::error, .phase = state_.phase(), .message = text,
+                          .pages_missing = pages_missing_.load()});
     }
 
     Result<void> run() {
@@ -283,7 +288,7 @@ private:
     std::thread thread_, bulk_thread_;
     std::uint64_t session_id_ = 0;
     std::atomic<Mode> mode_{Mode::invalid};
-    std::atomic<std::uint64_t> bytes_received_{0}, device_bytes_{0};
+    std::atomic<std::uint64_t> bytes_received_{0}, device_bytes_{0}, pages_missing_{0};
     std::atomic<double> postcopy_ms_{0};
     std::atomic<bool> accepted_{false}, resumed_{false}, resumed_sent_{false}, complete_sent_{false};
     Clock::time_point accepted_at_{}, resumed_at_{};

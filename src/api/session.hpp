@@ -18,10 +18,23 @@ class SessionState {
 public:
     explicit SessionState(const VmmHooks& hooks, std::string_view side) : hooks_(hooks), side_(side) {}
 
-    void set_phase(Phase p, std::string_view why = {}) {
+    void set_phase(Phase p, std::string_view why = {}, Event extra = {}) {
+        if (p == Phase::completed || p == Phase::failed || p == Phase::cancelled) {
+            std::lock_guard lock(mu_);
+            end_ = std::chrono::steady_clock::now();
+        }
         phase_.store(p, std::memory_order_release);
         LZ_LOG(info, "session_phase", "side={} phase={} {}", side_, to_string(p), why);
-        emit(Event{Event::Kind::phase, p, std::string(why.empty() ? to_string(p) : why)});
+        extra.kind = Event::Kind::phase;
+        extra.phase = p;
+        extra.message = std::string(why.empty() ? to_string(p) : why);
+        emit(extra);
+    }
+    // Milliseconds from `start` to the end of the migration, or to now while it runs.
+    [[nodiscard]] double elapsed_ms(std::chrono::steady_clock::time_point start) const {
+        std::lock_guard lock(mu_);
+        const auto end = end_ ? *end_ : std::chrono::steady_clock::now();
+        return std::chrono::duration<double, std::milli>(end - start).count();
     }
     [[nodiscard]] Phase phase() const { return phase_.load(std::memory_order_acquire); }
 
@@ -61,6 +74,7 @@ private:
     std::atomic<Phase> phase_{Phase::idle};
     mutable std::mutex mu_;
     std::optional<Error> error_;
+    std::optional<std::chrono::steady_clock::time_point> end_;
 };
 
 [[nodiscard]] inline double ms_since(std::chrono::steady_clock::time_point t) {

@@ -80,7 +80,8 @@ public:
         s.bytes_sent = stats_.bytes_sent.get();
         s.device_state_bytes = device_bytes_.load();
         s.downtime_ms = downtime_ms_.load();
-        s.elapsed_ms = started_ ? api::ms_since(start_) : 0;
+        s.elapsed_ms = started_ ? state_.elapsed_ms(start_) : 0;
+        s.destination_resumed = handed_over_;
         if (auto e = state_.error()) s.error = e->message();
         return s;
     }
@@ -119,7 +120,8 @@ private:
         }
         state_.set_phase(Phase::completed,
                          fmt::format("migration completed in {:.1f} ms, downtime {:.2f} ms", api::ms_since(start_),
-                                     downtime_ms_.load()));
+                                     downtime_ms_.load()),
+                         Event{.downtime_ms = downtime_ms_.load()});
     }
 
     Result<void> run() {
@@ -165,7 +167,8 @@ private:
         return source::serve_loop(ureader, *ring, urgent->get(), cfg_.regions, sent_, hints_, stats_, [&] {
             handed_over_ = true;
             downtime_ms_ = api::ms_since(paused_at);
-            state_.set_phase(Phase::postcopy, fmt::format("destination resumed after {:.2f} ms", downtime_ms_.load()));
+            state_.set_phase(Phase::postcopy, fmt::format("destination resumed after {:.2f} ms", downtime_ms_.load()),
+                             Event{.downtime_ms = downtime_ms_.load()});
         });
     }
 

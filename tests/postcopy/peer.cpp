@@ -231,6 +231,7 @@ std::string fmt_stats(const Stats& s) {
            "/" + std::to_string(s.total_pages) + " pushed=" + std::to_string(s.pages_pushed) +
            " demanded=" + std::to_string(s.pages_demanded) + " zero=" + std::to_string(s.zero_pages) +
            " duplicates=" + std::to_string(s.duplicate_pages) + " faults=" + std::to_string(s.faults) +
+           " missing=" + std::to_string(s.pages_missing) + " resumed=" + std::to_string(s.destination_resumed) +
            " downtime_ms=" + std::to_string(s.downtime_ms);
 }
 

@@ -29,6 +29,8 @@ void migrate_and_check(const std::string& backing, const std::string& size_mib) 
     CHECK(dest.output().find("wrong_units=0") != std::string::npos);
     CHECK(dest.output().find("bad_reads=0") != std::string::npos);
     CHECK(dest.output().find("phase=completed") != std::string::npos);
+    CHECK(dest.output().find("missing=0 resumed=1") != std::string::npos);
+    CHECK(source.output().find("resumed=1") != std::string::npos);
 }
 
 }  // namespace
@@ -59,5 +61,12 @@ TEST_CASE("postcopy/two-process/source-dies") {
         CHECK(out.find("pages never arrived (poisoned: a touch raises SIGBUS)") != std::string::npos);
         CHECK(out.find("ZERO-FILL") == std::string::npos);
         CHECK(out.find("phase=failed") != std::string::npos);
+        // The count in the error and in Stats::pages_missing agree, and is most of the VM.
+        const auto at = out.find(" of 65536 pages never arrived");
+        REQUIRE(at != std::string::npos);
+        const auto from = out.rfind(' ', at - 1) + 1;
+        const std::string missing = out.substr(from, at - from);
+        CHECK(std::stoull(missing) > 65536 / 2);
+        CHECK(out.find("missing=" + missing + " resumed=1") != std::string::npos);
     }
 }

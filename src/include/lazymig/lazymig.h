@@ -67,6 +67,8 @@ typedef struct lazymig_stats {
     uint64_t faults, requests, bytes_sent, bytes_received, device_state_bytes;
     double downtime_ms, elapsed_ms, postcopy_ms;
     double fault_p50_us, fault_p99_us, fault_p999_us, fault_max_us;
+    uint64_t pages_missing;   /* destination, after a failure: pages that never arrived */
+    int destination_resumed;  /* 1 once the VM runs at the destination */
 } lazymig_stats;
 
 typedef struct lazymig_source lazymig_source;

@@ -19,9 +19,18 @@
 //
 // Hook call order. Source: pause_vcpus → save_device_state → (post-copy runs) → on_event
 // (completed|failed). Destination: load_device_state → resume_vcpus → (faults are served
-// while pages arrive) → on_event(completed); on a failure after resume: pause_vcpus, then
-// on_event(failed) naming how many pages never arrived. Hooks run on lazymig's session
-// thread, never on a vCPU thread; pause_vcpus must return only when vCPUs are parked.
+// while pages arrive) → on_event(completed). Hooks run on lazymig's session thread,
+// never on a vCPU thread; pause_vcpus must return only when vCPUs are parked.
+//
+// When the source is lost after the destination resumed, the VM cannot be saved: every
+// page that never arrived is poisoned (UFFDIO_POISON), so a vCPU that touches one — or
+// is blocked on one at that moment — gets SIGBUS (BUS_MCEERR_AR), never a page of
+// zeroes. Then pause_vcpus is called, then on_event(failed), whose Event and Stats carry
+// pages_missing. A VMM must handle that SIGBUS on its vCPU threads (as it would a
+// hardware memory error) and its pause_vcpus must not wait for a vCPU it stopped.
+//
+// on_event(completed|failed|cancelled) is called before wait() returns, and stats().phase
+// is already terminal when it is.
 //
 // Threads: Source and Destination each own their threads and join them in cancel()/
 // wait()/the destructor. All member functions may be called from any thread.
@@ -101,6 +110,8 @@ struct Event {
     Kind kind = Kind::invalid;
     Phase phase = Phase::invalid;  // the phase after this event
     std::string message;
+    std::uint64_t pages_missing = 0;  // failed after resume: pages that never arrived
+    double downtime_ms = 0;           // source, from postcopy on: pause → destination resumed
 };
 
 struct VmmHooks {
@@ -118,6 +129,7 @@ struct Parameters {
                                           // Demand replies are never limited.
     std::uint32_t push_batch_pages = 256; // pages per bulk frame (1 MiB of 4 KiB pages)
     std::uint32_t prefetch_pages = 16;    // most pages requested around one fault
+                                          // (destination; applies to the next fault)
 };
 
 struct LatencySummary {
@@ -139,8 +151,11 @@ struct Stats {
     std::uint64_t bytes_sent = 0;
     std::uint64_t bytes_received = 0;
     std::uint64_t device_state_bytes = 0;
+    std::uint64_t pages_missing = 0;     // destination, after a failure: never arrived
+    bool destination_resumed = false;    // the VM runs at the destination: the source
+                                         // must not resume it any more
     double downtime_ms = 0;              // pause → destination resumed
-    double elapsed_ms = 0;               // since migrate()/accept
+    double elapsed_ms = 0;               // since migrate()/accept, until the end
     double postcopy_ms = 0;              // resume → last page present
     LatencySummary fault_latency;        // destination: fault read → page placed
     std::string error;                   // the error that ended it, if any
