@@ -1,0 +1,51 @@
+// bench/migration.hpp — the two endpoints of a benchmarked post-copy migration, each run
+// in its own process forked by the orchestrator.
+//
+// Conversation (lines of fields on the pipes; → orchestrator to child, ← child to it):
+//   source server  ← ready fill_ms=…                      (guest RAM allocated and filled once)
+//                  → run port=P max_bandwidth=B           (one migration to the destination at P)
+//                  → release                              (lift the bandwidth limit; then wait)
+//                  ← result fields (src_*)
+//                  → quit
+//   destination    ← port=P                               (listening, guest RAM empty)
+//                  ← touch_done …                         (its touchers stopped; the source may
+//                                                          push at full speed)
+//                  ← result fields (dst_*, touch_*, lib_fault_*)
+// The source keeps its guest RAM across migrations (post-copy never changes it), so one
+// fill serves every run of a size.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "bench/common.hpp"
+#include "lazymig/lazymig.hpp"
+
+namespace bench {
+
+struct SourceSpec {
+    std::size_t bytes = 0;
+    lazymig::Backing backing = lazymig::Backing::memfd;
+};
+
+struct DestinationSpec {
+    std::size_t bytes = 0;
+    lazymig::Backing backing = lazymig::Backing::memfd;
+    int touchers = 0;                  // 0: no access at all, a pure push
+    std::uint64_t max_samples = 20000;  // faulting touches recorded, over all touchers
+    double max_seconds = 4;             // touching stops after this long past resume
+};
+
+// Bodies for Child::spawn: (command fd, report fd) → exit code.
+int source_server(const SourceSpec& spec, int command_fd, int report_fd);
+int destination_run(const DestinationSpec& spec, int command_fd, int report_fd);
+
+// Bytes of bookkeeping the design allows (DESIGN.md, "memory overhead"): destination:
+// page-state byte + 4-byte fault stamp per page + two 4 MiB receive buffers; source:
+// one sent byte per page.
+[[nodiscard]] inline std::uint64_t destination_bound(std::size_t bytes) {
+    return bytes / kPage * 5 + 2 * (4u << 20);
+}
+[[nodiscard]] inline std::uint64_t source_bound(std::size_t bytes) { return bytes / kPage; }
+
+}  // namespace bench
