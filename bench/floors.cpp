@@ -321,6 +321,43 @@ Fields floor_tcp_stream(std::size_t warmup_bytes, std::size_t bytes) {
     return Fields().set("tcp_gbps", double(got - warmup_bytes) / double(t1 - t0));
 }
 
+Fields floor_tcp_stream_cold(std::size_t bytes) {
+    constexpr std::size_t kChunk = 1 << 20;
+    int port = 0;
+    const int lfd = tcp_listen_loopback(&port);
+    const pid_t sender = fork_or_die();
+    if (sender == 0) {  // like a source: guest RAM populated and written, sent once, in order
+        ::close(lfd);
+        std::byte* ram = map_populated(bytes);
+        fill_content(ram, bytes);
+        const int fd = tcp_connect_loopback(port);
+        char go = 0;
+        if (!recv_all(fd, &go, 1)) std::_Exit(1);
+        for (std::size_t off = 0; off < bytes; off += kChunk) send_all(fd, ram + off, std::min(kChunk, bytes - off));
+        ::close(fd);
+        std::_Exit(0);
+    }
+    const int fd = ::accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) die("bench floor: accept");
+    ::close(lfd);
+    std::byte* ram = map_populated(bytes);  // like a destination: populated, never touched
+    const char go = 1;
+    send_all(fd, &go, 1);
+    const std::uint64_t t0 = now_ns();
+    std::size_t got = 0;
+    while (got < bytes) {
+        const ssize_t n = ::recv(fd, ram + got, std::min(kChunk, bytes - got), 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) die("bench floor: recv");
+        got += static_cast<std::size_t>(n);
+    }
+    const std::uint64_t t1 = now_ns();
+    ::close(fd);
+    reap(sender);
+    ::munmap(ram, bytes);
+    return Fields().set("tcp_cold_gbps", double(bytes) / double(t1 - t0));
+}
+
 Fields floor_memcpy(std::size_t bytes, int passes) {
     std::byte* a = map_populated(bytes);
     std::byte* b = map_populated(bytes);

@@ -13,6 +13,10 @@
 //                 the page (4 KiB) and places it with UFFDIO_COPY (information: what the
 //                 composition of the two floors costs here)
 //   tcp_stream    one loopback TCP stream, 1 MiB writes, received into a populated buffer
+//   tcp_stream_cold  the same stream from a large written region into a large populated
+//                 but untouched one, each page read and written once, as a migration must
+//                 (information: where this machine charges a first touch of a page, this,
+//                 not tcp_stream, bounds a single-threaded push)
 //   memcpy        one thread copying between populated buffers
 #pragma once
 
@@ -27,6 +31,7 @@ namespace bench {
 [[nodiscard]] Fields floor_uffd_continue(int warmup, int pages);     // uffd_minor_{p50,p99,p999,mean}_us
 [[nodiscard]] Fields floor_remote_fault(int warmup, int pages);      // remote_{p50,p99,p999,mean}_us
 [[nodiscard]] Fields floor_tcp_stream(std::size_t warmup_bytes, std::size_t bytes);  // tcp_gbps
+[[nodiscard]] Fields floor_tcp_stream_cold(std::size_t bytes);      // tcp_cold_gbps
 [[nodiscard]] Fields floor_memcpy(std::size_t bytes, int passes);    // memcpy_gbps
 
 // Loopback TCP helpers shared with nothing else; exit the process on failure (probes only).

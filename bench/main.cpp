@@ -172,6 +172,7 @@ Floors measure_floors(const Options& o, Report& rep) {
     Fields minor = probe(rep, "uffd continue", [&] { return floor_uffd_continue(warm, o.iterations); });
     Fields remote = probe(rep, "remote fault", [&] { return floor_remote_fault(warm, o.iterations); });
     Fields stream = probe(rep, "tcp stream", [&] { return floor_tcp_stream(512ull << 20, (o.quick ? 2ull : 4ull) << 30); });
+    Fields cold = probe(rep, "tcp stream cold", [&] { return floor_tcp_stream_cold((o.quick ? 256ull : 1024ull) << 20); });
     Fields mem = probe(rep, "memcpy", [&] { return floor_memcpy(256ull << 20, 9); });
     Floors f{rtt.num("rtt_p50_us"), rtt.num("rtt_p99_us"), copy.num("uffd_p50_us"), copy.num("uffd_p99_us"),
              minor.num("uffd_minor_p50_us"), stream.num("tcp_gbps"), mem.num("memcpy_gbps")};
@@ -186,6 +187,8 @@ Floors measure_floors(const Options& o, Report& rep) {
     rep.line(fmt::format("  {:<40} {:.1f} us  (tcp rtt p50 + uffd copy p50)", "floor_fault_us", f.fault_us()));
     lat("uffd fault served by a TCP peer, raw", remote, "remote");
     rep.line(fmt::format("  {:<40} {:.2f} GB/s", "tcp stream, 1 MiB writes", f.tcp_gbps));
+    rep.line(fmt::format("  {:<40} {:.2f} GB/s  (information: written region → untouched populated region)",
+                         "tcp stream, cold memory each side", cold.num("tcp_cold_gbps")));
     rep.line(fmt::format("  {:<40} {:.2f} GB/s", "memcpy, populated buffers", f.memcpy_gbps));
     auto& j = rep.json;
     j.num("floor_fault_us", f.fault_us());
@@ -200,6 +203,7 @@ Floors measure_floors(const Options& o, Report& rep) {
     j.num("floor_remote_fault_p50_us", remote.num("remote_p50_us"));
     j.num("floor_remote_fault_p99_us", remote.num("remote_p99_us"));
     j.num("floor_tcp_gbps", f.tcp_gbps);
+    j.num("floor_tcp_cold_gbps", cold.num("tcp_cold_gbps"));
     j.num("floor_memcpy_gbps", f.memcpy_gbps);
     return f;
 }
