@@ -5,6 +5,10 @@
 #include <fmt/format.h>
 
 #include "pager/pager.hpp"
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14; Debian 12's glibc headers may lack it
+#endif
 #include "src/log.hpp"
 #include "src/region.hpp"
 
@@ -50,10 +54,15 @@ Result<std::unique_ptr<Pager>> Pager::create(std::span<const GuestRegion> region
             // is in the page cache, not yet mapped) and arriving data needs no allocation.
             if (::fallocate(g.fd, 0, static_cast<off_t>(g.fd_offset), static_cast<off_t>(g.size)) != 0)
                 return sys_error(fmt::format("{}: fallocate {} bytes of guest memory", where, g.size));
-            void* a = ::mmap(nullptr, g.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, g.fd,
+            void* a = ::mmap(nullptr, g.size, PROT_READ | PROT_WRITE, MAP_SHARED, g.fd,
                              static_cast<off_t>(g.fd_offset));
             if (a == MAP_FAILED) return sys_error(fmt::format("{}: mmap the write alias", where));
             r.alias = static_cast<std::byte*>(a);
+            // Populate for writing: MAP_POPULATE maps a shared file read-only, and then the
+            // first write to each page of the alias pays a fault on the placement path
+            // (measured ~1.6 µs a page in sequence, ~8 µs at random, on this machine).
+            if (::madvise(a, g.size, MADV_POPULATE_WRITE) != 0)
+                return sys_error(fmt::format("{}: madvise(MADV_POPULATE_WRITE) the write alias", where));
             mode = UFFDIO_REGISTER_MODE_MINOR;
         }
         // The guest mapping must hold no page yet: drop whatever the VMM may have touched

@@ -112,7 +112,7 @@ private:
     Result<void> handle_fault(const uffd::Event& ev);
     Result<void> place_run(Region& r, std::uint64_t first, std::uint64_t count, bool zero,
                            const std::byte* data);
-    void mark_present(Region& r, std::uint64_t first, std::uint64_t count);
+    void mark_present(Region& r, std::uint64_t first, std::uint64_t count, std::uint32_t placed_at_us);
 
     std::vector<Region> regions_;
     std::vector<GuestRegion> guest_;

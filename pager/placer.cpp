@@ -42,47 +42,59 @@ Result<void> apply(Op op, std::size_t len, std::size_t page, std::string_view wh
 
 }  // namespace
 
+// Pages are claimed and placed a chunk at a time: a vCPU faulting on a page of a large
+// pushed frame waits for its chunk, not for the whole frame.
+constexpr std::uint32_t kChunk = 64;
+
 Result<std::uint64_t> Pager::place(const proto::PagesMeta& meta, const std::byte* data, bool demanded) {
     Region& r = regions_[meta.region];
     const std::size_t ps = r.guest.page_size;
-    std::array<bool, proto::kMaxPagesPerFrame> mine;
-    for (std::uint32_t i = 0; i < meta.count; ++i) mine[i] = r.state.claim(meta.first + i);
-
-    std::uint64_t placed = 0, duplicates = 0;
+    std::uint64_t placed = 0, duplicates = 0, zeros = 0;
     const std::byte* next = data;  // the data of page i, when it is non-zero
-    for (std::uint32_t i = 0; i < meta.count;) {
-        if (!mine[i]) {
-            if (!meta.is_zero(i)) next += ps;
-            ++duplicates;
-            ++i;
-            continue;
-        }
-        // A run of claimed pages; for COPY also of one kind (zero or not).
-        const bool zero = meta.is_zero(i);
-        std::uint32_t j = i + 1;
-        while (j < meta.count && mine[j] && (r.alias || meta.is_zero(j) == zero)) ++j;
-        const std::uint64_t first = meta.first + i, count = j - i;
-        if (r.alias) {
-            for (std::uint32_t k = i; k < j; ++k) {
-                std::byte* dst = r.alias + (meta.first + k) * ps;
-                if (meta.is_zero(k)) {
-                    std::memset(dst, 0, ps);
-                } else {
-                    std::memcpy(dst, next, ps);
-                    next += ps;
-                }
+    for (std::uint32_t c0 = 0; c0 < meta.count; c0 += kChunk) {
+        const std::uint32_t c1 = std::min(meta.count, c0 + kChunk);
+        std::array<bool, kChunk> mine;
+        for (std::uint32_t i = c0; i < c1; ++i) mine[i - c0] = r.state.claim(meta.first + i);
+        for (std::uint32_t i = c0; i < c1;) {
+            if (!mine[i - c0]) {
+                if (!meta.is_zero(i)) next += ps;
+                ++duplicates;
+                ++i;
+                continue;
             }
-            if (auto p = place_run(r, first, count, false, nullptr); !p) return std::unexpected(p.error());
-        } else {
-            if (auto p = place_run(r, first, count, zero, next); !p) return std::unexpected(p.error());
-            if (!zero) next += count * ps;
+            // A run of claimed pages; for COPY also of one kind (zero or not).
+            const bool zero = meta.is_zero(i);
+            std::uint32_t j = i + 1;
+            while (j < c1 && mine[j - c0] && (r.alias || meta.is_zero(j) == zero)) ++j;
+            const std::uint64_t first = meta.first + i, count = j - i;
+            const std::byte* run_data = next;
+            if (r.alias) {
+                for (std::uint32_t k = i; k < j; ++k) {
+                    std::byte* dst = r.alias + (meta.first + k) * ps;
+                    if (meta.is_zero(k)) {
+                        std::memset(dst, 0, ps);
+                    } else {
+                        std::memcpy(dst, next, ps);
+                        next += ps;
+                    }
+                }
+            } else if (!zero) {
+                next += count * ps;
+            }
+            // The vCPU resumes inside the ioctl: its wait ends now, not when we mark it.
+            const std::uint32_t now = now_us();
+            if (auto p = place_run(r, first, count, zero && !r.alias, run_data); !p) {
+                // Hand the unplaced claims back so a failure path can still poison them.
+                for (std::uint32_t k = i; k < c1; ++k)
+                    if (mine[k - c0]) r.state.unclaim(meta.first + k);
+                return std::unexpected(p.error());
+            }
+            mark_present(r, first, count, now);
+            for (std::uint32_t k = i; k < j; ++k) zeros += meta.is_zero(k);
+            placed += count;
+            i = j;
         }
-        mark_present(r, first, count);
-        placed += count;
-        i = j;
     }
-    std::uint64_t zeros = 0;
-    for (std::uint32_t i = 0; i < meta.count; ++i) zeros += mine[i] && meta.is_zero(i);
     stats_.zero.add(zeros);
     stats_.duplicate.add(duplicates);
     stats_.placed.add(placed);
@@ -110,8 +122,7 @@ Result<void> Pager::place_run(Region& r, std::uint64_t first, std::uint64_t coun
                  "UFFDIO_COPY", dst);
 }
 
-void Pager::mark_present(Region& r, std::uint64_t first, std::uint64_t count) {
-    const std::uint32_t now = now_us();
+void Pager::mark_present(Region& r, std::uint64_t first, std::uint64_t count, std::uint32_t now) {
     for (std::uint64_t p = first; p < first + count; ++p) {
         r.state.set_present(p);
         if (const std::uint32_t at = r.fault_at[p].exchange(0, std::memory_order_relaxed); at != 0)

@@ -8,7 +8,7 @@
 namespace lazymig::source {
 
 Result<void> serve_loop(net::FrameReader& reader, net::Ring& ring, int fd, std::span<const GuestRegion> regions,
-                        SentMap& sent, HintQueue& hints, SourceStats& stats, const std::function<void()>& on_resumed) {
+                        SentMap& sent, HintQueue& hints, SourceStats& stats, const std::function<Result<void>()>& on_resumed) {
     PageFramer framer(regions);
     bool resumed = false;
     for (;;) {
@@ -23,7 +23,7 @@ Result<void> serve_loop(net::FrameReader& reader, net::Ring& ring, int fd, std::
         case proto::Type::resumed:
             if (resumed) return logic_error(fmt::format("{}: RESUMED twice", reader.where()));
             resumed = true;
-            on_resumed();
+            if (auto r = on_resumed(); !r) return r;
             continue;
         case proto::Type::complete:
             if (!resumed) return logic_error(fmt::format("{}: COMPLETE before RESUMED", reader.where()));

@@ -117,9 +117,10 @@ private:
 // destination reports COMPLETE (returns normally) or something fails. Every
 // PAGE_REQUEST is answered at once: the destination may fault before its RESUMED
 // arrives here (a VMM thread can touch guest RAM before the vCPUs run), so RESUMED is
-// just one more frame, reported through `on_resumed`, and must precede COMPLETE.
+// just one more frame, reported through `on_resumed` (which starts the pusher), and
+// must precede COMPLETE.
 [[nodiscard]] Result<void> serve_loop(net::FrameReader& reader, net::Ring& ring, int fd,
                                       std::span<const GuestRegion> regions, SentMap& sent, HintQueue& hints,
-                                      SourceStats& stats, const std::function<void()>& on_resumed);
+                                      SourceStats& stats, const std::function<Result<void>()>& on_resumed);
 
 }  // namespace lazymig::source
