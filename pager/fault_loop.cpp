@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 
 #include "pager/pager.hpp"
+#include "src/failpoint.hpp"
 #include "src/log.hpp"
 
 namespace lazymig::pager {
@@ -85,6 +86,8 @@ Result<void> Pager::handle_fault(const uffd::Event& ev) {
     case PageState::placing: {
         std::uint32_t none = 0;  // first fault on a prefetched page starts its clock
         r.fault_at[page].compare_exchange_strong(none, now_us(), std::memory_order_relaxed);
+        if (int e = failpoint::check("pager_fault_in_flight", ri, page, 1))
+            return sys_error("pager: failpoint pager_fault_in_flight", e);
         return {};
     }
     case PageState::missing:

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "pager/pager.hpp"
+#include "src/failpoint.hpp"
 #include "src/log.hpp"
 
 namespace lazymig::pager {
@@ -83,7 +84,10 @@ Result<std::uint64_t> Pager::place(const proto::PagesMeta& meta, const std::byte
             }
             // The vCPU resumes inside the ioctl: its wait ends now, not when we mark it.
             const std::uint32_t now = now_us();
-            if (auto p = place_run(r, first, count, zero && !r.alias, run_data); !p) {
+            auto p = failpoint::check("pager_before_place_run", meta.region, first, static_cast<std::uint32_t>(count))
+                         ? Result<void>(sys_error("pager: failpoint pager_before_place_run", EIO))
+                         : place_run(r, first, count, zero && !r.alias, run_data);
+            if (!p) {
                 // Hand the unplaced claims back so a failure path can still poison them.
                 for (std::uint32_t k = i; k < c1; ++k)
                     if (mine[k - c0]) r.state.unclaim(meta.first + k);
@@ -125,8 +129,12 @@ Result<void> Pager::place_run(Region& r, std::uint64_t first, std::uint64_t coun
 void Pager::mark_present(Region& r, std::uint64_t first, std::uint64_t count, std::uint32_t now) {
     for (std::uint64_t p = first; p < first + count; ++p) {
         r.state.set_present(p);
-        if (const std::uint32_t at = r.fault_at[p].exchange(0, std::memory_order_relaxed); at != 0)
-            stats_.fault_latency.record(std::uint64_t(now - at) * 1000);
+        if (const std::uint32_t at = r.fault_at[p].exchange(0, std::memory_order_relaxed); at != 0) {
+            // A fault seen while this placement was under way is stamped after `now`:
+            // it waited for nothing, so it counts as zero, never as a wrapped 2^32.
+            const auto waited = static_cast<std::int32_t>(now - at);
+            stats_.fault_latency.record(waited > 0 ? std::uint64_t(waited) * 1000 : 0);
+        }
     }
 }
 

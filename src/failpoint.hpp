@@ -4,8 +4,10 @@
 //
 // Costs one relaxed load when nothing is armed. Tests arm a point with a callback that
 // may block (to force an interleaving) or return an errno to make the step fail.
-// Points: pager_bulk_before_place, pager_urgent_before_place, source_push_batch,
-// source_serve_request.
+// Points: pager_bulk_before_place, pager_urgent_before_place (a verified frame, before
+// any claim), pager_before_place_run (claimed, placement time taken, before the ioctl),
+// pager_fault_in_flight (a fault on a page already requested or being placed),
+// source_push_batch, source_serve_request.
 #pragma once
 
 #include <atomic>

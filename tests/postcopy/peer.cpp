@@ -232,7 +232,8 @@ std::string fmt_stats(const Stats& s) {
            " demanded=" + std::to_string(s.pages_demanded) + " zero=" + std::to_string(s.zero_pages) +
            " duplicates=" + std::to_string(s.duplicate_pages) + " faults=" + std::to_string(s.faults) +
            " missing=" + std::to_string(s.pages_missing) + " resumed=" + std::to_string(s.destination_resumed) +
-           " downtime_ms=" + std::to_string(s.downtime_ms);
+           " downtime_ms=" + std::to_string(s.downtime_ms) +
+           " fault_max_ms=" + std::to_string(static_cast<std::uint64_t>(s.fault_latency.max_us / 1000));
 }
 
 int main(int argc, char** argv) {

@@ -31,6 +31,11 @@ void migrate_and_check(const std::string& backing, const std::string& size_mib) 
     CHECK(dest.output().find("phase=completed") != std::string::npos);
     CHECK(dest.output().find("missing=0 resumed=1") != std::string::npos);
     CHECK(source.output().find("resumed=1") != std::string::npos);
+    // An invariant, not a speed check: no fault can have waited longer than the whole
+    // test has run (a wrapped timestamp once reported 4.4e9 µs).
+    const auto at = dest.output().find("fault_max_ms=");
+    REQUIRE(at != std::string::npos);
+    CHECK(std::stoull(dest.output().substr(at + 13)) < 600'000);
 }
 
 }  // namespace
