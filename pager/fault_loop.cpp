@@ -80,7 +80,6 @@ Result<void> Pager::handle_fault(const uffd::Event& ev) {
 
     switch (r.state.get(page)) {
     case PageState::present:
-        stats_.wakes.add();
         return uffd_.wake(r.host(page), r.guest.page_size);
     case PageState::requested:
     case PageState::placing: {
@@ -107,7 +106,6 @@ Result<void> Pager::handle_fault(const uffd::Event& ev) {
     r.window = std::min(r.window, prefetch_max_.load(std::memory_order_relaxed));
     while (count < r.window && page + count < r.pages && r.state.mark_requested(page + count)) ++count;
     stats_.requests.add();
-    stats_.requested_pages.add(count);
     LZ_LOG(debug, "pager_request", "region={} page={} count={}", ri, page, count);
     return sink_(proto::PageRequest{.region = ri, .count = count, .first = page});
 }

@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include "pager/apply_range.hpp"
 #include "pager/pager.hpp"
 
 #ifndef MADV_POPULATE_WRITE
@@ -131,10 +132,11 @@ Result<std::uint64_t> Pager::poison_missing() {
             }
             std::uint64_t end = p + 1;
             while (end < r.pages && r.state.claim(end)) ++end;
-            auto o = uffd_.poison(r.host(p), (end - p) * r.guest.page_size);
-            if (!o.ok() && o.err != EEXIST)
-                return sys_error(fmt::format("UFFDIO_POISON {:#x}+{}", reinterpret_cast<std::uintptr_t>(r.host(p)),
-                                             (end - p) * r.guest.page_size), o.err);
+            std::byte* base = r.host(p);
+            // A partial poison must not leave the rest of the run fault-blocked forever.
+            auto done = detail::apply_range([&](std::size_t off, std::size_t n) { return uffd_.poison(base + off, n); },
+                                            (end - p) * r.guest.page_size, r.guest.page_size, "UFFDIO_POISON", base);
+            if (!done) return std::unexpected(done.error());
             poisoned += end - p;
             p = end;
         }

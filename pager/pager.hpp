@@ -35,7 +35,7 @@
 namespace lazymig::pager {
 
 struct PagerStats {
-    Counter faults, requests, requested_pages, placed, zero, duplicate, wakes;
+    Counter faults, requests, zero, duplicate;
     Counter pushed_pages, demanded_pages;
     Histogram fault_latency;
 };

@@ -8,40 +8,12 @@
 
 #include <fmt/format.h>
 
+#include "pager/apply_range.hpp"
 #include "pager/pager.hpp"
 #include "src/failpoint.hpp"
 #include "src/log.hpp"
 
 namespace lazymig::pager {
-namespace {
-
-// Applies a range ioctl over [0, len), stepping over pages that turn out to be mapped
-// already (EEXIST: someone else placed them; they count as present) and resuming after
-// partial progress. A pending mapping change (EAGAIN with nothing done) is retried a
-// bounded number of times: with no REMOVE/UNMAP events enabled it does not persist.
-template <class Op>
-Result<void> apply(Op op, std::size_t len, std::size_t page, std::string_view what, std::byte* base) {
-    std::size_t off = 0;
-    int again = 0;
-    while (off < len) {
-        const uffd::IoctlOutcome o = op(off, len - off);
-        if (o.ok()) return {};
-        off += o.done;
-        if (o.err == EEXIST) {
-            off += page;
-        } else if (o.err == EAGAIN) {
-            if (o.done == 0 && ++again > 1000)
-                return sys_error(fmt::format("{} {:#x}: a mapping change stays pending", what,
-                                             reinterpret_cast<std::uintptr_t>(base + off)), EAGAIN);
-        } else {
-            return sys_error(fmt::format("{} {:#x}+{}", what, reinterpret_cast<std::uintptr_t>(base + off), len - off),
-                             o.err);
-        }
-    }
-    return {};
-}
-
-}  // namespace
 
 // Pages are claimed and placed a chunk at a time: a vCPU faulting on a page of a large
 // pushed frame waits for its chunk, not for the whole frame.
@@ -101,7 +73,6 @@ Result<std::uint64_t> Pager::place(const proto::PagesMeta& meta, const std::byte
     }
     stats_.zero.add(zeros);
     stats_.duplicate.add(duplicates);
-    stats_.placed.add(placed);
     (demanded ? stats_.demanded_pages : stats_.pushed_pages).add(placed);
     if (placed && present_.fetch_add(placed, std::memory_order_acq_rel) + placed == total_pages_) {
         LZ_LOG(info, "pager_all_present", "pages={}", total_pages_);
@@ -114,15 +85,15 @@ Result<void> Pager::place_run(Region& r, std::uint64_t first, std::uint64_t coun
     std::byte* dst = r.host(first);
     const std::size_t ps = r.guest.page_size, len = count * ps;
     if (r.alias)
-        return apply([&](std::size_t off, std::size_t n) { return uffd_.continue_range(dst + off, n); }, len, ps,
+        return detail::apply_range([&](std::size_t off, std::size_t n) { return uffd_.continue_range(dst + off, n); }, len, ps,
                      "UFFDIO_CONTINUE", dst);
     if (zero && ps == 4096)
-        return apply([&](std::size_t off, std::size_t n) { return uffd_.zeropage(dst + off, n); }, len, ps,
+        return detail::apply_range([&](std::size_t off, std::size_t n) { return uffd_.zeropage(dst + off, n); }, len, ps,
                      "UFFDIO_ZEROPAGE", dst);
     if (zero)  // hugetlb has no ZEROPAGE: copy from a zero huge page, one page per ioctl
-        return apply([&](std::size_t off, std::size_t) { return uffd_.copy(dst + off, zero_page_.data(), ps); },
+        return detail::apply_range([&](std::size_t off, std::size_t) { return uffd_.copy(dst + off, zero_page_.data(), ps); },
                      len, ps, "UFFDIO_COPY (zero)", dst);
-    return apply([&](std::size_t off, std::size_t n) { return uffd_.copy(dst + off, data + off, n); }, len, ps,
+    return detail::apply_range([&](std::size_t off, std::size_t n) { return uffd_.copy(dst + off, data + off, n); }, len, ps,
                  "UFFDIO_COPY", dst);
 }
 

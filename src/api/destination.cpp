@@ -17,7 +17,6 @@
 #include "src/api/session.hpp"
 #include "src/net/frames.hpp"
 #include "src/net/socket.hpp"
-#include "src/region.hpp"
 
 namespace lazymig {
 namespace {
@@ -297,7 +296,6 @@ private:
 }  // namespace
 
 Result<std::unique_ptr<Destination>> Destination::listen(DestinationConfig config) {
-    if (auto v = validate_regions(config.regions, "destination"); !v) return std::unexpected(v.error());
     if (!config.hooks.pause_vcpus || !config.hooks.resume_vcpus)
         return logic_error("destination: hooks pause_vcpus and resume_vcpus are required");
     auto at = net::parse_uri(config.uri);
