@@ -47,6 +47,11 @@ public:
 
     std::string local_uri() const override { return local_.uri(); }
 
+    void set_vcpu_threads(std::vector<VcpuThread> threads) override {
+        std::lock_guard lock(vcpu_mu_);
+        vcpus_ = std::move(threads);
+    }
+
     Result<void> wait() override {
         join();
         if (auto e = state_.error()) return std::unexpected(*e);
@@ -283,7 +288,8 @@ private:
     net::Endpoint local_;
     net::ShutdownEvent stop_;
     api::SessionState state_;
-    std::mutex urgent_mu_, join_mu_;
+    std::mutex urgent_mu_, join_mu_, vcpu_mu_;
+    std::vector<VcpuThread> vcpus_;
     std::thread thread_, bulk_thread_;
     std::uint64_t session_id_ = 0;
     std::atomic<Mode> mode_{Mode::invalid};

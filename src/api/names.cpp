@@ -1,4 +1,8 @@
 // Names of the public enums, both ways.
+#include <unistd.h>
+
+#include <algorithm>
+
 #include <fmt/format.h>
 
 #include "lazymig/lazymig.hpp"
@@ -35,9 +39,16 @@ std::string_view to_string(Phase p) noexcept {
     case Phase::completed: return "completed";
     case Phase::failed: return "failed";
     case Phase::cancelled: return "cancelled";
+    case Phase::paused: return "paused";
+    case Phase::recovering: return "recovering";
     case Phase::invalid: break;
     }
     return "invalid";
+}
+
+std::uint32_t default_bulk_channels() noexcept {
+    const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+    return static_cast<std::uint32_t>(std::clamp<long>(cpus / 2, 1, 8));
 }
 
 Result<Backing> parse_backing(std::string_view s) noexcept {

@@ -33,7 +33,10 @@
 // is already terminal when it is.
 //
 // Threads: Source and Destination each own their threads and join them in cancel()/
-// wait()/the destructor. All member functions may be called from any thread.
+// wait()/the destructor. All member functions may be called from any thread except
+// lazymig's own: a hook that calls wait() or cancel() on its session would wait for
+// itself, so those calls are refused there with EDEADLK (cancel() then only requests
+// the stop and returns).
 #pragma once
 
 #include <chrono>
@@ -62,6 +65,8 @@ enum class Phase : std::uint8_t {
     completed,
     failed,
     cancelled,
+    paused,      // post-copy, link lost: both sides keep all state and wait (recover issue)
+    recovering,  // reconnecting after a pause (recover issue)
 };
 [[nodiscard]] std::string_view to_string(Backing) noexcept;
 [[nodiscard]] std::string_view to_string(Mode) noexcept;
@@ -123,13 +128,43 @@ struct VmmHooks {
     std::function<void(const Event&)> on_event;                   // any thread of lazymig's
 };
 
-// Tunable while a migration runs (migrate-set-parameters).
+// Tunable while a migration runs (migrate-set-parameters), except where noted.
 struct Parameters {
+    std::uint32_t bulk_channels = 0;      // bulk channels, each with its own sender and
+                                          // receiver thread, splitting the push by address
+                                          // range; 0 = chosen from the CPU count
+                                          // (default_bulk_channels()). Fixed at migrate().
     std::uint64_t max_bandwidth = 0;      // bytes/s for the pusher; 0 = unlimited.
                                           // Demand replies are never limited.
     std::uint32_t push_batch_pages = 256; // pages per bulk frame (1 MiB of 4 KiB pages)
     std::uint32_t prefetch_pages = 16;    // most pages requested around one fault
                                           // (destination; applies to the next fault)
+};
+
+// The number of bulk channels used when Parameters::bulk_channels is 0: one per two
+// online CPUs, between 1 and 8 (a sender and a receiver thread per channel compete with
+// the guest's vCPUs for the same cores).
+[[nodiscard]] std::uint32_t default_bulk_channels() noexcept;
+
+// A VMM thread that runs guest code, named for blocktime reports (destination).
+struct VcpuThread {
+    int tid = 0;            // gettid() of the thread
+    std::string name;       // "vcpu0"
+};
+
+// Time a vCPU thread spent blocked on pages that had not arrived (QEMU's postcopy
+// blocktime): from the fault to the page's placement, summed over its faults.
+struct VcpuBlocktime {
+    int tid = 0;
+    std::string name;       // as named by the VMM; "tid N" for threads it did not name
+    std::uint64_t faults = 0;
+    double blocktime_ms = 0;
+};
+
+// One bucket of the fault-latency histogram: faults that waited at most upper_us.
+struct LatencyBucket {
+    double upper_us = 0;
+    std::uint64_t count = 0;
 };
 
 struct LatencySummary {
@@ -158,12 +193,24 @@ struct Stats {
     double elapsed_ms = 0;               // since migrate()/accept, until the end
     double postcopy_ms = 0;              // resume → last page present
     LatencySummary fault_latency;        // destination: fault read → page placed
+    std::vector<LatencyBucket> fault_latency_histogram;  // non-empty buckets, ascending
+    double blocktime_ms = 0;             // destination: sum over vCPU threads of time
+                                         // blocked on missing pages (needs THREAD_ID)
+    std::vector<VcpuBlocktime> vcpu_blocktime;  // per faulting thread, named ones first
+    std::uint32_t bulk_channels = 0;     // bulk channels in use
     std::string error;                   // the error that ended it, if any
 };
+
+// Reads `dst.size()` bytes of guest RAM from `offset` bytes into region `region`, through
+// the kernel (pread, process_vm_readv, a VMM's own accessor). Called concurrently from
+// several sender threads, each with its own buffer. 0 bytes short is the only success.
+using PageReadFn = std::function<Result<void>(std::uint32_t region, std::uint64_t offset, std::span<std::byte> dst)>;
 
 struct SourceConfig {
     std::vector<GuestRegion> regions;
     VmmHooks hooks;
+    PageReadFn read_pages;                // optional: the VMM's reader; default pread
+                                          // (file-backed) / process_vm_readv (anon)
     std::string uri;                      // "tcp:HOST:PORT" of the destination
     Mode mode = Mode::postcopy;
     Parameters parameters{};
@@ -202,6 +249,8 @@ public:
     virtual ~Destination() = default;
 
     [[nodiscard]] virtual std::string local_uri() const = 0;  // with the bound port
+    // Names the VMM's vCPU threads for blocktime (any time; replaces the earlier list).
+    virtual void set_vcpu_threads(std::vector<VcpuThread> threads) = 0;
     [[nodiscard]] virtual Result<void> wait() = 0;
     virtual void cancel() = 0;
     virtual void set_parameters(const Parameters&) = 0;
