@@ -26,6 +26,7 @@
 
 #include "lazymig/lazymig.hpp"
 #include "src/net/frames.hpp"
+#include "src/net/outbox.hpp"
 #include "src/net/socket.hpp"
 #include "src/page_state.hpp"
 #include "src/protocol.hpp"
@@ -73,6 +74,16 @@ public:
 
     // Starts the fault thread. `on_error` is called once if it fails.
     [[nodiscard]] Result<void> start(RequestSink sink, std::function<void(const Error&)> on_error);
+    // Starts the fault thread sending its requests through `out`.
+    [[nodiscard]] Result<void> start(net::Outbox& out, std::function<void(const Error&)> on_error) {
+        return start([&out](const proto::PageRequest& req) { return out.post_and_flush(proto::encode(req), std::chrono::seconds(10)); },
+                     std::move(on_error));
+    }
+    // Names the VMM's vCPU threads for blocktime.
+    void set_vcpu_threads(std::vector<VcpuThread> threads) {
+        std::lock_guard lock(vcpu_mu_);
+        vcpus_ = std::move(threads);
+    }
     // Stops and joins the fault thread (idempotent).
     void stop();
 
@@ -116,6 +127,8 @@ private:
 
     std::vector<Region> regions_;
     std::vector<GuestRegion> guest_;
+    std::mutex vcpu_mu_;
+    std::vector<VcpuThread> vcpus_;
     std::uint64_t total_pages_ = 0;
     std::atomic<std::uint64_t> present_{0};
     std::atomic<std::uint32_t> prefetch_max_{16};

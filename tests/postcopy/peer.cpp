@@ -49,6 +49,7 @@ struct Options {
     Backing backing = Backing::anon;
     std::uint64_t seed = 1, max_bandwidth = 0;
     unsigned workers = 4;
+    unsigned bulk_channels = 1;
 };
 
 bool parse(int argc, char** argv, Options& o) {
@@ -65,6 +66,7 @@ bool parse(int argc, char** argv, Options& o) {
         else if (k == "--uri") o.uri = v;
         else if (k == "--workers") o.workers = static_cast<unsigned>(std::stoul(v));
         else if (k == "--max-bandwidth") o.max_bandwidth = std::stoull(v);
+        else if (k == "--bulk-channels") o.bulk_channels = static_cast<unsigned>(std::stoul(v));
         else return false;
     }
     return o.role == "dest" || o.role == "source";
@@ -214,6 +216,7 @@ int run_source(const Options& o) {
     };
     Parameters p;
     p.max_bandwidth = o.max_bandwidth;
+    p.bulk_channels = o.bulk_channels;
     auto src = Source::create({.regions = {mem->region()}, .hooks = hooks, .uri = o.uri, .parameters = p});
     if (!src) return say("error: " + src.error().message()), 3;
     if (auto m = (*src)->migrate(); !m) return say("error: " + m.error().message()), 3;
@@ -232,7 +235,7 @@ std::string fmt_stats(const Stats& s) {
            " demanded=" + std::to_string(s.pages_demanded) + " zero=" + std::to_string(s.zero_pages) +
            " duplicates=" + std::to_string(s.duplicate_pages) + " faults=" + std::to_string(s.faults) +
            " missing=" + std::to_string(s.pages_missing) + " resumed=" + std::to_string(s.destination_resumed) +
-           " downtime_ms=" + std::to_string(s.downtime_ms) +
+           " downtime_ms=" + std::to_string(s.downtime_ms) + " bulk=" + std::to_string(s.bulk_channels) +
            " fault_max_ms=" + std::to_string(static_cast<std::uint64_t>(s.fault_latency.max_us / 1000));
 }
 

@@ -25,7 +25,7 @@ const char* kFree = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages";
 }  // namespace
 
 int main() {
-    const long size_mib = 1024, need = 2 * size_mib / 2;  // both sides, 2 MiB pages
+    const long size_mib = 512, need = 2 * size_mib / 2;  // both sides, 2 MiB pages
     const long before = read_long(kNr);
     if (before < 0) return std::puts("skip: no hugetlbfs support"), 77;
     if (read_long(kFree) < need && !write_long(kNr, before + need)) {
@@ -38,7 +38,8 @@ int main() {
         return 77;
     }
     int rc = 0;
-    {
+    for (const char* channels : {"1", "3"}) {
+        std::printf("--- %s bulk channel(s)\n", channels);
         const std::string peer = LAZYMIG_PEER, size = std::to_string(size_mib);
         Process dest({peer, "dest", "--size", size, "--backing", "hugetlbfs", "--seed", "11", "--workers", "4"});
         auto uri = dest.until("uri ");
@@ -46,10 +47,14 @@ int main() {
             std::printf("FAIL: destination did not listen:\n%s\n", dest.output().c_str());
             rc = 1;
         } else {
-            Process source({peer, "source", "--size", size, "--backing", "hugetlbfs", "--seed", "11", "--uri", uri->substr(4)});
+            Process source({peer, "source", "--size", size, "--backing", "hugetlbfs", "--seed", "11", "--uri", uri->substr(4),
+                            "--bulk-channels", channels});
             const int s = source.wait(), d = dest.wait();
             std::printf("source (%d):\n%s\ndestination (%d):\n%s\n", s, source.output().c_str(), d, dest.output().c_str());
-            if (s != 0 || d != 0 || dest.output().find("wrong_units=0") == std::string::npos) rc = 1;
+            const std::string bulk = std::string(" bulk=") + channels + " ";
+            if (s != 0 || d != 0 || dest.output().find("wrong_units=0") == std::string::npos ||
+                dest.output().find(bulk) == std::string::npos || source.output().find(bulk) == std::string::npos)
+                rc = 1;
         }
     }
     write_long(kNr, before);

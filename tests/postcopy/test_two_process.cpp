@@ -12,12 +12,13 @@ namespace {
 
 const std::string kPeer = LAZYMIG_PEER;
 
-void migrate_and_check(const std::string& backing, const std::string& size_mib) {
+void migrate_and_check(const std::string& backing, const std::string& size_mib, unsigned bulk_channels) {
     Process dest({kPeer, "dest", "--size", size_mib, "--backing", backing, "--seed", "7", "--workers", "4"});
     REQUIRE(dest.started());
     auto uri = dest.until("uri ");
     REQUIRE_MESSAGE(uri, dest.output());
-    Process source({kPeer, "source", "--size", size_mib, "--backing", backing, "--seed", "7", "--uri", uri->substr(4)});
+    Process source({kPeer, "source", "--size", size_mib, "--backing", backing, "--seed", "7", "--uri", uri->substr(4),
+                    "--bulk-channels", std::to_string(bulk_channels)});
     REQUIRE(source.started());
     const int src_rc = source.wait();
     const int dst_rc = dest.wait();
@@ -31,6 +32,9 @@ void migrate_and_check(const std::string& backing, const std::string& size_mib) 
     CHECK(dest.output().find("phase=completed") != std::string::npos);
     CHECK(dest.output().find("missing=0 resumed=1") != std::string::npos);
     CHECK(source.output().find("resumed=1") != std::string::npos);
+    // Both sides ran the channels asked for: the destination learnt the count from HELLO.
+    CHECK(source.output().find(" bulk=" + std::to_string(bulk_channels) + " ") != std::string::npos);
+    CHECK(dest.output().find(" bulk=" + std::to_string(bulk_channels) + " ") != std::string::npos);
     // An invariant, not a speed check: no fault can have waited longer than the whole
     // test has run (a wrapped timestamp once reported 4.4e9 µs).
     const auto at = dest.output().find("fault_max_ms=");
@@ -40,8 +44,10 @@ void migrate_and_check(const std::string& backing, const std::string& size_mib) 
 
 }  // namespace
 
-TEST_CASE("postcopy/two-process/anon-1g") { migrate_and_check("anon", "1024"); }
-TEST_CASE("postcopy/two-process/memfd-1g") { migrate_and_check("memfd", "1024"); }
+TEST_CASE("postcopy/two-process/anon-1g") { migrate_and_check("anon", "1024", 1); }
+TEST_CASE("postcopy/two-process/memfd-1g") { migrate_and_check("memfd", "1024", 1); }
+TEST_CASE("postcopy/two-process/anon-3-bulk-channels") { migrate_and_check("anon", "512", 3); }
+TEST_CASE("postcopy/two-process/memfd-3-bulk-channels") { migrate_and_check("memfd", "512", 3); }
 
 TEST_CASE("postcopy/two-process/source-dies") {
     // The pusher is throttled to 32 MiB/s so most of the 256 MiB is still missing when
