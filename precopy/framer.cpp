@@ -1,5 +1,9 @@
-// PAGES frames straight from guest RAM; the sent map; the hint queue.
+// PAGES frames from a snapshot in a staging buffer; the sent map; the hint queue.
+#include <sys/mman.h>
+
 #include <cstring>
+
+#include <fmt/format.h>
 
 #include "precopy/source.hpp"
 #include "src/crc32c.hpp"
@@ -31,18 +35,58 @@ std::size_t SentMap::bytes() const {
     return n;
 }
 
-std::span<const iovec> PageFramer::build(std::uint32_t region, std::uint64_t first, std::uint32_t count,
-                                         std::uint64_t* zero_pages, std::size_t* bytes) {
-    const GuestRegion& g = regions_[region];
-    const std::size_t ps = g.page_size;
-    auto* base = static_cast<std::byte*>(g.host);
+Result<StagingBuffer> StagingBuffer::create(std::size_t bytes) {
+    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+    if (p == MAP_FAILED) {
+        const int e = errno;
+        return sys_error(fmt::format("mmap of a {}-byte staging buffer", bytes), e);
+    }
+    StagingBuffer b;
+    b.data_ = static_cast<std::byte*>(p);
+    b.size_ = bytes;
+    return b;
+}
+
+StagingBuffer& StagingBuffer::operator=(StagingBuffer&& o) noexcept {
+    if (this != &o) {
+        if (data_) ::munmap(data_, size_);
+        data_ = std::exchange(o.data_, nullptr);
+        size_ = std::exchange(o.size_, 0);
+    }
+    return *this;
+}
+
+StagingBuffer::~StagingBuffer() {
+    if (data_) ::munmap(data_, size_);
+}
+
+Result<std::unique_ptr<PageFramer>> PageFramer::create(std::span<const GuestRegion> regions, PageReader& reader,
+                                                       std::size_t staging_bytes) {
+    std::size_t biggest = 0;
+    for (const auto& r : regions) biggest = std::max(biggest, r.page_size);
+    auto staging = StagingBuffer::create(std::max(staging_bytes, biggest));
+    if (!staging) return std::unexpected(staging.error().wrap("page framer"));
+    return std::unique_ptr<PageFramer>(new PageFramer(regions, reader, std::move(*staging)));
+}
+
+std::uint32_t PageFramer::max_pages(std::uint32_t region) const {
+    const std::size_t by_staging = staging_.size() / regions_[region].page_size;
+    return static_cast<std::uint32_t>(std::min<std::size_t>(by_staging, proto::kMaxPagesPerFrame));
+}
+
+Result<BuiltFrame> PageFramer::build(std::uint32_t region, std::uint64_t first, std::uint32_t count) {
+    if (region >= regions_.size() || count == 0 || count > max_pages(region))
+        return logic_error(fmt::format("page framer: {} pages of region {} do not fit one frame", count, region));
+    // The snapshot: from here on the guest's RAM is not looked at again for this frame.
+    if (auto r = reader_.read(region, first, count, staging_.data()); !r) return std::unexpected(r.error());
+    const std::size_t ps = regions_[region].page_size;
     proto::PagesMeta meta;
     meta.region = region;
     meta.first = first;
     meta.count = count;
     std::size_t nonzero = 0, niov = 1;
     for (std::uint32_t i = 0; i < count; ++i) {
-        std::byte* p = base + (first + i) * ps;
+        std::byte* p = staging_.data() + std::size_t(i) * ps;
         if (is_zero_page(p, ps)) {
             meta.set_zero(i);
             continue;
@@ -57,9 +101,7 @@ std::span<const iovec> PageFramer::build(std::uint32_t region, std::uint64_t fir
     crc32c_pages(ptrs_.data(), nonzero, ps, crcs_.data());
     const std::size_t head = proto::encode_pages_head(head_.data(), meta, ps, std::span(crcs_.data(), nonzero));
     iov_[0] = iovec{head_.data(), head};
-    *zero_pages = count - nonzero;
-    *bytes = head + nonzero * ps;
-    return std::span(iov_.data(), niov);
+    return BuiltFrame{std::span<const iovec>(iov_.data(), niov), count - nonzero, head + nonzero * ps};
 }
 
 void HintQueue::push(std::uint32_t region, std::uint64_t page) {
@@ -81,6 +123,16 @@ bool HintQueue::pop(std::uint32_t* region, std::uint64_t* page) {
     *page = p;
     --size_;
     return true;
+}
+
+bool DemandGate::wait_clear() noexcept {
+    for (;;) {
+        const std::uint32_t v = state_.load(std::memory_order_acquire);
+        if (v & kShut) return false;
+        if (v == 0) return true;
+        // Sleeps in the kernel until leave() or shutdown() changes the word.
+        state_.wait(v, std::memory_order_acquire);
+    }
 }
 
 }  // namespace lazymig::source

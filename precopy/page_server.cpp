@@ -1,4 +1,5 @@
-// The urgent channel after switchover: demand requests answered at once.
+// The urgent channel after switchover: demand requests answered at once, from a
+// snapshot read through the PageReader, while the bulk senders yield.
 #include <fmt/format.h>
 
 #include "precopy/source.hpp"
@@ -6,60 +7,87 @@
 #include "src/log.hpp"
 
 namespace lazymig::source {
+namespace {
 
-Result<void> serve_loop(net::FrameReader& reader, net::Channel& urgent, std::span<const GuestRegion> regions,
-                        SentMap& sent, HintQueue& hints, SourceStats& stats, const std::function<Result<void>()>& on_resumed) {
-    PageFramer framer(regions);
+// Raised for exactly as long as one request is in service, on every path out.
+class GateHold {
+public:
+    explicit GateHold(DemandGate& g) : g_(g) { g_.enter(); }
+    ~GateHold() { g_.leave(); }
+    GateHold(const GateHold&) = delete;
+    GateHold& operator=(const GateHold&) = delete;
+
+private:
+    DemandGate& g_;
+};
+
+}  // namespace
+
+Result<void> serve_loop(net::FrameReader& frames, net::Channel& urgent, std::span<const GuestRegion> regions,
+                        PageReader& reader, SentMap& sent, Pusher* pusher, SourceStats& stats, DemandGate& gate,
+                        const std::function<Result<void>()>& on_resumed) {
+    auto framer = PageFramer::create(regions, reader);
+    if (!framer) return std::unexpected(framer.error().wrap("source: urgent channel"));
     bool resumed = false;
     for (;;) {
-        auto h = reader.next();
+        auto h = frames.next();
         if (!h) return std::unexpected(h.error());
         if (!*h)
-            return sys_error(fmt::format("{}: the destination closed the connection before every page arrived",
-                                         reader.where()), ECONNRESET);
-        auto payload = reader.read_control(**h);
+            return transport_error(fmt::format("{}: the destination closed the connection before every page arrived",
+                                               frames.where()),
+                                   ECONNRESET);
+        // From the header on: the pushers yield until this reply has left.
+        std::optional<GateHold> hold;
+        if ((*h)->type == proto::Type::page_request) hold.emplace(gate);
+        auto payload = frames.read_control(**h);
         if (!payload) return std::unexpected(payload.error());
         switch ((*h)->type) {
         case proto::Type::resumed:
-            if (resumed) return logic_error(fmt::format("{}: RESUMED twice", reader.where()));
+            if (resumed) return peer_violation(fmt::format("{}: RESUMED twice", frames.where()));
             resumed = true;
             if (auto r = on_resumed(); !r) return r;
             continue;
         case proto::Type::complete:
-            if (!resumed) return logic_error(fmt::format("{}: COMPLETE before RESUMED", reader.where()));
+            if (!resumed) return peer_violation(fmt::format("{}: COMPLETE before RESUMED", frames.where()));
             LZ_LOG(info, "source_complete", "requests={} demanded={}", stats.requests.get(), stats.demanded_pages.get());
             return {};
         case proto::Type::error:
-            return std::unexpected(net::peer_error(*payload, reader.where()));
+            return std::unexpected(net::peer_error(*payload, frames.where()));
         case proto::Type::page_request:
             break;
         default:
-            return logic_error(fmt::format("{}: unexpected {} after switchover", reader.where(),
-                                           proto::to_string((*h)->type)));
+            return peer_violation(fmt::format("{}: unexpected {} after switchover", frames.where(),
+                                              proto::to_string((*h)->type)));
         }
         auto req = proto::decode_page_request(*payload);
-        if (!req) return std::unexpected(req.error().wrap(reader.where()));
+        if (!req) return std::unexpected(req.error().wrap(frames.where()));
         if (req->region >= regions.size())
-            return logic_error(fmt::format("{}: PAGE_REQUEST for region {}, but there are {} regions", reader.where(),
-                                           req->region, regions.size()));
+            return peer_violation(fmt::format("{}: PAGE_REQUEST for region {}, but there are {} regions",
+                                              frames.where(), req->region, regions.size()));
         const std::uint64_t pages = regions[req->region].size / regions[req->region].page_size;
         if (req->first >= pages || req->count > pages - req->first)
-            return logic_error(fmt::format("{}: PAGE_REQUEST for pages {}..{} of region {}, which has {} pages",
-                                           reader.where(), req->first, proto::last_page(req->first, req->count), req->region, pages));
+            return peer_violation(fmt::format("{}: PAGE_REQUEST for pages {}..{} of region {}, which has {} pages",
+                                              frames.where(), req->first, proto::last_page(req->first, req->count),
+                                              req->region, pages));
         if (int e = failpoint::check("source_serve_request", req->region, req->first, req->count))
-            return sys_error(fmt::format("{}: failpoint source_serve_request", reader.where()), e);
-        std::uint64_t zeros = 0;
-        std::size_t bytes = 0;
-        auto iov = framer.build(req->region, req->first, req->count, &zeros, &bytes);
-        if (auto s = urgent.send(iov); !s) return s;
+            return sys_error(fmt::format("{}: failpoint source_serve_request", frames.where()), e);
+        const std::uint32_t per_frame = (*framer)->max_pages(req->region);
+        for (std::uint32_t done = 0; done < req->count;) {
+            const std::uint32_t n = std::min(per_frame, req->count - done);
+            auto frame = (*framer)->build(req->region, req->first + done, n);
+            if (!frame) return std::unexpected(frame.error().wrap(urgent.where()));
+            if (auto s = urgent.send(frame->iov); !s) return s;
+            stats.zero_pages.add(frame->zero_pages);
+            stats.bytes_sent.add(frame->bytes);
+            done += n;
+        }
+        hold.reset();
         std::uint64_t fresh = 0;
         for (std::uint64_t p = req->first; p < req->first + req->count; ++p) fresh += sent.mark(req->region, p);
         stats.sent_pages.add(fresh);
         stats.requests.add();
         stats.demanded_pages.add(req->count);
-        stats.zero_pages.add(zeros);
-        stats.bytes_sent.add(bytes);
-        hints.push(req->region, req->first + req->count);
+        if (pusher) pusher->hint(req->region, req->first + req->count);
     }
 }
 

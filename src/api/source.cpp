@@ -22,9 +22,10 @@ using Clock = std::chrono::steady_clock;
 
 class SourceImpl final : public Source {
 public:
-    SourceImpl(SourceConfig config, std::unique_ptr<net::Transport> transport, net::ShutdownEvent stop)
+    SourceImpl(SourceConfig config, std::unique_ptr<net::Transport> transport, net::ShutdownEvent stop,
+               std::unique_ptr<source::PageReader> reader)
         : cfg_(std::move(config)), transport_(std::move(transport)), stop_(std::move(stop)),
-          state_(cfg_.hooks, "source"), sent_(cfg_.regions) {
+          state_(cfg_.hooks, "source"), sent_(cfg_.regions), reader_(std::move(reader)) {
         bandwidth_ = cfg_.parameters.max_bandwidth;
         batch_ = cfg_.parameters.push_batch_pages;
         bulk_count_ = cfg_.parameters.bulk_channels ? cfg_.parameters.bulk_channels : default_bulk_channels();
@@ -124,7 +125,10 @@ private:
         // The pusher may still be sending (the destination had every page before the
         // sweep ended): stop it before its socket closes.
         stop_.signal();
-        if (pusher_) pusher_->join();
+        if (pusher_) {
+            pusher_->stop();  // ends a sender's wait at the demand gate
+            pusher_->join();
+        }
         urgent_.reset();
         bulk_.clear();
         if (auto e = state_.error()) {
@@ -176,9 +180,10 @@ private:
         // pusher waits for RESUMED: started earlier, its bulk frames compete for the CPUs
         // with the destination's resume and stretch the downtime (2-15 ms measured here
         // against ~0.5 ms when held back).
-        pusher_ = std::make_unique<source::Pusher>(cfg_.regions, sent_, hints_, stats_,
-                                                   source::PushConfig{&bandwidth_, &batch_});
-        return source::serve_loop(ureader, *urgent_, cfg_.regions, sent_, hints_, stats_, [&]() -> Result<void> {
+        pusher_ = std::make_unique<source::Pusher>(cfg_.regions, *reader_, sent_, stats_,
+                                                   source::PushConfig{&bandwidth_, &batch_, &gate_, 0});
+        return source::serve_loop(ureader, *urgent_, cfg_.regions, *reader_, sent_, pusher_.get(), stats_, gate_,
+                                  [&]() -> Result<void> {
             handed_over_ = true;
             downtime_ms_ = api::ms_since(paused_at);
             state_.set_phase(Phase::postcopy, fmt::format("destination resumed after {:.2f} ms", downtime_ms_.load()),
@@ -206,7 +211,8 @@ private:
     net::ShutdownEvent stop_;
     api::SessionState state_;
     source::SentMap sent_;
-    source::HintQueue hints_;
+    std::unique_ptr<source::PageReader> reader_;
+    source::DemandGate gate_;  // raised by the serve loop while a demand request is in service
     source::SourceStats stats_;
     std::unique_ptr<source::Pusher> pusher_;
     std::atomic<std::uint64_t> bandwidth_{0};
@@ -238,7 +244,11 @@ Result<std::unique_ptr<Source>> Source::create(SourceConfig config) {
     if (!stop) return std::unexpected(stop.error());
     auto transport = net::tcp_connector(config.uri, stop->fd(), config.connect_timeout);
     if (!transport) return std::unexpected(transport.error().wrap("source"));
-    return std::make_unique<SourceImpl>(std::move(config), std::move(*transport), std::move(*stop));
+    // Probes each region's read method now, so a refusal names the region before migrate().
+    auto reader = source::make_page_reader(config.regions, config.read_pages);
+    if (!reader) return std::unexpected(reader.error().wrap("source"));
+    return std::make_unique<SourceImpl>(std::move(config), std::move(*transport), std::move(*stop),
+                                        std::move(*reader));
 }
 
 }  // namespace lazymig

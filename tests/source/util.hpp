@@ -1,5 +1,5 @@
-// tests/source/util.hpp — a test-only Channel over a socket, and a PAGES decoder that
-// verifies each frame the way a destination must (header, length, checksum).
+// tests/source/util.hpp — guest memory for a test, socketpairs, and a PAGES decoder
+// that verifies each frame the way a destination must (header, length, checksum).
 #pragma once
 
 #include <doctest/doctest.h>
@@ -18,6 +18,7 @@
 
 #include "src/crc32c.hpp"
 #include "src/net/channel.hpp"
+#include "src/net/socket.hpp"
 #include "src/protocol.hpp"
 
 namespace source_test {
@@ -29,85 +30,6 @@ template <class T>
 std::string err_of(const lazymig::Result<T>& r) {
     return r ? std::string("(no error)") : r.error().message();
 }
-
-// A blocking Channel over one end of a socketpair. Test helper only: send_start() sends
-// synchronously (the pipelining contract — bytes untouched until send_finish() — holds
-// trivially); the library's channels come from the Transport.
-class SocketChannel final : public lazymig::net::Channel {
-public:
-    explicit SocketChannel(int fd, std::string where = "test channel") : fd_(fd), where_(std::move(where)) {}
-    ~SocketChannel() override { ::close(fd_); }
-    const std::string& where() const override { return where_; }
-    Result<std::size_t> recv_some(void* dst, std::size_t len) override {
-        for (;;) {
-            const ssize_t n = ::recv(fd_, dst, len, 0);
-            if (n >= 0) return std::size_t(n);
-            if (errno != EINTR) return lazymig::sys_error(where_ + ": recv");
-        }
-    }
-    Result<void> recv_exact(void* dst, std::size_t len) override {
-        auto* p = static_cast<char*>(dst);
-        while (len > 0) {
-            auto n = recv_some(p, len);
-            if (!n) return std::unexpected(n.error());
-            if (*n == 0) return lazymig::transport_error(where_ + ": end of stream", ECONNRESET);
-            p += *n;
-            len -= *n;
-        }
-        return {};
-    }
-    Result<void> send(std::span<const iovec> iov) override {
-        std::vector<iovec> v(iov.begin(), iov.end());
-        std::size_t i = 0;
-        while (i < v.size()) {
-            msghdr m{};
-            m.msg_iov = v.data() + i;
-            m.msg_iovlen = std::min<std::size_t>(v.size() - i, 1024);
-            ssize_t n = ::sendmsg(fd_, &m, MSG_NOSIGNAL);
-            if (n < 0) {
-                if (errno == EINTR) continue;
-                return lazymig::sys_error(where_ + ": sendmsg");
-            }
-            sent_ += std::size_t(n);
-            while (n > 0 && i < v.size()) {
-                const std::size_t take = std::min<std::size_t>(std::size_t(n), v[i].iov_len);
-                v[i].iov_base = static_cast<char*>(v[i].iov_base) + take;
-                v[i].iov_len -= take;
-                n -= ssize_t(take);
-                if (v[i].iov_len == 0) ++i;
-            }
-            while (i < v.size() && v[i].iov_len == 0) ++i;
-        }
-        return {};
-    }
-    Result<void> send_start(std::span<const iovec> iov) override {
-        REQUIRE_FALSE(in_flight_);
-        in_flight_ = true;
-        ++starts_;
-        return send(iov);
-    }
-    Result<void> send_finish() override {
-        in_flight_ = false;
-        return {};
-    }
-    Result<void> wait_until(std::chrono::steady_clock::time_point) override { return {}; }
-    Result<std::size_t> try_send(std::span<const std::byte> bytes) override {
-        const ssize_t n = ::send(fd_, bytes.data(), bytes.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (n < 0) return errno == EAGAIN ? Result<std::size_t>(0) : lazymig::sys_error(where_ + ": send");
-        return std::size_t(n);
-    }
-    int poll_fd() const override { return fd_; }
-    std::uint64_t bytes_received() const override { return 0; }
-    std::uint64_t bytes_sent() const override { return sent_; }
-    [[nodiscard]] int fd() const { return fd_; }
-    [[nodiscard]] std::uint64_t starts() const { return starts_; }
-
-private:
-    int fd_;
-    std::string where_;
-    bool in_flight_ = false;
-    std::uint64_t sent_ = 0, starts_ = 0;
-};
 
 // Guest RAM for a test: anonymous (populated) or a memfd/hugetlbfs file mapped shared.
 class TestMemory {
