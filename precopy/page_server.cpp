@@ -71,6 +71,8 @@ Result<void> serve_loop(net::FrameReader& frames, net::Channel& urgent, std::spa
                                               req->region, pages));
         if (int e = failpoint::check("source_serve_request", req->region, req->first, req->count))
             return sys_error(fmt::format("{}: failpoint source_serve_request", frames.where()), e);
+        // Before the reply, so that a sender released by the gate finds it at once.
+        if (pusher) pusher->hint(req->region, req->first + req->count);
         const std::uint32_t per_frame = (*framer)->max_pages(req->region);
         for (std::uint32_t done = 0; done < req->count;) {
             const std::uint32_t n = std::min(per_frame, req->count - done);
@@ -87,7 +89,6 @@ Result<void> serve_loop(net::FrameReader& frames, net::Channel& urgent, std::spa
         stats.sent_pages.add(fresh);
         stats.requests.add();
         stats.demanded_pages.add(req->count);
-        if (pusher) pusher->hint(req->region, req->first + req->count);
     }
 }
 

@@ -204,7 +204,10 @@ Result<void> Pusher::run(Lane& lane) {
                 if (auto r = push_range(lane, hr, hp > span ? hp - span : 0, hp); !r) return r;
                 continue;
             }
-            const std::uint64_t step = std::min<std::uint64_t>(end, cursor + proto::kMaxPagesPerFrame);
+            // One batch at a time, so a hint waits for at most one batch of the sweep.
+            const std::uint64_t batch = std::max<std::uint32_t>(
+                1, config_.batch_pages ? config_.batch_pages->load(std::memory_order_relaxed) : 256);
+            const std::uint64_t step = std::min<std::uint64_t>(end, cursor + batch);
             if (auto r = push_range(lane, region, cursor, step); !r) return r;
             cursor = step;
         }
