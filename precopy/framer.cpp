@@ -125,11 +125,20 @@ bool HintQueue::pop(std::uint32_t* region, std::uint64_t* page) {
     return true;
 }
 
+void DemandGate::leave() noexcept {
+    std::uint32_t v = state_.load(std::memory_order_relaxed), next;
+    do {
+        next = v - 1;
+        if ((next & kCount) == 0) next = (next & ~kEpoch) | ((next + kEpochOne) & kEpoch);  // a new clear epoch
+    } while (!state_.compare_exchange_weak(v, next, std::memory_order_acq_rel, std::memory_order_relaxed));
+    if ((next & kCount) == 0) state_.notify_all();
+}
+
 bool DemandGate::wait_clear() noexcept {
-    for (;;) {
-        const std::uint32_t v = state_.load(std::memory_order_acquire);
+    const std::uint32_t seen = state_.load(std::memory_order_acquire);
+    for (std::uint32_t v = seen;; v = state_.load(std::memory_order_acquire)) {
         if (v & kShut) return false;
-        if (v == 0) return true;
+        if ((v & kCount) == 0 || (v & kEpoch) != (seen & kEpoch)) return true;
         // Sleeps in the kernel until leave() or shutdown() changes the word.
         state_.wait(v, std::memory_order_acquire);
     }

@@ -137,19 +137,20 @@ private:
 // enter()s when a PAGE_REQUEST header arrives and leave()s once its reply was handed to
 // the urgent channel; a sender calls wait_clear() before reading and framing each batch.
 //
-// Bound on a wait: a sender waits only while some request is in service, i.e. for one
-// request's read (µs: a few pages through pread/process_vm_readv) plus its send on the
-// urgent channel, which itself ends by the transport's deadline or shutdown. Back-to-back
-// requests extend it; between two requests the count drops to 0 and every waiting
-// sender is woken and sends at least one batch, so bulk is slowed, never stopped, by a
-// guest that keeps faulting. shutdown() ends every wait for good.
+// Bound on a wait: a sender that finds requests in service waits until the count next
+// drops to zero — the end of the requests in service when it arrived: each one's read
+// (µs: a few pages through pread/process_vm_readv) plus its send on the urgent channel,
+// which itself ends by the transport's deadline or shutdown. A request that arrives after
+// that moment does not extend the wait: every drop to zero starts a new "clear epoch", and
+// a waiter goes on once the epoch it saw has ended, even if the count is up again by the
+// time it runs (else a guest faulting back to back starves the push: measured, with a
+// client re-requesting at once the pusher never ran again). So bulk is slowed — one batch
+// per request at most — never stopped. shutdown() ends every wait for good.
 class DemandGate {
 public:
     void enter() noexcept { state_.fetch_add(1, std::memory_order_acq_rel); }
-    void leave() noexcept {
-        if ((state_.fetch_sub(1, std::memory_order_acq_rel) & kCount) == 1) state_.notify_all();
-    }
-    // Blocks (futex) while a request is in service. false once shut down.
+    void leave() noexcept;
+    // Blocks (futex) while the requests in service now are in service. false once shut down.
     [[nodiscard]] bool wait_clear() noexcept;
     void shutdown() noexcept {
         state_.fetch_or(kShut, std::memory_order_acq_rel);
@@ -161,7 +162,9 @@ public:
     [[nodiscard]] bool shut_down() const noexcept { return state_.load(std::memory_order_acquire) & kShut; }
 
 private:
-    static constexpr std::uint32_t kShut = 1u << 31, kCount = kShut - 1;
+    // One word, so one futex: bit 31 shut down, bits 16..30 the clear epoch, 0..15 the count.
+    static constexpr std::uint32_t kShut = 1u << 31, kCount = 0xffff, kEpochOne = 1u << 16,
+                                   kEpoch = kShut - kEpochOne;
     std::atomic<std::uint32_t> state_{0};
 };
 

@@ -255,3 +255,4 @@ TEST_CASE("source/pusher-refuses-bad-channel-counts") {
     REQUIRE_FALSE(none.has_value());
     CHECK(none.error().message() == "source: 0 bulk channels (expected 1 to 16)");
 }
+

@@ -237,3 +237,50 @@ TEST_CASE("source/serve-refuses-what-a-peer-must-not-send") {
     CHECK(r.error().message() == want);
     CHECK(s.gate.in_service() == 0);  // lowered on the way out too
 }
+
+TEST_CASE("source/serve-back-to-back-requests-do-not-starve-the-pusher") {
+    // A destination that requests the next page as soon as a reply arrives keeps the gate
+    // up almost always; a woken sender finds it raised again before it runs. It must still
+    // go on once the requests it waited for were served (a gate that waited for the count
+    // itself starved the push here: the request limit below was reached).
+    Serve s;
+    auto [a, b] = socket_pair();
+    auto bulk = net::stream_channel(net::Fd(a), "bulk channel 0", s.shutdown.fd());
+    REQUIRE_MESSAGE(bulk.has_value(), err_of(bulk));
+    std::atomic<std::uint64_t> bw{0};
+    std::atomic<std::uint32_t> batch{16};
+    // The pusher sweeps its own, larger memory: 4096 pages in 256 batches, each behind
+    // the gate.
+    auto big = TestMemory::create("ram1", 4096 * kPage, Backing::memfd);
+    REQUIRE_MESSAGE(big.has_value(), err_of(big));
+    const GuestRegion big_region = big->region();
+    auto big_reader = source::make_page_reader(std::span(&big_region, 1), {});
+    REQUIRE_MESSAGE(big_reader.has_value(), err_of(big_reader));
+    source::SourceStats push_stats;
+    source::SentMap push_sent(std::span(&big_region, 1));
+    source::Pusher pusher(std::span(&big_region, 1), **big_reader, push_sent, push_stats,
+                          source::PushConfig{&bw, &batch, &s.gate, 0});
+    s.run();
+    std::atomic<bool> pushed_all{false};
+    std::thread rx([&] {
+        auto frames = receive_until_done(b, kPage);
+        pushed_all = !frames.empty() && frames.back().type == proto::Type::push_done;
+    });
+    auto started = pusher.start({bulk->get()}, [](const Error& e) { FAIL("pusher: ", e.message()); });
+    REQUIRE_MESSAGE(started.has_value(), err_of(started));
+    int requests = 0;
+    while (!pushed_all.load() && requests < 200000) {
+        send_all(s.peer, proto::encode(proto::PageRequest{0, 1, std::uint64_t(requests % kPages)}));
+        (void)read_frame(s.peer);
+        ++requests;
+    }
+    MESSAGE(requests, " requests while 4096 pages were pushed; the sender yielded ", push_stats.push_yields.get(),
+            " times");
+    CHECK_MESSAGE(pushed_all.load(), "the pusher was starved by back-to-back demand requests");
+    if (!pushed_all) pusher.stop();
+    s.shutdown.signal();  // ends the serve loop and a starved sender's channel waits
+    pusher.join();
+    ::shutdown(b, SHUT_RDWR);
+    rx.join();
+    ::close(b);
+}
