@@ -145,6 +145,9 @@ Result<void> Pusher::submit(Lane& lane, std::uint32_t region, std::uint64_t firs
     // Built while the previous frame (in the other framer) is still on the wire.
     auto frame = lane.framers[lane.next]->build(region, first, count);
     if (!frame) return std::unexpected(frame.error().wrap(lane.channel->where()));
+    if (auto r = finish(lane); !r) return r;
+    // Pacing after the previous send completed: a channel takes no other call while a
+    // send is in flight (its ring would hand the timer's completion to the send).
     if (const auto bw = config_.max_bandwidth ? config_.max_bandwidth->load(std::memory_order_relaxed) : 0; bw != 0) {
         // Pacing, not synchronisation: this sender's share of the budget.
         const double per_lane = double(bw) / double(lane.count);
@@ -153,7 +156,6 @@ Result<void> Pusher::submit(Lane& lane, std::uint32_t region, std::uint64_t firs
         if (auto w = lane.channel->wait_until(lane.next_send); !w) return w;
         lane.next_send += std::chrono::nanoseconds(static_cast<std::int64_t>(1e9 * double(frame->bytes) / per_lane));
     }
-    if (auto r = finish(lane); !r) return r;
     if (auto r = lane.channel->send_start(frame->iov); !r) return r;
     lane.in_flight = true;
     lane.flight_pages = count;

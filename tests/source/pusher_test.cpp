@@ -256,3 +256,16 @@ TEST_CASE("source/pusher-refuses-bad-channel-counts") {
     CHECK(none.error().message() == "source: 0 bulk channels (expected 1 to 16)");
 }
 
+
+TEST_CASE("source/pusher-paced-over-pipelined-channels") {
+    // Pacing waits on the channel too: it must never overlap a send in flight (the
+    // channel's ring would hand the timer's completion to the send: "Timer expired").
+    Rig rig(2);
+    rig.bandwidth = 400'000'000;  // ~10 ms for these 4 MB
+    auto s = rig.start();
+    REQUIRE_MESSAGE(s.has_value(), err_of(s));
+    rig.receive();
+    rig.pusher->join();
+    CHECK_MESSAGE(rig.errors == 0, rig.error);
+    rig.check_all_pages_once();
+}
