@@ -38,6 +38,18 @@ const char* role_name(bool source) { return source ? "source" : "destination"; }
 
 lazymig::VmmHooks Migration::hooks(Role role) {
     lazymig::VmmHooks h = vm_.hooks();
+    if (role == Role::destination) {
+        // The vCPUs run from here on: tell lazymig which threads they are, for blocktime.
+        h.resume_vcpus = [this, resume = std::move(h.resume_vcpus)] {
+            lazymig::Destination* d;
+            {
+                std::lock_guard lock(mu_);
+                d = dest_.get();
+            }
+            if (d) d->set_vcpu_threads(vm_.vcpu_threads());
+            resume();
+        };
+    }
     h.on_event = [this, role](const lazymig::Event& e) {
         const char* kind = e.kind == lazymig::Event::Kind::error ? "error"
                          : e.kind == lazymig::Event::Kind::phase ? "phase" : "info";
@@ -162,6 +174,8 @@ lazymig::Result<void> Migration::set_parameters(const ParameterUpdate& u) {
     if (u.push_batch_pages && (*u.push_batch_pages == 0 || *u.push_batch_pages > 65536))
         return lazymig::logic_error("push-batch-pages must be 1..65536");
     if (u.prefetch_pages && *u.prefetch_pages > 65536) return lazymig::logic_error("prefetch-pages must be 0..65536");
+    if (u.bulk_channels && (*u.bulk_channels == 0 || *u.bulk_channels > 16))
+        return lazymig::logic_error("bulk-channels must be 1..16");
     std::lock_guard ctl(ctl_mu_);
     lazymig::Source* src;
     lazymig::Destination* dst;
@@ -171,14 +185,19 @@ lazymig::Result<void> Migration::set_parameters(const ParameterUpdate& u) {
         if (u.max_bandwidth) params_.max_bandwidth = *u.max_bandwidth;
         if (u.push_batch_pages) params_.push_batch_pages = *u.push_batch_pages;
         if (u.prefetch_pages) params_.prefetch_pages = *u.prefetch_pages;
+        if (u.bulk_channels) {
+            if (source_ && !finished_)
+                return lazymig::logic_error("bulk-channels cannot change while a migration runs");
+            params_.bulk_channels = *u.bulk_channels;
+        }
         p = params_;
         src = finished_ ? nullptr : source_.get();
         dst = finished_ ? nullptr : dest_.get();
     }
     if (src) src->set_parameters(p);
     if (dst) dst->set_parameters(p);
-    log_event("migration_parameters", "max_bandwidth={} push_batch_pages={} prefetch_pages={}", p.max_bandwidth,
-              p.push_batch_pages, p.prefetch_pages);
+    log_event("migration_parameters", "max_bandwidth={} push_batch_pages={} prefetch_pages={} bulk_channels={}",
+              p.max_bandwidth, p.push_batch_pages, p.prefetch_pages, p.bulk_channels);
     return {};
 }
 
@@ -199,8 +218,10 @@ nlohmann::json Migration::query() const {
     const lazymig::Stats s = source_ ? source_->stats() : dest_->stats();
     nlohmann::json j;
     lazymig::Phase phase = s.phase;
+    Role role;
     {
         std::lock_guard lock(mu_);
+        role = role_;
         if (terminal(phase) && !finished_) phase = last_phase_;  // the VM has not acted on it yet
         j["role"] = role_ == Role::source ? "source" : "destination";
         if (error_) j["error"] = error_->message();
@@ -223,6 +244,18 @@ nlohmann::json Migration::query() const {
     const auto& l = s.fault_latency;
     j["fault-latency-us"] = {{"count", l.count}, {"p50", l.p50_us}, {"p99", l.p99_us}, {"p999", l.p999_us},
                              {"max", l.max_us}, {"mean", l.mean_us}};
+    auto histogram = nlohmann::json::array();
+    for (const auto& b : s.fault_latency_histogram) histogram.push_back({{"le-us", b.upper_us}, {"count", b.count}});
+    j["fault-latency-histogram"] = std::move(histogram);
+    j["bulk-channels"] = s.bulk_channels;
+    if (role == Role::destination) {
+        // QEMU's postcopy-blocktime, per vCPU thread as lazymig attributes it.
+        j["blocktime-ms"] = s.blocktime_ms;
+        auto vcpus = nlohmann::json::array();
+        for (const auto& v : s.vcpu_blocktime)
+            vcpus.push_back({{"name", v.name}, {"tid", v.tid}, {"faults", v.faults}, {"blocktime-ms", v.blocktime_ms}});
+        j["vcpu-blocktime"] = std::move(vcpus);
+    }
     if (!s.error.empty() && !j.contains("error")) j["error"] = s.error;
     return j;
 }

@@ -5,6 +5,7 @@
 #include <doctest/doctest.h>
 
 #include "harness.hpp"
+#include "lazymig/lazymig.hpp"
 
 using namespace vmm;
 using namespace vmm::test;
@@ -44,7 +45,11 @@ TEST_CASE("vmm/qmp/every-command") {
     CHECK(vm->execute("migrate-set-parameters", {{"max-bandwidth", 50'000'000}, {"push-batch-pages", 64}, {"prefetch-pages", 8}})
               .empty());
     auto params = vm->execute("query-migrate-parameters");
-    CHECK(params == json{{"max-bandwidth", 50'000'000}, {"push-batch-pages", 64}, {"prefetch-pages", 8}});
+    CHECK(params == json{{"max-bandwidth", 50'000'000}, {"push-batch-pages", 64}, {"prefetch-pages", 8},
+                         {"bulk-channels", lazymig::default_bulk_channels()}});
+    CHECK(error_desc(vm->call("migrate-set-parameters", {{"bulk-channels", 0}})) == "bulk-channels must be 1..16");
+    CHECK(vm->execute("migrate-set-parameters", {{"bulk-channels", 3}}).empty());
+    CHECK(vm->execute("query-migrate-parameters")["bulk-channels"] == 3);
 
     auto r = vm->call("migrate-cancel");
     CHECK(error_desc(r) == "no migration in progress");
