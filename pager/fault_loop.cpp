@@ -3,6 +3,7 @@
 // It blocks in poll() on the uffd and the stop eventfd, reads fault messages in
 // batches and, per fault:
 //   PRESENT    → the page was placed after the fault was queued: UFFDIO_WAKE.
+//   STAGED     → its bytes are in the file already (pre-copy): map it, no request.
 //   REQUESTED/PLACING → already on its way; the placement's ioctl will wake the thread.
 //   MISSING    → REQUESTED, plus up to `window` following MISSING pages, in one request.
 // The window doubles while faults walk forward through a region and falls back to one
@@ -77,14 +78,29 @@ Result<void> Pager::handle_fault(const uffd::Event& ev) {
     Region& r = regions_[ri];
     const std::uint64_t page = (ev.address - reinterpret_cast<std::uint64_t>(r.guest.host)) / r.guest.page_size;
     stats_.faults.add();
+    const std::uint32_t now = now_us();
+    // The thread waits from now until its page is present. Published before the state is
+    // read, so that a placement racing with this fault either sees the wait or is seen
+    // (blocktime.cpp); THREAD_ID missing: slot -1, nothing attributed.
+    const int slot = blocktime_->begin(ev.tid, ri, page, now);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
 
     switch (r.state.get(page)) {
     case PageState::present:
+        blocktime_->recheck(slot, ri, page, true, now);
         return uffd_.wake(r.host(page), r.guest.page_size);
+    case PageState::staged: {
+        // The bytes are here (pre-copy): map them and their staged neighbours, no network.
+        r.fault_at[page].store(now, std::memory_order_relaxed);
+        auto n = map_staged(ri, page, std::min<std::uint64_t>(prefetch_max_.load(std::memory_order_relaxed), r.pages - page));
+        if (!n) return std::unexpected(n.error());
+        if (*n == 0) blocktime_->recheck(slot, ri, page, r.state.get(page) == PageState::present, now);
+        return {};
+    }
     case PageState::requested:
     case PageState::placing: {
         std::uint32_t none = 0;  // first fault on a prefetched page starts its clock
-        r.fault_at[page].compare_exchange_strong(none, now_us(), std::memory_order_relaxed);
+        r.fault_at[page].compare_exchange_strong(none, now, std::memory_order_relaxed);
         if (int e = failpoint::check("pager_fault_in_flight", ri, page, 1))
             return sys_error("pager: failpoint pager_fault_in_flight", e);
         return {};
@@ -92,8 +108,16 @@ Result<void> Pager::handle_fault(const uffd::Event& ev) {
     case PageState::missing:
         break;
     }
-    if (!r.state.mark_requested(page)) return {};  // a push claimed it meanwhile
-    r.fault_at[page].store(now_us(), std::memory_order_relaxed);
+    if (!r.state.mark_requested(page)) {
+        // A push claimed it meanwhile (its placement ends the wait), or it was placed
+        // already: the thread may have been woken before its wait was published.
+        if (r.state.get(page) == PageState::present) {
+            blocktime_->recheck(slot, ri, page, true, now);
+            return uffd_.wake(r.host(page), r.guest.page_size);
+        }
+        return {};
+    }
+    r.fault_at[page].store(now, std::memory_order_relaxed);
 
     // Prefetch trend: forward within twice the window doubles it; anything else resets.
     if (r.last_fault != ~0ull && page > r.last_fault && page - r.last_fault <= 2ull * r.window)
