@@ -20,7 +20,9 @@
 // decides which copy of a page wins. Stats and set_* may be called from any thread.
 #pragma once
 
+#include <array>
 #include <chrono>
+#include <optional>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -30,6 +32,7 @@
 
 #include "lazymig/lazymig.hpp"
 #include "src/net/frames.hpp"
+#include "src/net/outbox.hpp"
 #include "src/net/socket.hpp"
 #include "pager/blocktime.hpp"
 #include "pager/placer.hpp"
@@ -46,9 +49,6 @@ struct PagerStats {
     Histogram fault_latency;
 };
 
-// Sends a PAGE_REQUEST on the urgent channel; called on the fault thread only.
-using RequestSink = std::function<Result<void>(const proto::PageRequest&)>;
-
 class Pager final : private PlaceObserver {
 public:
     // Opens the uffd with the features the regions need (an error names a missing one) and
@@ -61,8 +61,10 @@ public:
     Pager(const Pager&) = delete;
     Pager& operator=(const Pager&) = delete;
 
-    // Starts the fault thread. `on_error` is called once if it fails.
-    [[nodiscard]] Result<void> start(RequestSink sink, std::function<void(const Error&)> on_error);
+    // Starts the fault thread, which sends its PAGE_REQUESTs through `out` (never blocking
+    // on it) and drains `out` when it holds unsent bytes. `on_error` is called once if the
+    // thread fails. REQUIRES: `out` outlives stop().
+    [[nodiscard]] Result<void> start(net::Outbox& out, std::function<void(const Error&)> on_error);
     // Stops and joins the fault thread (idempotent).
     void stop();
 
@@ -103,6 +105,8 @@ public:
     [[nodiscard]] std::span<const GuestRegion> guest_regions() const { return guest_; }
     [[nodiscard]] PagerStats& stats() { return stats_; }
     [[nodiscard]] const PlacerCounters& placer_counters() const { return placer_->counters(); }
+    // For benchmarks: the claim chunk in pages. REQUIRES: before any placement.
+    void set_place_chunk(std::uint32_t pages) { placer_->set_chunk(pages); }
     // Names the VMM's vCPU threads for blocktime (any thread; replaces the earlier list).
     void set_vcpu_threads(std::vector<VcpuThread> threads) { blocktime_->set_names(std::move(threads)); }
     // Blocktime per faulting thread; available = false without UFFD_FEATURE_THREAD_ID.
@@ -118,6 +122,7 @@ private:
     Pager() = default;
     void fault_thread();
     Result<void> handle_fault(const uffd::Event& ev);
+    Result<void> post_request();
     // PlaceObserver: fault latency and blocktime of a run that became present.
     void placed(Region& r, std::uint32_t ri, std::uint64_t first, std::uint64_t count, std::uint32_t at_us) override;
     void add_present(std::uint64_t n);
@@ -130,7 +135,12 @@ private:
     uffd::Uffd uffd_;
     std::vector<std::byte> zero_page_;  // one zero page of the largest size: zero writes, zero huge pages
     std::function<void()> on_complete_;
-    RequestSink sink_;
+    // Fault thread only: the outbox, a request it had no room for, and the fault
+    // messages read after it that wait for it.
+    net::Outbox* outbox_ = nullptr;
+    std::optional<proto::Frame> pending_;
+    std::array<uffd::Event, 64> batch_;
+    std::size_t batch_pos_ = 0, batch_len_ = 0;
     std::function<void(const Error&)> on_error_;
     net::ShutdownEvent stop_event_;
     std::thread thread_;

@@ -135,6 +135,8 @@ public:
 
     [[nodiscard]] const PlacerCounters& counters() const { return counters_; }
     [[nodiscard]] std::uint32_t chunk() const { return chunk_; }
+    // For benchmarks: REQUIRES no placement running or started before.
+    void set_chunk(std::uint32_t pages) { chunk_ = std::clamp<std::uint32_t>(pages, 1, 1024); }
 
 private:
     enum class End { present, staged };
