@@ -7,7 +7,7 @@
 
 namespace lazymig::source {
 
-Result<void> serve_loop(net::FrameReader& reader, net::Ring& ring, int fd, std::span<const GuestRegion> regions,
+Result<void> serve_loop(net::FrameReader& reader, net::Channel& urgent, std::span<const GuestRegion> regions,
                         SentMap& sent, HintQueue& hints, SourceStats& stats, const std::function<Result<void>()>& on_resumed) {
     PageFramer framer(regions);
     bool resumed = false;
@@ -51,7 +51,7 @@ Result<void> serve_loop(net::FrameReader& reader, net::Ring& ring, int fd, std::
         std::uint64_t zeros = 0;
         std::size_t bytes = 0;
         auto iov = framer.build(req->region, req->first, req->count, &zeros, &bytes);
-        if (auto s = ring.send_all(fd, iov, "urgent channel: sending demanded pages"); !s) return s;
+        if (auto s = urgent.send(iov); !s) return s;
         std::uint64_t fresh = 0;
         for (std::uint64_t p = req->first; p < req->first + req->count; ++p) fresh += sent.mark(req->region, p);
         stats.sent_pages.add(fresh);

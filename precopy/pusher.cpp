@@ -12,12 +12,11 @@
 
 namespace lazymig::source {
 
-Result<void> Pusher::start(int fd, int shutdown_fd, std::function<void(const Error&)> on_error) {
-    fd_ = fd;
+Result<void> Pusher::start(std::vector<net::Channel*> bulk, std::function<void(const Error&)> on_error) {
+    bulk_ = std::move(bulk);
     try {
-        thread_ = std::thread([this, shutdown_fd, on_error = std::move(on_error)] {
-            auto ring = net::Ring::create(shutdown_fd);
-            Result<void> r = ring ? run(*ring) : Result<void>(std::unexpected(ring.error()));
+        thread_ = std::thread([this, on_error = std::move(on_error)] {
+            Result<void> r = run();
             if (!r && r.error().code == ECANCELED) {
                 LZ_LOG(debug, "source_push_stopped", "{}", r.error().message());
             } else if (!r) {
@@ -35,7 +34,7 @@ void Pusher::join() {
     if (thread_.joinable()) thread_.join();
 }
 
-Result<void> Pusher::send_batch(net::Ring& ring, std::uint32_t region, std::uint64_t first, std::uint32_t count) {
+Result<void> Pusher::send_batch(std::uint32_t region, std::uint64_t first, std::uint32_t count) {
     if (int e = failpoint::check("source_push_batch", region, first, count))
         return sys_error("bulk channel: failpoint source_push_batch", e);
     std::uint64_t zeros = 0;
@@ -45,10 +44,10 @@ Result<void> Pusher::send_batch(net::Ring& ring, std::uint32_t region, std::uint
         // Pacing, not synchronisation: the batch may leave when the budget allows.
         const auto now = std::chrono::steady_clock::now();
         if (next_send_ < now) next_send_ = now;
-        if (auto w = ring.wait_until(next_send_); !w) return w;
+        if (auto w = bulk_[0]->wait_until(next_send_); !w) return w;
         next_send_ += std::chrono::nanoseconds(static_cast<std::int64_t>(1e9 * double(bytes) / double(bw)));
     }
-    if (auto s = ring.send_all(fd_, iov, "bulk channel: sending pages"); !s) return s;
+    if (auto s = bulk_[0]->send(iov); !s) return s;
     stats_.pushed_pages.add(count);
     stats_.zero_pages.add(zeros);
     stats_.bytes_sent.add(bytes);
@@ -56,7 +55,7 @@ Result<void> Pusher::send_batch(net::Ring& ring, std::uint32_t region, std::uint
 }
 
 // Sends every unsent page of [from, to), in batches of consecutive unsent pages.
-Result<void> Pusher::push_range(net::Ring& ring, std::uint32_t region, std::uint64_t from, std::uint64_t to) {
+Result<void> Pusher::push_range(std::uint32_t region, std::uint64_t from, std::uint64_t to) {
     const std::uint32_t limit = std::clamp<std::uint32_t>(config_.batch_pages->load(std::memory_order_relaxed), 1,
                                                           proto::kMaxPagesPerFrame);
     const std::size_t ps = regions_[region].page_size;
@@ -71,13 +70,13 @@ Result<void> Pusher::push_range(net::Ring& ring, std::uint32_t region, std::uint
         std::uint32_t count = 1;
         while (count < max_pages && p + count < to && sent_.mark(region, p + count)) ++count;
         stats_.sent_pages.add(count);
-        if (auto r = send_batch(ring, region, p, count); !r) return r;
+        if (auto r = send_batch(region, p, count); !r) return r;
         p += count;
     }
     return {};
 }
 
-Result<void> Pusher::run(net::Ring& ring) {
+Result<void> Pusher::run() {
     LZ_LOG(info, "source_push_start", "regions={}", regions_.size());
     for (std::uint32_t region = 0; region < regions_.size(); ++region) {
         const std::uint64_t pages = regions_[region].size / regions_[region].page_size;
@@ -88,17 +87,18 @@ Result<void> Pusher::run(net::Ring& ring) {
             if (hints_.pop(&hr, &hp)) {
                 const std::uint64_t hpages = regions_[hr].size / regions_[hr].page_size;
                 const std::uint64_t span = config_.batch_pages->load(std::memory_order_relaxed);
-                if (auto r = push_range(ring, hr, hp, std::min(hpages, hp + span)); !r) return r;
-                if (auto r = push_range(ring, hr, hp > span ? hp - span : 0, hp); !r) return r;
+                if (auto r = push_range(hr, hp, std::min(hpages, hp + span)); !r) return r;
+                if (auto r = push_range(hr, hp > span ? hp - span : 0, hp); !r) return r;
                 continue;
             }
             const std::uint64_t end = std::min<std::uint64_t>(pages, cursor + proto::kMaxPagesPerFrame);
-            if (auto r = push_range(ring, region, cursor, end); !r) return r;
+            if (auto r = push_range(region, cursor, end); !r) return r;
             cursor = end;
         }
     }
     auto done = proto::encode_empty(proto::Type::push_done);
-    if (auto s = net::send_frame(ring, fd_, done, "bulk channel: PUSH_DONE"); !s) return s;
+    for (auto* c : bulk_)
+        if (auto s = net::send_frame(*c, done); !s) return s;
     LZ_LOG(info, "source_push_done", "pushed={} zero={}", stats_.pushed_pages.get(), stats_.zero_pages.get());
     return {};
 }

@@ -93,14 +93,14 @@ public:
            PushConfig config)
         : regions_(regions), sent_(sent), hints_(hints), stats_(stats), config_(config), framer_(regions) {}
     ~Pusher() { join(); }
-    // Starts sending on `fd`; `on_error` is called once if pushing fails.
-    [[nodiscard]] Result<void> start(int fd, int shutdown_fd, std::function<void(const Error&)> on_error);
+    // Starts sending on the bulk channels; `on_error` is called once if pushing fails.
+    [[nodiscard]] Result<void> start(std::vector<net::Channel*> bulk, std::function<void(const Error&)> on_error);
     void join();
 
 private:
-    Result<void> run(net::Ring& ring);
-    Result<void> push_range(net::Ring& ring, std::uint32_t region, std::uint64_t from, std::uint64_t to);
-    Result<void> send_batch(net::Ring& ring, std::uint32_t region, std::uint64_t first, std::uint32_t count);
+    Result<void> run();
+    Result<void> push_range(std::uint32_t region, std::uint64_t from, std::uint64_t to);
+    Result<void> send_batch(std::uint32_t region, std::uint64_t first, std::uint32_t count);
 
     std::span<const GuestRegion> regions_;
     SentMap& sent_;
@@ -108,7 +108,7 @@ private:
     SourceStats& stats_;
     PushConfig config_;
     PageFramer framer_;
-    int fd_ = -1;
+    std::vector<net::Channel*> bulk_;
     std::thread thread_;
     std::chrono::steady_clock::time_point next_send_{};
 };
@@ -119,7 +119,7 @@ private:
 // arrives here (a VMM thread can touch guest RAM before the vCPUs run), so RESUMED is
 // just one more frame, reported through `on_resumed` (which starts the pusher), and
 // must precede COMPLETE.
-[[nodiscard]] Result<void> serve_loop(net::FrameReader& reader, net::Ring& ring, int fd,
+[[nodiscard]] Result<void> serve_loop(net::FrameReader& reader, net::Channel& urgent,
                                       std::span<const GuestRegion> regions, SentMap& sent, HintQueue& hints,
                                       SourceStats& stats, const std::function<Result<void>()>& on_resumed);
 

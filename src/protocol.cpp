@@ -73,7 +73,7 @@ public:
         auto n = num<std::uint32_t>();
         if (!n) return std::unexpected(n.error());
         if (*n > max)
-            return logic_error(fmt::format("{}: string of {} bytes at offset {} exceeds {}",
+            return peer_violation(fmt::format("{}: string of {} bytes at offset {} exceeds {}",
                                            to_string(type_), *n, pos_ - 4, max));
         if (auto r = need(*n); !r) return std::unexpected(r.error());
         std::string s(reinterpret_cast<const char*>(in_.data() + pos_), *n);
@@ -82,7 +82,7 @@ public:
     }
     Result<void> done() const {
         if (pos_ != in_.size())
-            return logic_error(fmt::format("{}: {} unexpected trailing bytes", to_string(type_),
+            return peer_violation(fmt::format("{}: {} unexpected trailing bytes", to_string(type_),
                                            in_.size() - pos_));
         return {};
     }
@@ -90,7 +90,7 @@ public:
 private:
     Result<void> need(std::size_t n) const {
         if (in_.size() - pos_ < n)
-            return logic_error(fmt::format("{}: truncated: need {} bytes at offset {}, have {}",
+            return peer_violation(fmt::format("{}: truncated: need {} bytes at offset {}, have {}",
                                            to_string(type_), n, pos_, in_.size() - pos_));
         return {};
     }
@@ -145,20 +145,20 @@ std::string_view to_string(Channel c) noexcept {
 Result<Header> parse_header(std::span<const std::byte, kHeaderSize> raw, std::string_view where) noexcept {
     const auto magic = get<std::uint32_t>(raw.data());
     if (magic != kMagic)
-        return logic_error(fmt::format("{}: not a lazymig frame: magic {:#010x}, expected {:#010x}",
+        return peer_violation(fmt::format("{}: not a lazymig frame: magic {:#010x}, expected {:#010x}",
                                        where, magic, kMagic));
     const auto type = static_cast<std::uint8_t>(raw[4]);
     if (type == 0 || type > kTypeLast)
-        return logic_error(fmt::format("{}: unknown message type {}", where, type));
+        return peer_violation(fmt::format("{}: unknown message type {}", where, type));
     const auto flags = static_cast<std::uint8_t>(raw[5]);
     const auto reserved = get<std::uint16_t>(raw.data() + 6);
     if (flags != 0 || reserved != 0)
-        return logic_error(fmt::format("{}: {} frame has reserved bits set (flags {:#x}, reserved {:#x})",
+        return peer_violation(fmt::format("{}: {} frame has reserved bits set (flags {:#x}, reserved {:#x})",
                                        where, to_string(Type{type}), flags, reserved));
     Header h{.type = Type{type}, .length = get<std::uint32_t>(raw.data() + 8),
              .checksum = get<std::uint32_t>(raw.data() + 12)};
     if (h.length > max_payload(h.type))
-        return logic_error(fmt::format("{}: {} frame of {} bytes exceeds the limit of {}", where,
+        return peer_violation(fmt::format("{}: {} frame of {} bytes exceeds the limit of {}", where,
                                        to_string(h.type), h.length, max_payload(h.type)));
     return h;
 }
@@ -193,9 +193,50 @@ std::uint32_t pages_checksum(std::span<const std::byte, kHeaderSize> header, std
     return c;
 }
 
+// Public enums are translated to and from their wire values, never cast: the API may
+// renumber or grow without changing what the wire says.
+namespace {
+
+std::uint8_t wire_mode(Mode m) {
+    switch (m) {
+    case Mode::postcopy: return 1;
+    case Mode::precopy: return 2;
+    case Mode::hybrid: return 3;
+    case Mode::invalid: break;
+    }
+    return 0;
+}
+Mode mode_of_wire(std::uint8_t v) {
+    switch (v) {
+    case 1: return Mode::postcopy;
+    case 2: return Mode::precopy;
+    case 3: return Mode::hybrid;
+    default: return Mode::invalid;
+    }
+}
+std::uint8_t wire_backing(Backing b) {
+    switch (b) {
+    case Backing::anon: return 1;
+    case Backing::memfd: return 2;
+    case Backing::hugetlbfs: return 3;
+    case Backing::invalid: break;
+    }
+    return 0;
+}
+Backing backing_of_wire(std::uint8_t v) {
+    switch (v) {
+    case 1: return Backing::anon;
+    case 2: return Backing::memfd;
+    case 3: return Backing::hugetlbfs;
+    default: return Backing::invalid;
+    }
+}
+
+}  // namespace
+
 Frame encode(const Hello& m) {
     return Writer(Type::hello).num(m.version).num(static_cast<std::uint8_t>(m.channel))
-        .num(static_cast<std::uint8_t>(m.mode)).num<std::uint16_t>(0).num(m.session).finish();
+        .num(wire_mode(m.mode)).num(m.index).num(m.bulk_channels).num(m.session).finish();
 }
 Frame encode(const HelloAck& m) { return Writer(Type::hello_ack).num(m.version).finish(); }
 Frame encode(const ErrorMsg& m) { return Writer(Type::error).num(m.code).str(m.text).finish(); }
@@ -207,7 +248,7 @@ Frame encode(const RegionTable& m) {
     Writer w(Type::region_table);
     w.num(static_cast<std::uint32_t>(m.regions.size()));
     for (const auto& r : m.regions)
-        w.str(r.name).num(r.size).num(r.page_size).num(static_cast<std::uint8_t>(r.backing));
+        w.str(r.name).num(r.size).num(r.page_size).num(wire_backing(r.backing));
     return w.finish();
 }
 Frame encode_empty(Type type) { return Writer(type).finish(); }
@@ -218,24 +259,30 @@ Result<Hello> decode_hello(std::span<const std::byte> payload) {
     // fields, so check it before anything else and name both versions.
     LZ_TRY(version, r.num<std::uint32_t>());
     if (version != kVersion)
-        return logic_error(fmt::format("peer speaks protocol version {}, this side speaks {}",
+        return peer_violation(fmt::format("peer speaks protocol version {}, this side speaks {}",
                                        version, kVersion));
     LZ_TRY(channel, r.num<std::uint8_t>());
     LZ_TRY(mode, r.num<std::uint8_t>());
-    LZ_TRY(reserved, r.num<std::uint16_t>());
+    LZ_TRY(index, r.num<std::uint8_t>());
+    LZ_TRY(bulk_channels, r.num<std::uint8_t>());
     LZ_TRY(session, r.num<std::uint64_t>());
     if (auto d = r.done(); !d) return std::unexpected(d.error());
-    if (channel == 0 || channel > 2) return logic_error(fmt::format("HELLO: unknown channel {}", channel));
-    if (mode == 0 || mode > 3) return logic_error(fmt::format("HELLO: unknown mode {}", mode));
-    if (reserved != 0) return logic_error("HELLO: reserved field is not zero");
-    return Hello{version, Channel{channel}, Mode{mode}, session};
+    if (channel == 0 || channel > 2) return peer_violation(fmt::format("HELLO: unknown channel {}", channel));
+    if (mode_of_wire(mode) == Mode::invalid) return peer_violation(fmt::format("HELLO: unknown mode {}", mode));
+    if (bulk_channels == 0 || bulk_channels > kMaxBulkChannels)
+        return peer_violation(fmt::format("HELLO: {} bulk channels (expected 1 to {})", bulk_channels, kMaxBulkChannels));
+    if (Channel{channel} == Channel::urgent && index != 0)
+        return peer_violation(fmt::format("HELLO: urgent channel with index {} (expected 0)", index));
+    if (index >= bulk_channels)
+        return peer_violation(fmt::format("HELLO: bulk channel index {} of {}", index, bulk_channels));
+    return Hello{version, Channel{channel}, mode_of_wire(mode), index, bulk_channels, session};
 }
 
 Result<HelloAck> decode_hello_ack(std::span<const std::byte> payload) {
     Reader r(payload, Type::hello_ack);
     LZ_TRY(version, r.num<std::uint32_t>());
     if (version != kVersion)
-        return logic_error(fmt::format("peer speaks protocol version {}, this side speaks {}",
+        return peer_violation(fmt::format("peer speaks protocol version {}, this side speaks {}",
                                        version, kVersion));
     if (auto d = r.done(); !d) return std::unexpected(d.error());
     return HelloAck{version};
@@ -253,16 +300,16 @@ Result<RegionTable> decode_region_table(std::span<const std::byte> payload) {
     Reader r(payload, Type::region_table);
     LZ_TRY(count, r.num<std::uint32_t>());
     if (count == 0 || count > 64)
-        return logic_error(fmt::format("REGION_TABLE: {} regions (expected 1 to 64)", count));
+        return peer_violation(fmt::format("REGION_TABLE: {} regions (expected 1 to 64)", count));
     RegionTable t;
     for (std::uint32_t i = 0; i < count; ++i) {
         LZ_TRY(name, r.str(255));
         LZ_TRY(size, r.num<std::uint64_t>());
         LZ_TRY(page_size, r.num<std::uint32_t>());
         LZ_TRY(backing, r.num<std::uint8_t>());
-        if (backing == 0 || backing > 3)
-            return logic_error(fmt::format("REGION_TABLE: region {} '{}' has unknown backing {}", i, name, backing));
-        t.regions.push_back({std::move(name), size, page_size, Backing{backing}});
+        if (backing_of_wire(backing) == Backing::invalid)
+            return peer_violation(fmt::format("REGION_TABLE: region {} '{}' has unknown backing {}", i, name, backing));
+        t.regions.push_back({std::move(name), size, page_size, backing_of_wire(backing)});
     }
     if (auto d = r.done(); !d) return std::unexpected(d.error());
     return t;
@@ -275,7 +322,7 @@ Result<PageRequest> decode_page_request(std::span<const std::byte> payload) {
     LZ_TRY(first, r.num<std::uint64_t>());
     if (auto d = r.done(); !d) return std::unexpected(d.error());
     if (count == 0 || count > kMaxPagesPerFrame)
-        return logic_error(fmt::format("PAGE_REQUEST: count {} (expected 1 to {})", count, kMaxPagesPerFrame));
+        return peer_violation(fmt::format("PAGE_REQUEST: count {} (expected 1 to {})", count, kMaxPagesPerFrame));
     return PageRequest{region, count, first};
 }
 
@@ -288,19 +335,19 @@ RegionTable region_table_of(std::span<const GuestRegion> regions) {
 
 Result<void> check_region_table(const RegionTable& theirs, std::span<const GuestRegion> ours) {
     if (theirs.regions.size() != ours.size())
-        return logic_error(fmt::format("region table mismatch: the source has {} regions, this side {}",
+        return peer_violation(fmt::format("region table mismatch: the source has {} regions, this side {}",
                                        theirs.regions.size(), ours.size()));
     for (std::size_t i = 0; i < ours.size(); ++i) {
         const auto& t = theirs.regions[i];
         const auto& o = ours[i];
         if (t.name != o.name)
-            return logic_error(fmt::format("region table mismatch: region {} is '{}' here, '{}' at the source",
+            return peer_violation(fmt::format("region table mismatch: region {} is '{}' here, '{}' at the source",
                                            i, o.name, t.name));
         if (t.size != o.size)
-            return logic_error(fmt::format("region table mismatch: region {} '{}': size {} here, {} at the source",
+            return peer_violation(fmt::format("region table mismatch: region {} '{}': size {} here, {} at the source",
                                            i, o.name, o.size, t.size));
         if (t.page_size != o.page_size)
-            return logic_error(fmt::format("region table mismatch: region {} '{}': page size {} here, {} at the source",
+            return peer_violation(fmt::format("region table mismatch: region {} '{}': page size {} here, {} at the source",
                                            i, o.name, o.page_size, t.page_size));
     }
     return {};
@@ -335,7 +382,7 @@ Result<PagesMeta> decode_pages_fixed(std::span<const std::byte, kPagesMetaFixed>
     m.count = get<std::uint32_t>(raw.data() + 4);
     m.first = get<std::uint64_t>(raw.data() + 8);
     if (m.count == 0 || m.count > kMaxPagesPerFrame)
-        return logic_error(fmt::format("{}: PAGES frame with {} pages (expected 1 to {})", where,
+        return peer_violation(fmt::format("{}: PAGES frame with {} pages (expected 1 to {})", where,
                                        m.count, kMaxPagesPerFrame));
     return m;
 }
@@ -345,11 +392,11 @@ Result<void> check_pages_length(const PagesMeta& meta, std::uint32_t length, std
     // Bits past `count` in the bitmap's last byte are padding and must be zero: a frame
     // that sets them means something this version does not understand.
     if (meta.count % 8 && (meta.zero[meta.count / 8] >> (meta.count % 8)) != 0)
-        return logic_error(fmt::format("{}: PAGES frame for {} pages sets zero-bitmap padding bits ({:#04x} in its "
+        return peer_violation(fmt::format("{}: PAGES frame for {} pages sets zero-bitmap padding bits ({:#04x} in its "
                                        "last bitmap byte)", where, meta.count, meta.zero[meta.count / 8]));
     const std::size_t want = meta.meta_bytes() + std::size_t(meta.nonzero_pages()) * page_size;
     if (want != length)
-        return logic_error(fmt::format("{}: PAGES frame length {} does not match {} pages ({} non-zero) "
+        return peer_violation(fmt::format("{}: PAGES frame length {} does not match {} pages ({} non-zero) "
                                        "of {} bytes (expected {})", where, length, meta.count,
                                        meta.nonzero_pages(), page_size, want));
     return {};

@@ -1,14 +1,15 @@
-// protocol.hpp — the lazymig wire protocol, version 1. The only file that knows bytes.
+// protocol.hpp — the lazymig wire protocol, version 2. The only file that knows bytes.
 //
-// Two TCP connections per migration, both opened by the source:
+// 1 + N channels per migration, all opened by the source (the Transport, src/net/channel.hpp):
 //   urgent: handshake, region table, switchover, demand requests and their replies,
 //           completion. Small frames; TCP_NODELAY. Demand replies never queue behind bulk.
-//   bulk:   pushed pages, in large frames.
+//   bulk i: pushed pages, in large frames; N channels (1..kMaxBulkChannels), each
+//           carrying the pages of its own share of guest RAM, each ending with PUSH_DONE.
 //
 //   source                                  destination (listening)
-//   ─ urgent ─ HELLO{v, urgent, session} ──►
-//            ◄── HELLO_ACK{v}             (or ERROR "peer speaks version 7, we speak 1")
-//   ─ bulk ─── HELLO{v, bulk, session} ───►
+//   ─ urgent ─ HELLO{v, urgent, 0, N, session} ──►
+//            ◄── HELLO_ACK{v}             (or ERROR "peer speaks version 7, we speak 2")
+//   ─ bulk i ─ HELLO{v, bulk, i, N, session} ───►   for i in 0..N-1, in any order
 //            ◄── HELLO_ACK{v}
 //   ─ urgent ─ REGION_TABLE ─────────────►  compared with the destination's own regions
 //            ◄── REGION_ACK               (or ERROR naming the first mismatch)
@@ -17,7 +18,7 @@
 //            ◄── RESUMED                  downtime = pause .. RESUMED
 //            ◄── PAGE_REQUEST{r, first, n}   (a fault, plus a prefetch window)
 //   ─ urgent ─ PAGES{r, first, n, zero bitmap, data} ─►
-//   ─ bulk ─── PAGES ... PAGES, PUSH_DONE ─►
+//   ─ bulk i ─ PAGES ... PAGES, PUSH_DONE ─►
 //            ◄── COMPLETE                 every page present; both sides close
 //   Either side may send ERROR{code, text} before closing on a fatal problem.
 //
@@ -49,7 +50,8 @@
 namespace lazymig::proto {
 
 inline constexpr std::uint32_t kMagic = 0x474D5A4C;  // "LZMG" as little-endian bytes
-inline constexpr std::uint32_t kVersion = 1;
+inline constexpr std::uint32_t kVersion = 2;  // 2: HELLO carries the bulk channel index and count
+inline constexpr std::uint8_t kMaxBulkChannels = 16;
 inline constexpr std::size_t kHeaderSize = 16;
 inline constexpr std::size_t kMaxControlPayload = 1u << 20;       // all but DEVICE_STATE, PAGES
 inline constexpr std::size_t kMaxDeviceState = 256u << 20;
@@ -99,10 +101,13 @@ void write_header(std::span<std::byte, kHeaderSize> out, Type type, std::uint32_
 void set_checksum(std::span<std::byte, kHeaderSize> header, std::uint32_t checksum) noexcept;
 
 // ─── control messages ───────────────────────────────────────────────────────────────
+// HELLO payload: u32 version | u8 channel | u8 mode | u8 index | u8 bulk_channels | u64 session
 struct Hello {
     std::uint32_t version = kVersion;
     Channel channel = Channel::invalid;
     Mode mode = Mode::invalid;
+    std::uint8_t index = 0;          // bulk: which of the N bulk channels; urgent: 0
+    std::uint8_t bulk_channels = 1;  // N, the same on every channel of a migration
     std::uint64_t session = 0;
 };
 struct HelloAck {

@@ -16,14 +16,34 @@ struct lazymig_destination {
 namespace {
 
 thread_local std::string g_last_error;
+thread_local int g_last_class = 0;
 
+int c_class(lazymig::ErrorClass k) {
+    switch (k) {
+    case lazymig::ErrorClass::local: return LAZYMIG_ERROR_LOCAL;
+    case lazymig::ErrorClass::transport_lost: return LAZYMIG_ERROR_TRANSPORT_LOST;
+    case lazymig::ErrorClass::peer_violation: return LAZYMIG_ERROR_PEER_VIOLATION;
+    case lazymig::ErrorClass::invalid: break;
+    }
+    return LAZYMIG_ERROR_LOCAL;
+}
+
+// The errno of the failing call when there was one; otherwise one that says the class:
+// a broken link is never reported as EINVAL.
 int fail(const lazymig::Error& e) {
     g_last_error = e.message();
-    return e.code > 0 ? -e.code : -EINVAL;
+    g_last_class = c_class(e.kind);
+    if (e.code > 0) return -e.code;
+    switch (e.kind) {
+    case lazymig::ErrorClass::transport_lost: return -ECONNRESET;
+    case lazymig::ErrorClass::peer_violation: return -EPROTO;
+    default: return -EINVAL;
+    }
 }
 
 int fail_text(const char* text, int code = EINVAL) {
     g_last_error = text;
+    g_last_class = LAZYMIG_ERROR_LOCAL;
     return -code;
 }
 
@@ -99,6 +119,8 @@ void to_c(const lazymig::Stats& s, lazymig_stats* o) {
     o->fault_max_us = s.fault_latency.max_us;
     o->pages_missing = s.pages_missing;
     o->destination_resumed = s.destination_resumed ? 1 : 0;
+    o->blocktime_ms = s.blocktime_ms;
+    o->bulk_channels = s.bulk_channels;
 }
 
 }  // namespace
@@ -134,6 +156,27 @@ int lazymig_source_wait(lazymig_source* src) {
 }
 
 void lazymig_source_cancel(lazymig_source* src) { src->impl->cancel(); }
+
+int lazymig_last_error_class(void) { return g_last_class; }
+
+int lazymig_source_set_bulk_channels(lazymig_source* src, unsigned channels) {
+    if (channels == 0 || channels > 16) return fail_text("lazymig_source_set_bulk_channels: channels must be 1 to 16");
+    lazymig::Parameters p;
+    p.bulk_channels = channels;
+    src->impl->set_parameters(p);
+    return 0;
+}
+
+int lazymig_destination_set_vcpu_threads(lazymig_destination* dst, const int* tids, const char* const* names,
+                                         size_t count) {
+    return guarded([&] {
+        std::vector<lazymig::VcpuThread> v;
+        for (size_t i = 0; i < count; ++i)
+            v.push_back({.tid = tids[i], .name = names && names[i] ? names[i] : ""});
+        dst->impl->set_vcpu_threads(std::move(v));
+        return 0;
+    });
+}
 
 int lazymig_source_set_max_bandwidth(lazymig_source* src, uint64_t bps) {
     lazymig::Parameters p;

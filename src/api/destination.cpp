@@ -1,39 +1,46 @@
 // The destination endpoint: listen, hand over, run post-copy until every page is here.
 //
-// Threads: the session thread (accepts, handshakes, loads device state, resumes the
-// VM, then receives the urgent channel), the bulk receiver, and the pager's fault
-// thread. One shutdown eventfd stops all three; the first error wins.
+// Threads: the session thread (accepts the channels, handshakes, loads device state,
+// resumes the VM, then receives and places the urgent channel's demand replies), one
+// receiver per bulk channel, and the pager's fault thread. One shutdown eventfd stops
+// them all; the first error wins. Phases follow src/session_phase.hpp.
 //
-// Small frames the destination sends on the urgent channel (acks, PAGE_REQUEST from
-// the fault thread, COMPLETE from whichever thread placed the last page) go out with
-// one blocking send(2) under a mutex: three threads send them, each is tens of bytes
-// that the socket buffer takes at once, and a ring per sending thread would cost more
-// than it saves. Everything received, and all page data, moves through io_uring.
-#include <sys/socket.h>
+// Every frame the destination sends goes out on the urgent channel through one Outbox
+// (src/net/outbox.hpp): PAGE_REQUEST from the fault thread never blocks there; acks,
+// RESUMED and COMPLETE from the other threads wait (with a deadline) until sent.
 
 #include <fmt/format.h>
 
 #include "pager/pager.hpp"
 #include "src/api/session.hpp"
+#include "src/net/channel.hpp"
 #include "src/net/frames.hpp"
+#include "src/net/outbox.hpp"
 #include "src/net/socket.hpp"
 
 namespace lazymig {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+// How long a small frame may wait for the peer's window, and a bulk channel for its
+// connection after the urgent one: past either the link is taken as lost.
+constexpr std::chrono::milliseconds kSendTimeout{10'000};
+constexpr std::chrono::milliseconds kChannelTimeout{30'000};
 
 class DestinationImpl final : public Destination {
 public:
-    DestinationImpl(DestinationConfig config, std::unique_ptr<pager::Pager> pager, net::Fd listener,
-                    net::Endpoint local, net::ShutdownEvent stop)
-        : cfg_(std::move(config)), pager_(std::move(pager)), listener_(std::move(listener)),
-          local_(std::move(local)), stop_(std::move(stop)), state_(cfg_.hooks, "destination") {}
+    DestinationImpl(DestinationConfig config, std::unique_ptr<pager::Pager> pager,
+                    std::unique_ptr<net::Transport> transport, net::ShutdownEvent stop)
+        : cfg_(std::move(config)), pager_(std::move(pager)), transport_(std::move(transport)),
+          local_uri_(transport_->local_uri()), stop_(std::move(stop)), state_(cfg_.hooks, "destination") {}
 
     Result<void> start() {
         pager_->on_complete([this] { maybe_send_complete(); });
         try {
-            thread_ = std::thread([this] { session(); });
+            thread_ = std::thread([this] {
+                api::SessionState::current = this;
+                session();
+            });
         } catch (const std::system_error& e) {
             return sys_error("destination: starting the session thread", e.code().value());
         }
@@ -45,22 +52,22 @@ public:
         join();
     }
 
-    std::string local_uri() const override { return local_.uri(); }
+    std::string local_uri() const override { return local_uri_; }
 
-    void set_vcpu_threads(std::vector<VcpuThread> threads) override {
-        std::lock_guard lock(vcpu_mu_);
-        vcpus_ = std::move(threads);
-    }
+    void set_vcpu_threads(std::vector<VcpuThread> threads) override { pager_->set_vcpu_threads(std::move(threads)); }
 
     Result<void> wait() override {
+        if (api::SessionState::current == this)
+            return std::unexpected(Error{EDEADLK, "destination: wait() called from a hook on the migration's own thread"});
         join();
         if (auto e = state_.error()) return std::unexpected(*e);
         return {};
     }
 
+    // From a hook on the session's own thread this only requests the stop.
     void cancel() override {
         fail(Error{ECANCELED, "destination: migration cancelled"});
-        join();
+        if (api::SessionState::current != this) join();
     }
 
     void set_parameters(const Parameters& p) override { pager_->set_prefetch(p.prefetch_pages); }
@@ -78,7 +85,8 @@ public:
         s.duplicate_pages = ps.duplicate.get();
         s.faults = ps.faults.get();
         s.requests = ps.requests.get();
-        s.bytes_received = bytes_received_.load();
+        s.bytes_received = bytes_received();
+        s.bulk_channels = bulk_count_.load();
         s.device_state_bytes = device_bytes_.load();
         s.fault_latency = ps.fault_latency.summary();
         if (accepted_) s.elapsed_ms = state_.elapsed_ms(accepted_at_);
@@ -94,7 +102,14 @@ private:
     void join() {
         std::lock_guard lock(join_mu_);
         if (thread_.joinable()) thread_.join();
-        if (bulk_thread_.joinable()) bulk_thread_.join();
+    }
+
+    // Live: each channel counts what it received (the channels exist from accept on).
+    std::uint64_t bytes_received() const {
+        if (!channels_ready_.load(std::memory_order_acquire)) return 0;
+        std::uint64_t n = urgent_ ? urgent_->bytes_received() : 0;
+        for (const auto& c : bulk_) n += c->bytes_received();
+        return n;
     }
 
     // The first error stops every thread. Once every page is present nothing can fail
@@ -109,14 +124,7 @@ private:
     }
 
     Result<void> send_small(const proto::Frame& f, std::string_view what) {
-        std::lock_guard lock(urgent_mu_);
-        std::size_t off = 0;
-        while (off < f.size()) {
-            const ssize_t n = ::send(urgent_.get(), f.data() + off, f.size() - off, MSG_NOSIGNAL);
-            if (n < 0 && errno == EINTR) continue;
-            if (n < 0) return sys_error(fmt::format("urgent channel: sending {}", what));
-            off += static_cast<std::size_t>(n);
-        }
+        if (auto r = outbox_->post_and_flush(f, kSendTimeout); !r) return std::unexpected(r.error().wrap(fmt::format("sending {}", what)));
         return {};
     }
 
@@ -132,8 +140,9 @@ private:
         auto r = run();
         if (!r) fail(r.error());
         pager_->stop();
-        stop_.signal();  // the bulk receiver ends on EOF after success; make sure either way
-        if (bulk_thread_.joinable()) bulk_thread_.join();
+        stop_.signal();  // the bulk receivers end on EOF after success; make sure either way
+        for (auto& t : bulk_threads_)
+            if (t.joinable()) t.join();
         if (pager_->complete()) {
             // Every page arrived verified: the VM is whole here whatever else happened.
             state_.forget_error();
@@ -169,30 +178,20 @@ private:
     }
 
     Result<void> run() {
-        auto ring = net::Ring::create(stop_.fd());
-        if (!ring) return std::unexpected(ring.error());
-        auto urgent = net::accept_tcp(listener_.get(), stop_.fd(), std::chrono::milliseconds(-1));
+        auto urgent = transport_->accept("urgent channel", std::chrono::milliseconds(-1), true);
         if (!urgent) return std::unexpected(urgent.error().wrap("destination: urgent channel"));
-        if (auto r = net::set_nodelay(urgent->get()); !r) return r;
         urgent_ = std::move(*urgent);
+        outbox_.emplace(*urgent_, stop_.fd());
         accepted_at_ = Clock::now();
         accepted_ = true;
         state_.set_phase(Phase::setup);
-        const std::string uwhere = "urgent channel from the source";
-        net::FrameReader ureader(*ring, urgent_.get(), uwhere);
-        auto hello = accept_hello(ureader, proto::Channel::urgent,
-                                  [&](const proto::Frame& f) { return send_small(f, "handshake reply"); });
+        net::FrameReader ureader(*urgent_);
+        const std::string& uwhere = ureader.where();
+        auto hello = accept_hello(ureader, proto::Channel::urgent);
         if (!hello) return std::unexpected(hello.error());
         session_id_ = hello->session;
         mode_ = hello->mode;
-
-        auto bulk = net::accept_tcp(listener_.get(), stop_.fd(), std::chrono::milliseconds(30'000));
-        if (!bulk) return std::unexpected(bulk.error().wrap("destination: bulk channel"));
-        bulk_ = std::move(*bulk);
-        listener_.reset();
-        bulk_thread_ = std::thread([this] {
-            if (auto r = receive_bulk(); !r) fail(r.error());
-        });
+        if (auto r = accept_bulk(hello->bulk_channels); !r) return r;
 
         auto table_raw = ureader.expect(proto::Type::region_table);
         if (!table_raw) return std::unexpected(table_raw.error());
@@ -207,10 +206,7 @@ private:
         device_bytes_ = dev->size();
         if (cfg_.hooks.load_device_state)
             if (auto l = cfg_.hooks.load_device_state(*dev); !l) return refuse(l.error().wrap("load_device_state"));
-        if (auto s = pager_->start([this](const proto::PageRequest& req) { return send_small(proto::encode(req), "PAGE_REQUEST"); },
-                                   [this](const Error& e) { fail(e); });
-            !s)
-            return s;
+        if (auto s = pager_->start(*outbox_, [this](const Error& e) { fail(e); }); !s) return s;
         cfg_.hooks.resume_vcpus();
         resumed_at_ = Clock::now();
         resumed_ = true;
@@ -221,38 +217,75 @@ private:
 
         auto r = pager::receive_loop(ureader, *pager_, true, [&](const proto::Header& h, std::vector<std::byte> p) -> Result<bool> {
             if (h.type == proto::Type::error) return std::unexpected(net::peer_error(p, uwhere));
-            return logic_error(fmt::format("{}: unexpected {} during post-copy", uwhere, proto::to_string(h.type)));
+            return peer_violation(fmt::format("{}: unexpected {} during post-copy", uwhere, proto::to_string(h.type)));
         });
-        bytes_received_ += ureader.bytes_read();
         if (!r) return r;
         if (!pager_->complete())
-            return sys_error(fmt::format("{}: the source closed the connection", uwhere), ECONNRESET);
+            return transport_error(fmt::format("{}: the source closed the connection", uwhere), ECONNRESET);
         return {};
     }
 
-    using Reply = std::function<Result<void>(const proto::Frame&)>;
-    Result<proto::Hello> accept_hello(net::FrameReader& reader, proto::Channel want, const Reply& send_on) {
+    // Accepts the N bulk channels the urgent HELLO announced, in whatever order they
+    // arrive, and starts a receiver for each. The listener closes after the last.
+    Result<void> accept_bulk(std::uint32_t count) {
+        bulk_count_ = count;
+        std::vector<std::unique_ptr<net::Channel>> by_index(count);
+        std::vector<std::unique_ptr<net::FrameReader>> readers(count);
+        for (std::uint32_t n = 0; n < count; ++n) {
+            auto ch = transport_->accept("bulk channel", kChannelTimeout, false);
+            if (!ch) return std::unexpected(ch.error().wrap(fmt::format("destination: bulk channel {} of {}", n + 1, count)));
+            auto reader = std::make_unique<net::FrameReader>(**ch);
+            auto hello = accept_hello(*reader, proto::Channel::bulk, count);
+            if (!hello) return std::unexpected(hello.error());
+            if (by_index[hello->index]) {
+                auto e = Error{0, fmt::format("{}: a second bulk channel {}", reader->where(), hello->index),
+                               ErrorClass::peer_violation};
+                return std::unexpected(e);
+            }
+            by_index[hello->index] = std::move(*ch);
+            readers[hello->index] = std::move(reader);
+        }
+        transport_->close_listener();
+        bulk_ = std::move(by_index);
+        channels_ready_.store(true, std::memory_order_release);
+        for (std::uint32_t i = 0; i < count; ++i) {
+            try {
+                bulk_threads_.emplace_back([this, reader = std::shared_ptr<net::FrameReader>(std::move(readers[i]))] {
+                    if (auto r = receive_bulk(*reader); !r) fail(r.error());
+                });
+            } catch (const std::system_error& e) {
+                return sys_error(fmt::format("destination: starting the receiver of bulk channel {}", i), e.code().value());
+            }
+        }
+        return {};
+    }
+
+    // Reads a channel's HELLO and answers it on the same channel.
+    Result<proto::Hello> accept_hello(net::FrameReader& reader, proto::Channel want, std::uint32_t bulk_count = 0) {
         auto raw = reader.expect(proto::Type::hello);
         if (!raw) return std::unexpected(raw.error());
+        auto refuse_here = [&](Error e) -> Result<proto::Hello> {
+            (void)net::send_frame(reader.channel(), proto::encode(proto::ErrorMsg{0, e.context}));
+            e.kind = ErrorClass::peer_violation;
+            return std::unexpected(std::move(e));
+        };
         auto hello = proto::decode_hello(*raw);
         if (!hello) {
             auto e = hello.error().wrap(reader.where());
-            (void)send_on(proto::encode(proto::ErrorMsg{0, hello.error().context}));
+            (void)net::send_frame(reader.channel(), proto::encode(proto::ErrorMsg{0, hello.error().context}));
             return std::unexpected(e);
         }
-        if (hello->channel != want) {
-            auto e = Error{0, fmt::format("{}: HELLO for the {} channel where the {} channel was expected",
-                                          reader.where(), proto::to_string(hello->channel), proto::to_string(want))};
-            (void)send_on(proto::encode(proto::ErrorMsg{0, e.context}));
-            return std::unexpected(e);
-        }
-        if (want == proto::Channel::bulk && hello->session != session_id_) {
-            auto e = Error{0, fmt::format("{}: HELLO from another migration (session {:#x}, expected {:#x})",
-                                          reader.where(), hello->session, session_id_)};
-            (void)send_on(proto::encode(proto::ErrorMsg{0, e.context}));
-            return std::unexpected(e);
-        }
-        if (auto r = send_on(proto::encode(proto::HelloAck{})); !r) return std::unexpected(r.error());
+        if (hello->channel != want)
+            return refuse_here(Error{0, fmt::format("{}: HELLO for the {} channel where the {} channel was expected",
+                                                    reader.where(), proto::to_string(hello->channel), proto::to_string(want))});
+        if (want == proto::Channel::bulk && hello->session != session_id_)
+            return refuse_here(Error{0, fmt::format("{}: HELLO from another migration (session {:#x}, expected {:#x})",
+                                                    reader.where(), hello->session, session_id_)});
+        if (want == proto::Channel::bulk && hello->bulk_channels != bulk_count)
+            return refuse_here(Error{0, fmt::format("{}: HELLO announces {} bulk channels, the urgent channel said {}",
+                                                    reader.where(), hello->bulk_channels, bulk_count)});
+        if (auto r = net::send_frame(reader.channel(), proto::encode(proto::HelloAck{})); !r)
+            return std::unexpected(r.error());
         return *hello;
     }
 
@@ -262,38 +295,36 @@ private:
         return std::unexpected(e);
     }
 
-    Result<void> receive_bulk() {
-        auto ring = net::Ring::create(stop_.fd());
-        if (!ring) return std::unexpected(ring.error());
-        net::FrameReader reader(*ring, bulk_.get(), "bulk channel from the source");
-        auto hello = accept_hello(reader, proto::Channel::bulk, [&](const proto::Frame& f) {
-            return net::send_frame(*ring, bulk_.get(), f, reader.where());
-        });
-        if (!hello) return std::unexpected(hello.error());
+    Result<void> receive_bulk(net::FrameReader& reader) {
         auto r = pager::receive_loop(reader, *pager_, false, [&](const proto::Header& h, std::vector<std::byte> p) -> Result<bool> {
             if (h.type == proto::Type::push_done) return true;
             if (h.type == proto::Type::error) return std::unexpected(net::peer_error(p, reader.where()));
-            return logic_error(fmt::format("{}: unexpected {}", reader.where(), proto::to_string(h.type)));
+            return peer_violation(fmt::format("{}: unexpected {}", reader.where(), proto::to_string(h.type)));
         });
-        bytes_received_ += reader.bytes_read();
         if (!r) return r;
         if (!pager_->complete())
-            return sys_error(fmt::format("{}: the source closed the connection", reader.where()), ECONNRESET);
+            return transport_error(fmt::format("{}: the source closed the connection", reader.where()), ECONNRESET);
         return {};
     }
 
     DestinationConfig cfg_;
     std::unique_ptr<pager::Pager> pager_;
-    net::Fd listener_, urgent_, bulk_;
-    net::Endpoint local_;
+    std::unique_ptr<net::Transport> transport_;
+    std::string local_uri_;
     net::ShutdownEvent stop_;
     api::SessionState state_;
-    std::mutex urgent_mu_, join_mu_, vcpu_mu_;
-    std::vector<VcpuThread> vcpus_;
-    std::thread thread_, bulk_thread_;
+    // Written by the session thread before channels_ready_ is set; read by stats().
+    std::unique_ptr<net::Channel> urgent_;
+    std::vector<std::unique_ptr<net::Channel>> bulk_;
+    std::optional<net::Outbox> outbox_;
+    std::atomic<bool> channels_ready_{false};
+    std::atomic<std::uint32_t> bulk_count_{0};
+    std::mutex join_mu_;
+    std::thread thread_;
+    std::vector<std::thread> bulk_threads_;
     std::uint64_t session_id_ = 0;
     std::atomic<Mode> mode_{Mode::invalid};
-    std::atomic<std::uint64_t> bytes_received_{0}, device_bytes_{0}, pages_missing_{0};
+    std::atomic<std::uint64_t> device_bytes_{0}, pages_missing_{0};
     std::atomic<double> postcopy_ms_{0};
     std::atomic<bool> accepted_{false}, resumed_{false}, resumed_sent_{false}, complete_sent_{false};
     Clock::time_point accepted_at_{}, resumed_at_{};
@@ -304,18 +335,15 @@ private:
 Result<std::unique_ptr<Destination>> Destination::listen(DestinationConfig config) {
     if (!config.hooks.pause_vcpus || !config.hooks.resume_vcpus)
         return logic_error("destination: hooks pause_vcpus and resume_vcpus are required");
-    auto at = net::parse_uri(config.uri);
-    if (!at) return std::unexpected(at.error().wrap("destination"));
+    if (auto at = net::parse_uri(config.uri); !at) return std::unexpected(at.error().wrap("destination"));
     auto pager = pager::Pager::create(config.regions, config.parameters.prefetch_pages);
     if (!pager) return std::unexpected(pager.error());
-    auto listener = net::listen_tcp(*at);
-    if (!listener) return std::unexpected(listener.error().wrap("destination"));
-    auto local = net::local_endpoint(listener->get());
-    if (!local) return std::unexpected(local.error());
     auto stop = net::ShutdownEvent::create();
     if (!stop) return std::unexpected(stop.error());
-    auto d = std::make_unique<DestinationImpl>(std::move(config), std::move(*pager), std::move(*listener),
-                                               std::move(*local), std::move(*stop));
+    auto transport = net::tcp_listener(config.uri, stop->fd());
+    if (!transport) return std::unexpected(transport.error().wrap("destination"));
+    auto d = std::make_unique<DestinationImpl>(std::move(config), std::move(*pager), std::move(*transport),
+                                               std::move(*stop));
     if (auto s = d->start(); !s) return std::unexpected(s.error());
     return d;
 }

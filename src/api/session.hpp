@@ -9,6 +9,7 @@
 
 #include "lazymig/lazymig.hpp"
 #include "src/log.hpp"
+#include "src/session_phase.hpp"
 
 namespace lazymig::api {
 
@@ -18,8 +19,16 @@ class SessionState {
 public:
     explicit SessionState(const VmmHooks& hooks, std::string_view side) : hooks_(hooks), side_(side) {}
 
+    // Moves to phase `p` if src/session_phase.hpp allows it from the current one, and
+    // tells the VMM; a move the state machine does not draw is logged and ignored.
+    // Called by the session thread only.
     void set_phase(Phase p, std::string_view why = {}, Event extra = {}) {
-        if (p == Phase::completed || p == Phase::failed || p == Phase::cancelled) {
+        const Phase from = phase_.load(std::memory_order_acquire);
+        if (!transition_allowed(from, p)) {
+            LZ_LOG(error, "session_bad_transition", "side={} from={} to={} {}", side_, to_string(from), to_string(p), why);
+            return;
+        }
+        if (terminal(p)) {
             std::lock_guard lock(mu_);
             end_ = std::chrono::steady_clock::now();
         }
@@ -72,6 +81,12 @@ private:
     const VmmHooks& hooks_;
     std::string side_;
     std::atomic<Phase> phase_{Phase::idle};
+public:
+    // The session whose thread is running now (set by each thread a session starts), so
+    // that wait()/cancel() from a hook on that thread can be refused instead of joining
+    // the thread they run on.
+    static inline thread_local const void* current = nullptr;
+private:
     mutable std::mutex mu_;
     std::optional<Error> error_;
     std::optional<std::chrono::steady_clock::time_point> end_;

@@ -1,13 +1,16 @@
 // The source endpoint: connect, handshake, switchover, then serve and push.
 //
-// Threads: the session thread (connects, hands over, then serves the urgent channel)
-// and the pusher's. cancel()/wait()/~SourceImpl stop both through one shutdown eventfd.
+// Threads: the session thread (opens the channels, hands over, then serves the urgent
+// channel) and the pusher's, one per bulk channel. cancel()/wait()/~SourceImpl stop them
+// all through one shutdown eventfd, which ends every wait of every channel.
+// Phases follow src/session_phase.hpp.
 #include <random>
 
 #include <fmt/format.h>
 
 #include "precopy/source.hpp"
 #include "src/api/session.hpp"
+#include "src/net/channel.hpp"
 #include "src/net/frames.hpp"
 #include "src/net/socket.hpp"
 #include "src/region.hpp"
@@ -19,11 +22,12 @@ using Clock = std::chrono::steady_clock;
 
 class SourceImpl final : public Source {
 public:
-    SourceImpl(SourceConfig config, net::Endpoint to, net::ShutdownEvent stop)
-        : cfg_(std::move(config)), to_(std::move(to)), stop_(std::move(stop)), state_(cfg_.hooks, "source"),
-          sent_(cfg_.regions) {
+    SourceImpl(SourceConfig config, std::unique_ptr<net::Transport> transport, net::ShutdownEvent stop)
+        : cfg_(std::move(config)), transport_(std::move(transport)), stop_(std::move(stop)),
+          state_(cfg_.hooks, "source"), sent_(cfg_.regions) {
         bandwidth_ = cfg_.parameters.max_bandwidth;
         batch_ = cfg_.parameters.push_batch_pages;
+        bulk_count_ = cfg_.parameters.bulk_channels ? cfg_.parameters.bulk_channels : default_bulk_channels();
         for (const auto& r : cfg_.regions) total_pages_ += r.size / r.page_size;
     }
     ~SourceImpl() override {
@@ -37,34 +41,45 @@ public:
         if (cfg_.mode != Mode::postcopy)
             return logic_error(fmt::format("source: mode {} is not available yet; this build migrates postcopy",
                                            to_string(cfg_.mode)));
-        started_ = true;
         start_ = Clock::now();
         try {
-            thread_ = std::thread([this] { session(); });
+            thread_ = std::thread([this] {
+                api::SessionState::current = this;
+                session();
+            });
         } catch (const std::system_error& e) {
             return sys_error("source: starting the session thread", e.code().value());
         }
+        started_ = true;
         return {};
     }
 
     Result<void> wait() override {
+        if (api::SessionState::current == this)
+            return std::unexpected(Error{EDEADLK, "source: wait() called from a hook on the migration's own thread"});
         join();
         if (auto e = state_.error()) return std::unexpected(*e);
         if (!started_) return logic_error("source: wait() before migrate()");
         return {};
     }
 
+    // From a hook on the session's own thread this only requests the stop: joining
+    // would wait for the very thread that runs the hook.
     void cancel() override {
         if (!completed_) {
             cancelled_ = true;
             fail(Error{ECANCELED, "source: migration cancelled"});
         }
-        join();
+        if (api::SessionState::current != this) join();
     }
 
+    // bulk_channels takes effect only before migrate() (0 leaves it as it is).
     void set_parameters(const Parameters& p) override {
         bandwidth_ = p.max_bandwidth;
         batch_ = std::clamp<std::uint32_t>(p.push_batch_pages, 1, proto::kMaxPagesPerFrame);
+        std::lock_guard lock(mu_);
+        if (!started_ && p.bulk_channels != 0)
+            bulk_count_ = std::min<std::uint32_t>(p.bulk_channels, proto::kMaxBulkChannels);
     }
 
     Stats stats() const override {
@@ -78,6 +93,7 @@ public:
         s.zero_pages = stats_.zero_pages.get();
         s.requests = stats_.requests.get();
         s.bytes_sent = stats_.bytes_sent.get();
+        s.bulk_channels = bulk_count_;
         s.device_state_bytes = device_bytes_.load();
         s.downtime_ms = downtime_ms_.load();
         s.elapsed_ms = started_ ? state_.elapsed_ms(start_) : 0;
@@ -110,7 +126,7 @@ private:
         stop_.signal();
         if (pusher_) pusher_->join();
         urgent_.reset();
-        bulk_.reset();
+        bulk_.clear();
         if (auto e = state_.error()) {
             // Before the destination resumed the VM runs here again; after, it cannot.
             if (paused_ && !handed_over_ && cfg_.hooks.resume_vcpus) cfg_.hooks.resume_vcpus();
@@ -126,27 +142,24 @@ private:
 
     Result<void> run() {
         state_.set_phase(Phase::setup);
-        auto ring = net::Ring::create(stop_.fd());
-        if (!ring) return std::unexpected(ring.error());
         const std::uint64_t session_id = std::random_device{}() | (std::uint64_t(std::random_device{}()) << 32);
 
-        auto connected = net::connect_tcp(to_, stop_.fd(), cfg_.connect_timeout, true);
-        if (!connected) return std::unexpected(connected.error().wrap("source: urgent channel"));
-        urgent_ = std::move(*connected);
-        net::Fd* urgent = &urgent_;
-        const std::string uwhere = fmt::format("urgent channel to {}", to_.uri());
-        net::FrameReader ureader(*ring, urgent->get(), uwhere);
-        if (auto r = handshake(*ring, ureader, urgent->get(), proto::Channel::urgent, session_id); !r) return r;
-
-        connected = net::connect_tcp(to_, stop_.fd(), cfg_.connect_timeout, false);
-        if (!connected) return std::unexpected(connected.error().wrap("source: bulk channel"));
-        bulk_ = std::move(*connected);
-        net::Fd* bulk = &bulk_;
-        net::FrameReader breader(*ring, bulk->get(), fmt::format("bulk channel to {}", to_.uri()));
-        if (auto r = handshake(*ring, breader, bulk->get(), proto::Channel::bulk, session_id); !r) return r;
+        auto urgent = transport_->connect("urgent channel", true);
+        if (!urgent) return std::unexpected(urgent.error().wrap("source"));
+        urgent_ = std::move(*urgent);
+        net::FrameReader ureader(*urgent_);
+        if (auto r = handshake(ureader, proto::Channel::urgent, 0, session_id); !r) return r;
+        for (std::uint32_t i = 0; i < bulk_count_; ++i) {
+            auto bulk = transport_->connect(fmt::format("bulk channel {}", i), false);
+            if (!bulk) return std::unexpected(bulk.error().wrap("source"));
+            net::FrameReader breader(**bulk);
+            if (auto r = handshake(breader, proto::Channel::bulk, i, session_id); !r) return r;
+            bulk_.push_back(std::move(*bulk));
+        }
+        LZ_LOG(info, "source_channels", "transport={} bulk={}", transport_->name(), bulk_count_);
 
         auto table = proto::encode(proto::region_table_of(cfg_.regions));
-        if (auto r = net::send_frame(*ring, urgent->get(), table, uwhere); !r) return r;
+        if (auto r = net::send_frame(*urgent_, table); !r) return r;
         if (auto r = ureader.expect(proto::Type::region_ack); !r) return std::unexpected(r.error());
 
         state_.set_phase(Phase::switchover);
@@ -157,7 +170,7 @@ private:
         if (!blob) return std::unexpected(blob.error().wrap("source: save_device_state"));
         device_bytes_ = blob->size();
         auto dev = proto::encode(proto::DeviceState{std::move(*blob)});
-        if (auto r = net::send_frame(*ring, urgent->get(), dev, uwhere); !r) return r;
+        if (auto r = net::send_frame(*urgent_, dev); !r) return r;
 
         // From here the destination may fault: demand requests are served at once. The
         // pusher waits for RESUMED: started earlier, its bulk frames compete for the CPUs
@@ -165,20 +178,23 @@ private:
         // against ~0.5 ms when held back).
         pusher_ = std::make_unique<source::Pusher>(cfg_.regions, sent_, hints_, stats_,
                                                    source::PushConfig{&bandwidth_, &batch_});
-        return source::serve_loop(ureader, *ring, urgent->get(), cfg_.regions, sent_, hints_, stats_,
-                                  [&]() -> Result<void> {
+        return source::serve_loop(ureader, *urgent_, cfg_.regions, sent_, hints_, stats_, [&]() -> Result<void> {
             handed_over_ = true;
             downtime_ms_ = api::ms_since(paused_at);
             state_.set_phase(Phase::postcopy, fmt::format("destination resumed after {:.2f} ms", downtime_ms_.load()),
                              Event{.downtime_ms = downtime_ms_.load()});
-            return pusher_->start(bulk->get(), stop_.fd(), [this](const Error& e) { fail(e.wrap("source: pusher")); });
+            std::vector<net::Channel*> bulk;
+            for (auto& c : bulk_) bulk.push_back(c.get());
+            return pusher_->start(std::move(bulk), [this](const Error& e) { fail(e.wrap("source: pusher")); });
         });
     }
 
-    Result<void> handshake(net::Ring& ring, net::FrameReader& reader, int fd, proto::Channel ch, std::uint64_t id) {
+    Result<void> handshake(net::FrameReader& reader, proto::Channel ch, std::uint32_t index, std::uint64_t id) {
         auto hello = proto::encode(proto::Hello{.version = proto::kVersion, .channel = ch, .mode = cfg_.mode,
+                                                .index = static_cast<std::uint8_t>(index),
+                                                .bulk_channels = static_cast<std::uint8_t>(bulk_count_.load()),
                                                 .session = id});
-        if (auto r = net::send_frame(ring, fd, hello, reader.where()); !r) return r;
+        if (auto r = net::send_frame(reader.channel(), hello); !r) return r;
         auto ack = reader.expect(proto::Type::hello_ack);
         if (!ack) return std::unexpected(ack.error());
         if (auto a = proto::decode_hello_ack(*ack); !a) return std::unexpected(a.error().wrap(reader.where()));
@@ -186,7 +202,7 @@ private:
     }
 
     SourceConfig cfg_;
-    net::Endpoint to_;
+    std::unique_ptr<net::Transport> transport_;
     net::ShutdownEvent stop_;
     api::SessionState state_;
     source::SentMap sent_;
@@ -196,10 +212,13 @@ private:
     std::atomic<std::uint64_t> bandwidth_{0};
     std::atomic<std::uint32_t> batch_{256};
     std::uint64_t total_pages_ = 0;
+    std::atomic<std::uint32_t> bulk_count_{1};
     std::atomic<std::uint64_t> device_bytes_{0};
     std::atomic<double> downtime_ms_{0};
     std::atomic<bool> started_{false}, cancelled_{false}, paused_{false}, handed_over_{false}, completed_{false};
-    net::Fd urgent_, bulk_;  // closed only after the pusher has stopped
+    // Closed only after the pusher has stopped.
+    std::unique_ptr<net::Channel> urgent_;
+    std::vector<std::unique_ptr<net::Channel>> bulk_;
     Clock::time_point start_{};
     std::mutex mu_, join_mu_;
     std::thread thread_;
@@ -212,12 +231,14 @@ Result<std::unique_ptr<Source>> Source::create(SourceConfig config) {
     if (!config.hooks.pause_vcpus || !config.hooks.resume_vcpus || !config.hooks.save_device_state)
         return logic_error("source: hooks pause_vcpus, resume_vcpus and save_device_state are required");
     if (config.mode == Mode::invalid) return logic_error("source: mode is invalid");
-    auto to = net::parse_uri(config.uri);
-    if (!to) return std::unexpected(to.error().wrap("source"));
-    if (to->port == 0) return logic_error(fmt::format("source: uri '{}' needs the destination's port", config.uri));
+    if (config.parameters.bulk_channels > proto::kMaxBulkChannels)
+        return logic_error(fmt::format("source: bulk_channels {} is more than the {} this build supports",
+                                       config.parameters.bulk_channels, proto::kMaxBulkChannels));
     auto stop = net::ShutdownEvent::create();
     if (!stop) return std::unexpected(stop.error());
-    return std::make_unique<SourceImpl>(std::move(config), std::move(*to), std::move(*stop));
+    auto transport = net::tcp_connector(config.uri, stop->fd(), config.connect_timeout);
+    if (!transport) return std::unexpected(transport.error().wrap("source"));
+    return std::make_unique<SourceImpl>(std::move(config), std::move(*transport), std::move(*stop));
 }
 
 }  // namespace lazymig

@@ -76,15 +76,20 @@ public:
     [[nodiscard]] virtual std::string_view name() const = 0;
     // Source: opens one more channel to the peer; `what` names it in errors ("bulk channel 2").
     [[nodiscard]] virtual Result<std::unique_ptr<Channel>> connect(std::string what, bool low_latency) = 0;
-    // Destination: the next channel the peer opens, within `timeout` (negative: no limit).
-    // Which channel it is, the peer's HELLO says.
-    [[nodiscard]] virtual Result<std::unique_ptr<Channel>> accept(std::chrono::milliseconds timeout,
+    // Destination: the next channel the peer opens, within `timeout` (negative: no limit);
+    // `what` names it in errors ("urgent channel"). Which channel it really is, the peer's
+    // HELLO says.
+    [[nodiscard]] virtual Result<std::unique_ptr<Channel>> accept(std::string what, std::chrono::milliseconds timeout,
                                                                   bool low_latency) = 0;
     // Destination: stops accepting (every channel is open); later accept() fails.
     virtual void close_listener() = 0;
     // Destination: the address peers connect to, with the bound port.
     [[nodiscard]] virtual std::string local_uri() const = 0;
 };
+
+class Fd;
+// A channel over any connected stream socket (TCP, a Unix socketpair), which it owns.
+[[nodiscard]] Result<std::unique_ptr<Channel>> stream_channel(Fd fd, std::string where, int shutdown_fd);
 
 // TCP over io_uring. `shutdown_fd` ends every wait of every channel it opens.
 [[nodiscard]] Result<std::unique_ptr<Transport>> tcp_connector(std::string_view uri, int shutdown_fd,

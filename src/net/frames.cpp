@@ -6,14 +6,14 @@
 
 namespace lazymig::net {
 
-FrameReader::FrameReader(Ring& ring, int fd, std::string where, std::size_t buffer)
-    : ring_(ring), fd_(fd), where_(std::move(where)), buf_(buffer) {}
+FrameReader::FrameReader(Channel& channel, std::size_t buffer)
+    : channel_(channel), where_(channel.where()), buf_(buffer) {}
 
 Result<std::optional<proto::Header>> FrameReader::next() {
     std::size_t have = tail_ - head_;
     if (have == 0) {
         head_ = tail_ = 0;
-        auto n = ring_.recv_some(fd_, buf_.data(), buf_.size(), where_);
+        auto n = channel_.recv_some(buf_.data(), buf_.size());
         if (!n) return std::unexpected(n.error());
         if (*n == 0) return std::nullopt;
         tail_ = *n;
@@ -21,12 +21,12 @@ Result<std::optional<proto::Header>> FrameReader::next() {
     }
     if (auto r = read(raw_.data(), raw_.size()); !r) {
         if (r.error().code == ECONNRESET)
-            return logic_error(fmt::format("{}: truncated frame: the peer closed the connection "
-                                           "inside a frame header", where_));
+            return transport_error(fmt::format("{}: truncated frame: the peer closed the connection "
+                                               "inside a frame header", where_), 0);
         return std::unexpected(r.error());
     }
     auto h = proto::parse_header(raw_, where_);
-    if (!h) return std::unexpected(h.error());
+    if (!h) return std::unexpected(h.error());  // proto's errors are peer violations
     return *h;
 }
 
@@ -39,15 +39,15 @@ Result<void> FrameReader::read(std::byte* dst, std::size_t len) {
     if (len == 0) return {};
     head_ = tail_ = 0;
     if (len >= buf_.size() / 2) {  // large: straight into the caller's memory
-        auto r = ring_.recv_exact(fd_, dst, len, where_);
+        auto r = channel_.recv_exact(dst, len);
         if (r) bytes_ += len;
         return r;
     }
     while (len > 0) {  // small: refill the buffer, which may also pick up the next frames
-        auto n = ring_.recv_some(fd_, buf_.data(), buf_.size(), where_);
+        auto n = channel_.recv_some(buf_.data(), buf_.size());
         if (!n) return std::unexpected(n.error());
         if (*n == 0)
-            return sys_error(fmt::format("{}: peer closed the connection inside a frame", where_), ECONNRESET);
+            return transport_error(fmt::format("{}: peer closed the connection inside a frame", where_), ECONNRESET);
         bytes_ += *n;
         tail_ = *n;
         const std::size_t take = std::min(len, tail_);
@@ -63,13 +63,13 @@ Result<std::vector<std::byte>> FrameReader::read_control(const proto::Header& h)
     std::vector<std::byte> payload(h.length);
     if (auto r = read(payload.data(), payload.size()); !r) {
         if (r.error().code == ECONNRESET)
-            return logic_error(fmt::format("{}: truncated {} frame: the peer closed the connection inside it",
-                                           where_, proto::to_string(h.type)));
+            return transport_error(fmt::format("{}: truncated {} frame: the peer closed the connection inside it",
+                                               where_, proto::to_string(h.type)), 0);
         return std::unexpected(r.error());
     }
     const auto sum = proto::frame_checksum(raw_, payload);
     if (sum != h.checksum)
-        return logic_error(fmt::format("{}: {} frame checksum mismatch (got {:#010x}, computed {:#010x})",
+        return peer_violation(fmt::format("{}: {} frame checksum mismatch (got {:#010x}, computed {:#010x})",
                                        where_, proto::to_string(h.type), h.checksum, sum));
     return payload;
 }
@@ -78,26 +78,27 @@ Result<std::vector<std::byte>> FrameReader::expect(proto::Type want) {
     auto h = next();
     if (!h) return std::unexpected(h.error());
     if (!*h)
-        return logic_error(fmt::format("{}: peer closed the connection while {} was expected", where_,
-                                       proto::to_string(want)));
+        return transport_error(fmt::format("{}: peer closed the connection while {} was expected", where_,
+                                           proto::to_string(want)), 0);
     auto payload = read_control(**h);
     if (!payload) return std::unexpected(payload.error());
     if ((*h)->type == proto::Type::error && want != proto::Type::error)
         return std::unexpected(peer_error(*payload, where_));
     if ((*h)->type != want)
-        return logic_error(fmt::format("{}: expected {}, got {}", where_, proto::to_string(want),
+        return peer_violation(fmt::format("{}: expected {}, got {}", where_, proto::to_string(want),
                                        proto::to_string((*h)->type)));
     return payload;
 }
 
-Result<void> send_frame(Ring& ring, int fd, const proto::Frame& frame, std::string_view where) {
-    return ring.send_all(fd, frame.data(), frame.size(), where);
+Result<void> send_frame(Channel& channel, std::span<const std::byte> frame) {
+    iovec one{const_cast<std::byte*>(frame.data()), frame.size()};
+    return channel.send(std::span(&one, 1));
 }
 
 Error peer_error(std::span<const std::byte> payload, std::string_view where) {
     auto m = proto::decode_error(payload);
     if (!m) return m.error().wrap(fmt::format("{}: undecodable ERROR from the peer", where));
-    return Error{0, fmt::format("{}: peer reported: {}", where, m->text)};
+    return Error{0, fmt::format("{}: peer reported: {}", where, m->text), ErrorClass::peer_violation};
 }
 
 }  // namespace lazymig::net

@@ -11,14 +11,14 @@
 #include <string>
 #include <vector>
 
-#include "src/net/ring.hpp"
+#include "src/net/channel.hpp"
 #include "src/protocol.hpp"
 
 namespace lazymig::net {
 
 class FrameReader {
 public:
-    FrameReader(Ring& ring, int fd, std::string where, std::size_t buffer = 64 * 1024);
+    explicit FrameReader(Channel& channel, std::size_t buffer = 64 * 1024);
 
     // The next header, validated; nullopt on a clean close between frames.
     [[nodiscard]] Result<std::optional<proto::Header>> next();
@@ -32,13 +32,13 @@ public:
     // becomes an error carrying its text). Returns the verified payload.
     [[nodiscard]] Result<std::vector<std::byte>> expect(proto::Type want);
 
-    [[nodiscard]] const std::string& where() const { return where_; }
+    [[nodiscard]] const std::string& where() const { return channel_.where(); }
+    [[nodiscard]] Channel& channel() const { return channel_; }
     [[nodiscard]] std::uint64_t bytes_read() const { return bytes_.load(std::memory_order_relaxed); }
 
 private:
-    Ring& ring_;
-    int fd_;
-    std::string where_;
+    Channel& channel_;
+    const std::string& where_;
     std::vector<std::byte> buf_;
     std::size_t head_ = 0, tail_ = 0;  // unread bytes are buf_[head_, tail_)
     std::array<std::byte, proto::kHeaderSize> raw_{};
@@ -46,7 +46,7 @@ private:
 };
 
 // Sends a whole encoded frame.
-[[nodiscard]] Result<void> send_frame(Ring& ring, int fd, const proto::Frame& frame, std::string_view where);
+[[nodiscard]] Result<void> send_frame(Channel& channel, std::span<const std::byte> frame);
 
 // Turns a received ERROR payload into an Error: "peer reported: <text>".
 [[nodiscard]] Error peer_error(std::span<const std::byte> payload, std::string_view where);

@@ -16,15 +16,7 @@ constexpr std::uint64_t kOp = 1, kShutdown = 2, kCancel = 3;
 Result<Ring> Ring::create(int shutdown_fd, unsigned entries) {
     Ring r;
     io_uring_params p{};
-    // SINGLE_ISSUER + DEFER_TASKRUN: completions run in our own wait, no IPIs, no
-    // task-work interrupting the thread elsewhere. Both are in 6.1+; we need 6.1 anyway.
-    p.flags = IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN;
-    int ret = io_uring_queue_init_params(entries, &r.ring_, &p);
-    if (ret == -EINVAL) {
-        p = {};
-        ret = io_uring_queue_init_params(entries, &r.ring_, &p);
-    }
-    if (ret < 0) return sys_error("io_uring_queue_init", -ret);
+    if (int ret = io_uring_queue_init_params(entries, &r.ring_, &p); ret < 0) return sys_error("io_uring_queue_init", -ret);
     r.live_ = true;
     r.shutdown_fd_ = shutdown_fd;
     return r;
@@ -32,7 +24,7 @@ Result<Ring> Ring::create(int shutdown_fd, unsigned entries) {
 
 Ring::Ring(Ring&& o) noexcept
     : ring_(o.ring_), live_(std::exchange(o.live_, false)), shutdown_fd_(o.shutdown_fd_),
-      poll_armed_(o.poll_armed_), shut_down_(o.shut_down_) {}
+      poll_armed_(o.poll_armed_), shut_down_(o.shut_down_), op_pending_(o.op_pending_) {}
 
 Ring& Ring::operator=(Ring&& o) noexcept {
     if (this != &o) {
@@ -42,6 +34,7 @@ Ring& Ring::operator=(Ring&& o) noexcept {
         shutdown_fd_ = o.shutdown_fd_;
         poll_armed_ = o.poll_armed_;
         shut_down_ = o.shut_down_;
+        op_pending_ = o.op_pending_;
     }
     return *this;
 }
@@ -53,73 +46,117 @@ void Ring::close() noexcept {
     live_ = false;
 }
 
-Result<int> Ring::run(std::string_view what) {
+Result<io_uring_sqe*> Ring::sqe(std::string_view what) {
+    if (!live_) return logic_error(fmt::format("{}: no io_uring (moved from or closed)", what));
+    io_uring_sqe* s = io_uring_get_sqe(&ring_);
+    if (s) return s;
+    // Full submission queue: hand what is queued to the kernel and take a slot again.
+    if (int ret = io_uring_submit(&ring_); ret < 0) return sys_error(fmt::format("{}: io_uring_submit", what), -ret);
+    s = io_uring_get_sqe(&ring_);
+    if (!s) return sys_error(fmt::format("{}: io_uring submission queue stays full", what), EBUSY);
+    return s;
+}
+
+Result<void> Ring::submit(std::string_view what) {
     if (shut_down_) return sys_error(fmt::format("{}: shut down", what), ECANCELED);
     if (!poll_armed_ && shutdown_fd_ >= 0) {
-        io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-        io_uring_prep_poll_add(sqe, shutdown_fd_, POLLIN);
-        io_uring_sqe_set_data64(sqe, kShutdown);
+        auto s = sqe(what);
+        if (!s) return std::unexpected(s.error());
+        io_uring_prep_poll_add(*s, shutdown_fd_, POLLIN);
+        io_uring_sqe_set_data64(*s, kShutdown);
         poll_armed_ = true;
     }
-    int ret = io_uring_submit(&ring_);
-    if (ret < 0) return sys_error(fmt::format("{}: io_uring_submit", what), -ret);
+    if (int ret = io_uring_submit(&ring_); ret < 0) return sys_error(fmt::format("{}: io_uring_submit", what), -ret);
+    op_pending_ = true;
+    return {};
+}
+
+Result<int> Ring::reap(std::string_view what) {
     bool cancelling = false;
     for (;;) {
         io_uring_cqe* cqe = nullptr;
-        ret = io_uring_wait_cqe(&ring_, &cqe);
+        int ret = io_uring_wait_cqe(&ring_, &cqe);
         if (ret == -EINTR) continue;
         if (ret < 0) return sys_error(fmt::format("{}: io_uring_wait_cqe", what), -ret);
         const std::uint64_t tag = io_uring_cqe_get_data64(cqe);
         const int res = cqe->res;
         io_uring_cqe_seen(&ring_, cqe);
         if (tag == kOp) {
+            op_pending_ = false;
             if (cancelling || shut_down_) return sys_error(fmt::format("{}: shut down", what), ECANCELED);
             return res;
         }
         if (tag == kShutdown && !cancelling) {
             shut_down_ = true;
             cancelling = true;
-            io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-            io_uring_prep_cancel64(sqe, kOp, 0);
-            io_uring_sqe_set_data64(sqe, kCancel);
-            if (int s = io_uring_submit(&ring_); s < 0)
-                return sys_error(fmt::format("{}: io_uring_submit cancel", what), -s);
+            auto s = sqe(what);
+            if (!s) return std::unexpected(s.error());
+            io_uring_prep_cancel64(*s, kOp, 0);
+            io_uring_sqe_set_data64(*s, kCancel);
+            if (int e = io_uring_submit(&ring_); e < 0)
+                return sys_error(fmt::format("{}: io_uring_submit cancel", what), -e);
         }
         // kCancel completions only confirm the cancel; the op's own CQE follows.
     }
 }
 
-Result<void> Ring::send_all(int fd, std::span<const iovec> iov_in, std::string_view what) {
-    // Short sends advance through a private copy of the vector.
-    iovec local[64];
-    std::vector<iovec> heap;
-    iovec* iov = local;
-    if (iov_in.size() > std::size(local)) {
-        heap.assign(iov_in.begin(), iov_in.end());
-        iov = heap.data();
-    } else {
-        std::copy(iov_in.begin(), iov_in.end(), local);
+Result<int> Ring::run(std::string_view what) {
+    if (auto s = submit(what); !s) return std::unexpected(s.error());
+    return reap(what);
+}
+
+Result<void> Ring::send_all(int fd, std::span<const iovec> iov, std::string_view what) {
+    if (auto s = send_start(fd, iov, what); !s) return s;
+    return send_finish();
+}
+
+Result<void> Ring::prep_send(std::string_view what) {
+    send_msg_ = msghdr{};
+    send_msg_.msg_iov = send_iov_.data() + send_next_;
+    send_msg_.msg_iovlen = send_iov_.size() - send_next_;
+    auto s = sqe(what);
+    if (!s) return std::unexpected(s.error());
+    io_uring_prep_sendmsg(*s, send_fd_, &send_msg_, MSG_NOSIGNAL | MSG_WAITALL);
+    io_uring_sqe_set_data64(*s, kOp);
+    return submit(what);
+}
+
+Result<void> Ring::send_start(int fd, std::span<const iovec> iov, std::string_view what) {
+    if (op_pending_ || send_fd_ >= 0) return logic_error(fmt::format("{}: a send is already in flight", what));
+    send_iov_.assign(iov.begin(), iov.end());
+    std::erase_if(send_iov_, [](const iovec& v) { return v.iov_len == 0; });
+    send_next_ = 0;
+    send_what_ = what;
+    if (send_iov_.empty()) return {};
+    send_fd_ = fd;
+    if (auto r = prep_send(what); !r) {
+        send_fd_ = -1;
+        return r;
     }
-    std::size_t n = iov_in.size();
-    while (n > 0) {
-        msghdr msg{};
-        msg.msg_iov = iov;
-        msg.msg_iovlen = n;
-        io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-        io_uring_prep_sendmsg(sqe, fd, &msg, MSG_NOSIGNAL | MSG_WAITALL);
-        io_uring_sqe_set_data64(sqe, kOp);
-        auto r = run(what);
-        if (!r) return std::unexpected(r.error());
-        if (*r < 0) return sys_error(std::string(what), -*r);
-        auto sent = static_cast<std::size_t>(*r);
-        while (n > 0 && sent >= iov->iov_len) {
-            sent -= iov->iov_len;
-            ++iov;
-            --n;
+    return {};
+}
+
+Result<void> Ring::send_finish() {
+    while (send_fd_ >= 0) {
+        auto r = reap(send_what_);
+        if (!r || *r < 0) {
+            send_fd_ = -1;
+            if (!r) return std::unexpected(r.error());
+            return sys_error(send_what_, -*r);
         }
-        if (n > 0) {
-            iov->iov_base = static_cast<char*>(iov->iov_base) + sent;
-            iov->iov_len -= sent;
+        // Short send (a signal, or the peer's window): advance and go on.
+        auto sent = static_cast<std::size_t>(*r);
+        while (send_next_ < send_iov_.size() && sent >= send_iov_[send_next_].iov_len) sent -= send_iov_[send_next_++].iov_len;
+        if (send_next_ == send_iov_.size()) {
+            send_fd_ = -1;
+            break;
+        }
+        auto& v = send_iov_[send_next_];
+        v.iov_base = static_cast<char*>(v.iov_base) + sent;
+        v.iov_len -= sent;
+        if (auto p = prep_send(send_what_); !p) {
+            send_fd_ = -1;
+            return p;
         }
     }
     return {};
@@ -131,9 +168,10 @@ Result<void> Ring::send_all(int fd, const void* buf, std::size_t len, std::strin
 }
 
 Result<std::size_t> Ring::recv_some(int fd, void* buf, std::size_t len, std::string_view what) {
-    io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-    io_uring_prep_recv(sqe, fd, buf, len, 0);
-    io_uring_sqe_set_data64(sqe, kOp);
+    auto sqe = this->sqe(what);
+    if (!sqe) return std::unexpected(sqe.error());
+    io_uring_prep_recv(*sqe, fd, buf, len, 0);
+    io_uring_sqe_set_data64(*sqe, kOp);
     auto r = run(what);
     if (!r) return std::unexpected(r.error());
     if (*r < 0) return sys_error(std::string(what), -*r);
@@ -143,9 +181,10 @@ Result<std::size_t> Ring::recv_some(int fd, void* buf, std::size_t len, std::str
 Result<void> Ring::recv_exact(int fd, void* buf, std::size_t len, std::string_view what) {
     std::size_t got = 0;
     while (got < len) {
-        io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-        io_uring_prep_recv(sqe, fd, static_cast<char*>(buf) + got, len - got, MSG_WAITALL);
-        io_uring_sqe_set_data64(sqe, kOp);
+        auto sqe = this->sqe(what);
+        if (!sqe) return std::unexpected(sqe.error());
+        io_uring_prep_recv(*sqe, fd, static_cast<char*>(buf) + got, len - got, MSG_WAITALL);
+        io_uring_sqe_set_data64(*sqe, kOp);
         auto r = run(what);
         if (!r) return std::unexpected(r.error());
         if (*r < 0) return sys_error(std::string(what), -*r);
@@ -162,9 +201,10 @@ Result<void> Ring::wait_until(std::chrono::steady_clock::time_point deadline) {
     if (deadline <= now) return {};
     const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - now).count();
     __kernel_timespec ts{.tv_sec = ns / 1'000'000'000, .tv_nsec = ns % 1'000'000'000};
-    io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
-    io_uring_prep_timeout(sqe, &ts, 0, 0);
-    io_uring_sqe_set_data64(sqe, kOp);
+    auto sqe = this->sqe("pacing wait");
+    if (!sqe) return std::unexpected(sqe.error());
+    io_uring_prep_timeout(*sqe, &ts, 0, 0);
+    io_uring_sqe_set_data64(*sqe, kOp);
     auto r = run("pacing wait");
     if (!r) return std::unexpected(r.error());
     if (*r < 0 && *r != -ETIME) return sys_error("pacing wait", -*r);

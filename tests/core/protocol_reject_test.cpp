@@ -124,36 +124,45 @@ TEST_CASE("protocol/hello-from-another-version") {
     auto f = proto::encode(proto::Hello{.version = 7, .channel = proto::Channel::urgent, .mode = Mode::postcopy});
     auto r = proto::decode_hello(payload_of(f));
     REQUIRE_FALSE(r.has_value());
-    CHECK(r.error().message() == "peer speaks protocol version 7, this side speaks 1");
+    CHECK(r.error().message() == "peer speaks protocol version 7, this side speaks 2");
+    CHECK(r.error().kind == lazymig::ErrorClass::peer_violation);
     // The version alone decides: a peer of another version may lay out the rest differently.
     auto only = proto::decode_hello(payload_of(f).first(4));
     REQUIRE_FALSE(only.has_value());
-    CHECK(only.error().message() == "peer speaks protocol version 7, this side speaks 1");
-    auto ack = proto::decode_hello_ack(payload_of(proto::encode(proto::HelloAck{.version = 2})));
+    CHECK(only.error().message() == "peer speaks protocol version 7, this side speaks 2");
+    auto ack = proto::decode_hello_ack(payload_of(proto::encode(proto::HelloAck{.version = 1})));
     REQUIRE_FALSE(ack.has_value());
-    CHECK(ack.error().message() == "peer speaks protocol version 2, this side speaks 1");
+    CHECK(ack.error().message() == "peer speaks protocol version 1, this side speaks 2");
 }
 
 TEST_CASE("protocol/hello-rejects-invalid-fields") {
-    auto payload = [](unsigned channel, unsigned mode, std::uint16_t reserved) {
+    auto payload = [](unsigned channel, unsigned mode, unsigned index = 0, unsigned count = 1) {
         auto f = proto::encode(proto::Hello{.channel = proto::Channel::urgent, .mode = Mode::postcopy, .session = 1});
         f[16 + 4] = b(channel);
         f[16 + 5] = b(mode);
-        put_le<std::uint16_t>(f.data() + 16 + 6, reserved);
+        f[16 + 6] = b(index);
+        f[16 + 7] = b(count);
         return std::vector<std::byte>(f.begin() + 16, f.end());
     };
     auto msg = [](const lazymig::Result<proto::Hello>& r) { return err_of(r); };
-    CHECK(msg(proto::decode_hello(payload(0, 1, 0))) == "HELLO: unknown channel 0");
-    CHECK(msg(proto::decode_hello(payload(3, 1, 0))) == "HELLO: unknown channel 3");
-    CHECK(msg(proto::decode_hello(payload(1, 0, 0))) == "HELLO: unknown mode 0");
-    CHECK(msg(proto::decode_hello(payload(2, 4, 0))) == "HELLO: unknown mode 4");
-    CHECK(msg(proto::decode_hello(payload(1, 1, 5))) == "HELLO: reserved field is not zero");
+    CHECK(msg(proto::decode_hello(payload(0, 1))) == "HELLO: unknown channel 0");
+    CHECK(msg(proto::decode_hello(payload(3, 1))) == "HELLO: unknown channel 3");
+    CHECK(msg(proto::decode_hello(payload(1, 0))) == "HELLO: unknown mode 0");
+    CHECK(msg(proto::decode_hello(payload(2, 4))) == "HELLO: unknown mode 4");
+    CHECK(msg(proto::decode_hello(payload(1, 1, 0, 0))) == "HELLO: 0 bulk channels (expected 1 to 16)");
+    CHECK(msg(proto::decode_hello(payload(2, 1, 0, 17))) == "HELLO: 17 bulk channels (expected 1 to 16)");
+    CHECK(msg(proto::decode_hello(payload(1, 1, 1, 3))) == "HELLO: urgent channel with index 1 (expected 0)");
+    CHECK(msg(proto::decode_hello(payload(2, 1, 3, 3))) == "HELLO: bulk channel index 3 of 3");
+    auto ok = proto::decode_hello(payload(2, 1, 2, 3));
+    REQUIRE_MESSAGE(ok.has_value(), err_of(ok));
+    CHECK(ok->index == 2);
+    CHECK(ok->bulk_channels == 3);
 }
 
 TEST_CASE("protocol/decoders-reject-truncated-payloads") {
     SUBCASE("HELLO") {
         const auto f = proto::encode(proto::Hello{.channel = proto::Channel::bulk, .mode = Mode::postcopy});
-        check_truncations("HELLO", payload_of(f), {{0, 4}, {4, 1}, {5, 1}, {6, 2}, {8, 8}},
+        check_truncations("HELLO", payload_of(f), {{0, 4}, {4, 1}, {5, 1}, {6, 1}, {7, 1}, {8, 8}},
                           [](auto p) { return proto::decode_hello(p); });
     }
     SUBCASE("HELLO_ACK") {
@@ -192,9 +201,16 @@ TEST_CASE("protocol/decoders-reject-out-of-range-values") {
     CHECK(err_of(proto::decode_region_table(payload_of(proto::encode(many)))) ==
           "REGION_TABLE: 65 regions (expected 1 to 64)");
     proto::RegionTable bad_backing;
-    bad_backing.regions.push_back({"ram0", 4096, 4096, Backing{4}});
-    CHECK(err_of(proto::decode_region_table(payload_of(proto::encode(bad_backing)))) ==
-          "REGION_TABLE: region 0 'ram0' has unknown backing 4");
+    bad_backing.regions.push_back({"ram0", 4096, 4096, Backing::anon});
+    auto raw = proto::encode(bad_backing);
+    std::vector<std::byte> bad(raw.begin() + proto::kHeaderSize, raw.end());
+    bad[24] = b(4);  // count 4 | name 4+4 | size 8 | page size 4 | backing
+    CHECK(err_of(proto::decode_region_table(bad)) == "REGION_TABLE: region 0 'ram0' has unknown backing 4");
+    // A public enum value the wire does not know is never cast onto the wire as it is.
+    proto::RegionTable unknown;
+    unknown.regions.push_back({"ram0", 4096, 4096, Backing{9}});
+    CHECK(err_of(proto::decode_region_table(payload_of(proto::encode(unknown)))) ==
+          "REGION_TABLE: region 0 'ram0' has unknown backing 0");
     proto::RegionTable long_name;
     long_name.regions.push_back({std::string(256, 'n'), 4096, 4096, Backing::anon});
     CHECK(err_of(proto::decode_region_table(payload_of(proto::encode(long_name)))) ==
@@ -239,15 +255,16 @@ namespace {
 struct Pipe {
     int fds[2] = {-1, -1};
     lazymig::net::ShutdownEvent stop;
-    lazymig::net::Ring ring;
+    std::unique_ptr<lazymig::net::Channel> channel;
     Pipe() {
         REQUIRE(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds) == 0);
         auto s = lazymig::net::ShutdownEvent::create();
         REQUIRE_MESSAGE(s.has_value(), err_of(s));
         stop = std::move(*s);
-        auto r = lazymig::net::Ring::create(stop.fd());
-        REQUIRE_MESSAGE(r.has_value(), err_of(r));
-        ring = std::move(*r);
+        auto c = lazymig::net::stream_channel(lazymig::net::Fd(fds[1]), "test channel", stop.fd());
+        fds[1] = -1;
+        REQUIRE_MESSAGE(c.has_value(), err_of(c));
+        channel = std::move(*c);
     }
     ~Pipe() {
         for (int fd : fds)
@@ -266,7 +283,7 @@ struct Pipe {
 
 TEST_CASE("frames/refuses-wrong-checksum") {
     Pipe p;
-    lazymig::net::FrameReader reader(p.ring, p.fds[1], "test channel");
+    lazymig::net::FrameReader reader(*p.channel);
     const auto good = proto::encode(proto::HelloAck{});
     const auto sent = parse_verified(good, proto::Type::hello_ack).checksum;
     auto bad_payload = good;
@@ -292,13 +309,14 @@ TEST_CASE("frames/refuses-wrong-checksum") {
 
 TEST_CASE("frames/peer-error-and-wrong-type") {
     Pipe p;
-    lazymig::net::FrameReader reader(p.ring, p.fds[1], "test channel");
+    lazymig::net::FrameReader reader(*p.channel);
     p.send(proto::encode(proto::ErrorMsg{0, "region table mismatch: region 0"}));
     p.send(proto::encode_empty(proto::Type::resumed));
     auto r = reader.expect(proto::Type::hello_ack);
     CHECK(err_of(r) == "test channel: peer reported: region table mismatch: region 0");
     r = reader.expect(proto::Type::hello_ack);
     CHECK(err_of(r) == "test channel: expected HELLO_ACK, got RESUMED");
+    CHECK(r.error().kind == lazymig::ErrorClass::peer_violation);
     p.close_writer();
     r = reader.expect(proto::Type::hello_ack);
     CHECK(err_of(r) == "test channel: peer closed the connection while HELLO_ACK was expected");
@@ -306,20 +324,22 @@ TEST_CASE("frames/peer-error-and-wrong-type") {
 
 TEST_CASE("frames/refuses-truncated-header") {
     Pipe p;
-    lazymig::net::FrameReader reader(p.ring, p.fds[1], "test channel");
+    lazymig::net::FrameReader reader(*p.channel);
     const auto f = proto::encode(proto::HelloAck{});
     p.send(std::span(f).first(8));
     p.close_writer();
     auto r = reader.expect(proto::Type::hello_ack);
     CHECK(err_of(r) == "test channel: truncated frame: the peer closed the connection inside a frame header");
+    CHECK(r.error().kind == lazymig::ErrorClass::transport_lost);
 }
 
 TEST_CASE("frames/refuses-truncated-payload") {
     Pipe p;
-    lazymig::net::FrameReader reader(p.ring, p.fds[1], "test channel");
+    lazymig::net::FrameReader reader(*p.channel);
     const auto f = proto::encode(proto::ErrorMsg{0, "half of this text never arrives"});
     p.send(std::span(f).first(f.size() - 10));
     p.close_writer();
     auto r = reader.expect(proto::Type::hello_ack);
     CHECK(err_of(r) == "test channel: truncated ERROR frame: the peer closed the connection inside it");
+    CHECK(r.error().kind == lazymig::ErrorClass::transport_lost);
 }

@@ -38,7 +38,7 @@ public:
             .on_event = {},
         };
         auto s = lazymig::Source::create({.regions = {mem_.region()}, .hooks = hooks, .uri = uri_,
-                                          .mode = lazymig::Mode::postcopy, .parameters = {},
+                                          .mode = lazymig::Mode::postcopy, .parameters = {.bulk_channels = 1},
                                           .connect_timeout = std::chrono::milliseconds(kTimeoutMs)});
         REQUIRE_MESSAGE(s.has_value(), err_of(s));
         src_ = std::move(*s);
@@ -81,9 +81,9 @@ private:
 TEST_CASE("hostile/destination-speaks-another-version") {
     HostileDestination d;
     Conn urgent = d.accept_hello(proto::Channel::urgent);
-    urgent.send(proto::encode(proto::HelloAck{.version = 2}));
+    urgent.send(proto::encode(proto::HelloAck{.version = 1}));
     CHECK(d.failure() ==
-          fmt::format("urgent channel to {}: peer speaks protocol version 2, this side speaks 1", d.uri()));
+          fmt::format("urgent channel to {}: peer speaks protocol version 1, this side speaks 2", d.uri()));
     CHECK(d.calls().pause == 0);
     CHECK(d.calls().resume == 0);
 }

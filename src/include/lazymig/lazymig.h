@@ -6,8 +6,10 @@
  *       fprintf(stderr, "%s\n", lazymig_last_error());
  *   ... lazymig_destination_wait(dst); lazymig_destination_destroy(dst);
  *
- * Every int-returning call returns 0 on success and a negative errno on failure (-EINVAL
- * for a logical error); lazymig_last_error() then holds the sentence, per thread.
+ * Every int-returning call returns 0 on success and a negative errno on failure; without
+ * a failing syscall's errno, -ECONNRESET for a lost link, -EPROTO for a peer that broke
+ * the protocol, -EINVAL for a local logical error. lazymig_last_error() then holds the
+ * sentence and lazymig_last_error_class() the class (LAZYMIG_ERROR_*), per thread.
  * Hooks run on lazymig's threads, as in lazymig.hpp. Objects are freed by _destroy,
  * which stops and joins their threads.
  */
@@ -29,6 +31,11 @@ extern "C" {
 #define LAZYMIG_MODE_PRECOPY 2
 #define LAZYMIG_MODE_HYBRID 3
 
+/* Error classes (lazymig::ErrorClass): what the caller does about an error. */
+#define LAZYMIG_ERROR_LOCAL 1           /* this host: fatal, the errno says why */
+#define LAZYMIG_ERROR_TRANSPORT_LOST 2  /* the link broke or went silent: recoverable */
+#define LAZYMIG_ERROR_PEER_VIOLATION 3  /* the peer broke the protocol: fatal */
+
 /* Phases, as lazymig::Phase. */
 #define LAZYMIG_PHASE_IDLE 1
 #define LAZYMIG_PHASE_SETUP 2
@@ -38,6 +45,8 @@ extern "C" {
 #define LAZYMIG_PHASE_COMPLETED 6
 #define LAZYMIG_PHASE_FAILED 7
 #define LAZYMIG_PHASE_CANCELLED 8
+#define LAZYMIG_PHASE_PAUSED 9
+#define LAZYMIG_PHASE_RECOVERING 10
 
 typedef struct lazymig_region {
     const char *name;
@@ -69,13 +78,16 @@ typedef struct lazymig_stats {
     double fault_p50_us, fault_p99_us, fault_p999_us, fault_max_us;
     uint64_t pages_missing;   /* destination, after a failure: pages that never arrived */
     int destination_resumed;  /* 1 once the VM runs at the destination */
+    double blocktime_ms;      /* destination: vCPU time blocked on missing pages */
+    uint32_t bulk_channels;   /* bulk channels in use */
 } lazymig_stats;
 
 typedef struct lazymig_source lazymig_source;
 typedef struct lazymig_destination lazymig_destination;
 
-/* The last error of a failed call on this thread ("" if none). */
+/* The last error of a failed call on this thread ("" if none), and its class. */
 const char *lazymig_last_error(void);
+int lazymig_last_error_class(void);
 
 int lazymig_source_create(const lazymig_region *regions, size_t count, const lazymig_hooks *hooks,
                           const char *uri, int mode, lazymig_source **out);
@@ -83,6 +95,8 @@ int lazymig_source_migrate(lazymig_source *src);
 int lazymig_source_wait(lazymig_source *src);
 void lazymig_source_cancel(lazymig_source *src);
 int lazymig_source_set_max_bandwidth(lazymig_source *src, uint64_t bytes_per_second);
+/* Before _migrate: how many bulk channels (1..16) to open; default from the CPU count. */
+int lazymig_source_set_bulk_channels(lazymig_source *src, unsigned channels);
 int lazymig_source_stats(const lazymig_source *src, lazymig_stats *out);
 void lazymig_source_destroy(lazymig_source *src);
 
@@ -94,6 +108,9 @@ int lazymig_destination_local_uri(const lazymig_destination *dst, char *buf, siz
 int lazymig_destination_wait(lazymig_destination *dst);
 void lazymig_destination_cancel(lazymig_destination *dst);
 int lazymig_destination_stats(const lazymig_destination *dst, lazymig_stats *out);
+/* Names the VMM's vCPU threads (gettid() values) for blocktime; replaces the last list. */
+int lazymig_destination_set_vcpu_threads(lazymig_destination *dst, const int *tids, const char *const *names,
+                                         size_t count);
 void lazymig_destination_destroy(lazymig_destination *dst);
 
 #ifdef __cplusplus
