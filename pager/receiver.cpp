@@ -87,7 +87,8 @@ Result<void> receive_pages(net::FrameReader& reader, Pager& pager, const proto::
     if (int e = failpoint::check(demanded ? "pager_urgent_before_place" : "pager_bulk_before_place", meta->region,
                                  meta->first, meta->count))
         return sys_error(fmt::format("{}: failpoint before placing", where), e);
-    auto placed = pager.place(*meta, staging.data(), demanded);
+    const ZeroBits zero{std::span<const std::uint8_t>(meta->zero.data(), meta->bitmap_bytes())};
+    auto placed = pager.place(meta->region, meta->first, meta->count, zero, staging.data(), demanded);
     if (!placed) return std::unexpected(placed.error());
     return {};
 }

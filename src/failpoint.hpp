@@ -7,6 +7,7 @@
 // Points: pager_bulk_before_place, pager_urgent_before_place (a verified frame, before
 // any claim), pager_before_place_run (claimed, placement time taken, before the ioctl),
 // pager_fault_in_flight (a fault on a page already requested or being placed),
+// pager_request_blocked (the outbox had no room for a page request: it stays pending),
 // source_push_batch, source_serve_request.
 #pragma once
 

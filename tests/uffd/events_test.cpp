@@ -3,9 +3,11 @@
 // The thread that causes such an event blocks in the kernel until the event is read,
 // so each cause runs on a worker while the test thread reads.
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 
 #include <array>
+#include <atomic>
 #include <climits>
 #include <filesystem>
 
@@ -133,4 +135,33 @@ TEST_CASE("uffd/events/fork yields the child's uffd") {
     REQUIRE(child > 0);
     CHECK(WIFEXITED(status));
     CHECK(WEXITSTATUS(status) == 0);
+}
+
+// THREAD_ID: a fault message names the thread that faulted; without the feature the
+// field is 0, which the pager reads as "not reported", never as a thread.
+TEST_CASE("uffd/events/THREAD_ID names the faulting thread") {
+    auto probed = Uffd::probe();
+    REQUIRE_MESSAGE(probed.has_value(), err_of(probed));
+    if (!probed->has(UFFD_FEATURE_THREAD_ID)) {
+        WARN_MESSAGE(false, "skip: the kernel lacks UFFD_FEATURE_THREAD_ID");
+        return;
+    }
+    for (const bool with : {true, false}) {
+        CAPTURE(with);
+        Mapping area = Mapping::anon(2);
+        Uffd u = open_registered(with ? UFFD_FEATURE_THREAD_ID : 0, area);
+        Workers w(u);
+        std::atomic<int> tid{0};
+        w.spawn([&] {
+            tid = static_cast<int>(::syscall(SYS_gettid));
+            (void)*reinterpret_cast<volatile char*>(area.page(1));
+        });
+        auto ev = next_event(u);
+        REQUIRE(ev.has_value());
+        CHECK(ev->kind == Event::Kind::pagefault);
+        CHECK(ev->address == addr(area.page(1)));
+        CHECK(ev->tid == (with ? static_cast<std::uint32_t>(tid.load()) : 0u));
+        REQUIRE(u.zeropage(area.page(1), kPage).ok());
+        REQUIRE(w.wait_all());
+    }
 }
