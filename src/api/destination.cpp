@@ -89,6 +89,11 @@ public:
         s.bulk_channels = bulk_count_.load();
         s.device_state_bytes = device_bytes_.load();
         s.fault_latency = ps.fault_latency.summary();
+        s.fault_latency_histogram = pager_->fault_latency_buckets();
+        if (auto bt = pager_->blocktime(); bt.available) {
+            s.blocktime_ms = bt.total_ms;
+            s.vcpu_blocktime = std::move(bt.threads);
+        }
         if (accepted_) s.elapsed_ms = state_.elapsed_ms(accepted_at_);
         s.destination_resumed = resumed_;
         s.pages_missing = pages_missing_.load();
