@@ -7,6 +7,7 @@
 #include "src/crc32c.hpp"
 #include "src/failpoint.hpp"
 #include "src/log.hpp"
+#include "src/errors.hpp"
 
 namespace lazymig::pager {
 namespace {
@@ -16,7 +17,7 @@ class Staging {
 public:
     static Result<Staging> create(std::size_t bytes) {
         void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-        if (p == MAP_FAILED) return sys_error(fmt::format("mmap a {} byte receive buffer", bytes));
+        if (p == MAP_FAILED) return LZ_SYS_ERROR("mmap a {} byte receive buffer", bytes);
         Staging s;
         s.data_ = static_cast<std::byte*>(p);
         s.size_ = bytes;
