@@ -220,6 +220,7 @@ nlohmann::json Migration::query() const {
     j["elapsed-ms"] = s.elapsed_ms;
     j["downtime-ms"] = s.downtime_ms;
     j["postcopy-ms"] = s.postcopy_ms;
+    j["blocktime-ms"] = s.blocktime_ms;
     const auto& l = s.fault_latency;
     j["fault-latency-us"] = {{"count", l.count}, {"p50", l.p50_us}, {"p99", l.p99_us}, {"p999", l.p999_us},
                              {"max", l.max_us}, {"mean", l.mean_us}};
