@@ -184,7 +184,15 @@ Floors measure_floors(const Options& o, Report& rep) {
     Fields stream = probe(rep, "tcp stream", [&] { return floor_tcp_stream(512ull << 20, (o.quick ? 2ull : 4ull) << 30); });
     Fields cold = probe(rep, "tcp stream cold", [&] { return floor_tcp_stream_cold((o.quick ? 256ull : 1024ull) << 20); });
     Fields mem = probe(rep, "memcpy", [&] { return floor_memcpy(256ull << 20, 9); });
-    Fields pipe = probe(rep, "pipeline", [&] { return floor_pipeline((o.quick ? 512ull : 2048ull) << 20); });
+    // The pipeline floor is the best of a few passes: a floor is what the machine can do,
+    // and one pass on two shared cores is easily disturbed.
+    Fields pipe;
+    std::string pipe_passes;
+    for (int pass = 0; pass < (o.quick ? 1 : 3); ++pass) {
+        Fields p = probe(rep, "pipeline", [&] { return floor_pipeline((o.quick ? 512ull : 1024ull) << 20); });
+        pipe_passes += fmt::format("{}{:.2f}", pipe_passes.empty() ? "" : ", ", p.num("pipeline_gbps"));
+        if (p.num("pipeline_gbps") > pipe.num("pipeline_gbps")) pipe = p;
+    }
     Floors f{rtt.num("rtt_p50_us"), rtt.num("rtt_p99_us"), copy.num("uffd_p50_us"), copy.num("uffd_p99_us"),
              minor.num("uffd_minor_p50_us"), stream.num("tcp_gbps"), mem.num("memcpy_gbps"),
              remote.num("remote_p50_us"), pipe.num("pipeline_gbps")};
@@ -203,8 +211,8 @@ Floors measure_floors(const Options& o, Report& rep) {
                          "tcp stream, cold memory each side", cold.num("tcp_cold_gbps")));
     rep.line(fmt::format("  {:<40} {:.2f} GB/s", "memcpy, populated buffers", f.memcpy_gbps));
     rep.line(fmt::format("  {:<40} {:.2f} GB/s  (pread memfd → 1 MiB sends → recv MSG_WAITALL → pwrite memfd, "
-                         "two processes)",
-                         "kernel-copy pipeline floor", f.pipeline_gbps));
+                         "two processes; best of {})",
+                         "kernel-copy pipeline floor", f.pipeline_gbps, pipe_passes));
     auto& j = rep.json;
     j.num("floor_fault_us", f.fault_us());
     j.num("floor_rtt_p50_us", f.rtt_p50);
