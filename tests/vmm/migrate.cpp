@@ -126,6 +126,7 @@ TEST_CASE("vmm/migrate/postcopy/source-lost") {
     p.src->execute("migrate", {{"uri", p.dst->incoming}});
     auto resumed = src_events.wait_event("MIGRATION", status_is("postcopy"), 30s);
     REQUIRE_MESSAGE(resumed.has_value(), why(resumed));
+    CHECK(p.dst->execute("query-migrate")["pages"]["pushed"] == 0);  // the held frame: nothing pushed is placed
     p.src->execute("migrate-cancel");  // returns once the source has stopped
     {
         const int w = ::open(release.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);

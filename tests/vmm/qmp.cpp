@@ -200,6 +200,7 @@ TEST_CASE("vmm/qmp/wrong-phase") {
     auto q = src->execute("query-migrate");
     CHECK(q["role"] == "source");
     CHECK(q["mode"] == "postcopy");
+    CHECK(dst->execute("query-migrate")["pages"]["pushed"] == 0);  // the held frame: nothing pushed is placed
 
     // Cancelled after the destination resumed: the source keeps the VM parked and the
     // destination cannot continue; pages that never arrived are poisoned, and the
