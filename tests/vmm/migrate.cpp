@@ -3,6 +3,9 @@
 // workload checks out on the destination, which keeps running it, and both processes
 // quit cleanly.
 #include <doctest/doctest.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "harness.hpp"
 
@@ -14,8 +17,9 @@ namespace {
 struct Pair {
     TempDir dir;
     std::unique_ptr<VmProcess> src, dst;
-    explicit Pair(const std::string& workload) {
-        dst = VmProcess::start(dir, "dst", {"--workload", workload, "--incoming", "tcp:127.0.0.1:0"});
+    // `dst_env` is added to the destination's environment (e.g. LAZYMIG_FAILPOINTS).
+    explicit Pair(const std::string& workload, const std::vector<std::string>& dst_env = {}) {
+        dst = VmProcess::start(dir, "dst", {"--workload", workload, "--incoming", "tcp:127.0.0.1:0"}, dst_env);
         src = VmProcess::start(dir, "src", {"--workload", workload});
     }
 };
@@ -125,11 +129,15 @@ TEST_CASE("vmm/migrate/postcopy/kv") {
 }
 
 // The source goes away mid-post-copy (cancelled after the destination resumed): the
-// destination cannot continue. Pages that never arrived are poisoned by lazymig; a
+// destination cannot continue. Its first bulk frame is held before placement (fail
+// point) until the source is gone, so most pages are certainly missing. Pages that never arrived are poisoned by lazymig; a
 // vCPU that touches one stops (reported, not a crash), the checker names one, and
 // both processes still answer and quit cleanly.
 TEST_CASE("vmm/migrate/postcopy/source-lost") {
-    Pair p("pattern");
+    TempDir fifo_dir;
+    const std::string release = fifo_dir.file("release-bulk");
+    REQUIRE(::mkfifo(release.c_str(), 0600) == 0);
+    Pair p("pattern", {"LAZYMIG_FAILPOINTS=pager_bulk_before_place=hold:" + release});
     INFO("src log: " << p.src->log_tail());
     INFO("dst log: " << p.dst->log_tail());
     auto src_events = p.src->connect();
@@ -138,11 +146,17 @@ TEST_CASE("vmm/migrate/postcopy/source-lost") {
     REQUIRE(dst_events.execute("enable-events").has_value());
     auto status_is = [](const char* s) { return [s](const json& e) { return e["data"]["status"] == s; }; };
 
-    p.src->execute("migrate-set-parameters", {{"max-bandwidth", 2'000'000}});  // most pages still missing
     p.src->execute("migrate", {{"uri", p.dst->incoming}});
     auto resumed = src_events.wait_event("MIGRATION", status_is("postcopy"), 30s);
     REQUIRE_MESSAGE(resumed.has_value(), why(resumed));
-    p.src->execute("migrate-cancel");
+    CHECK(p.dst->execute("query-migrate")["pages"]["pushed"] == 0);  // the held frame: nothing pushed is placed
+    p.src->execute("migrate-cancel");  // returns once the source has stopped
+    {
+        const int w = ::open(release.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+        REQUIRE_MESSAGE(w >= 0, "the destination does not hold the release pipe open");
+        CHECK(::write(w, "x", 1) == 1);
+        ::close(w);
+    }
 
     auto failed = dst_events.wait_event("MIGRATION", status_is("failed"), 30s);
     REQUIRE_MESSAGE(failed.has_value(), why(failed));
