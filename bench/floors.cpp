@@ -358,6 +358,59 @@ Fields floor_tcp_stream_cold(std::size_t bytes) {
     return Fields().set("tcp_cold_gbps", double(bytes) / double(t1 - t0));
 }
 
+Fields floor_pipeline(std::size_t bytes) {
+    constexpr std::size_t kChunk = 1 << 20;  // every syscall moves 1 MiB, as the push does
+    bytes = std::max(kChunk, bytes / kChunk * kChunk);
+    // The source's guest RAM: a memfd whose every page was written before (page cache).
+    const int src = ::memfd_create("bench-pipeline-src", MFD_CLOEXEC);
+    if (src < 0 || ::ftruncate(src, static_cast<off_t>(bytes)) != 0) die("bench floor: pipeline memfd");
+    {
+        void* m = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, src, 0);
+        if (m == MAP_FAILED) die("bench floor: pipeline mmap");
+        fill_content(static_cast<std::byte*>(m), bytes);
+        ::munmap(m, bytes);
+    }
+    int port = 0;
+    const int lfd = tcp_listen_loopback(&port);
+    const pid_t receiver = fork_or_die();
+    if (receiver == 0) {  // the destination: recv(MSG_WAITALL) 1 MiB into one buffer, pwrite into a fallocated memfd
+        const int c = ::accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC);
+        if (c < 0) die("bench floor: accept");
+        const int dst = ::memfd_create("bench-pipeline-dst", MFD_CLOEXEC);
+        if (dst < 0 || ::ftruncate(dst, static_cast<off_t>(bytes)) != 0 ||
+            ::fallocate(dst, 0, 0, static_cast<off_t>(bytes)) != 0)
+            die("bench floor: pipeline destination memfd");
+        std::byte* buf = map_populated(kChunk);
+        const char ready = 1;
+        send_all(c, &ready, 1);
+        for (std::size_t off = 0; off < bytes; off += kChunk) {
+            const ssize_t n = ::recv(c, buf, kChunk, MSG_WAITALL);
+            if (n != static_cast<ssize_t>(kChunk)) die("bench floor: pipeline recv");
+            if (::pwrite(dst, buf, kChunk, static_cast<off_t>(off)) != static_cast<ssize_t>(kChunk))
+                die("bench floor: pipeline pwrite");
+        }
+        send_all(c, &ready, 1);  // every byte is in the destination's file
+        std::_Exit(0);
+    }
+    ::close(lfd);
+    const int fd = tcp_connect_loopback(port);
+    std::byte* buf = map_populated(kChunk);
+    char ack = 0;
+    if (!recv_all(fd, &ack, 1)) die("bench floor: pipeline receiver gone");
+    const std::uint64_t t0 = now_ns();
+    for (std::size_t off = 0; off < bytes; off += kChunk) {
+        if (::pread(src, buf, kChunk, static_cast<off_t>(off)) != static_cast<ssize_t>(kChunk))
+            die("bench floor: pipeline pread");
+        send_all(fd, buf, kChunk);
+    }
+    if (!recv_all(fd, &ack, 1)) die("bench floor: pipeline receiver gone");
+    const std::uint64_t t1 = now_ns();
+    ::close(fd);
+    ::close(src);
+    reap(receiver);
+    return Fields().set("pipeline_gbps", double(bytes) / double(t1 - t0));
+}
+
 Fields floor_memcpy(std::size_t bytes, int passes) {
     std::byte* a = map_populated(bytes);
     std::byte* b = map_populated(bytes);

@@ -17,6 +17,11 @@
 //                 but untouched one, each page read and written once, as a migration must
 //                 (information: where this machine charges a first touch of a page, this,
 //                 not tcp_stream, bounds a single-threaded push)
+//   pipeline      the raw kernel-copy pipeline a push can at best match: pread from a
+//                 memfd whose pages were all written before into a reused 1 MiB buffer,
+//                 send over one loopback TCP stream in 1 MiB sends, recv(MSG_WAITALL)
+//                 into a reused buffer, pwrite into another fallocated memfd; the two
+//                 ends in two processes
 //   memcpy        one thread copying between populated buffers
 #pragma once
 
@@ -32,6 +37,7 @@ namespace bench {
 [[nodiscard]] Fields floor_remote_fault(int warmup, int pages);      // remote_{p50,p99,p999,mean}_us
 [[nodiscard]] Fields floor_tcp_stream(std::size_t warmup_bytes, std::size_t bytes);  // tcp_gbps
 [[nodiscard]] Fields floor_tcp_stream_cold(std::size_t bytes);      // tcp_cold_gbps
+[[nodiscard]] Fields floor_pipeline(std::size_t bytes);              // pipeline_gbps
 [[nodiscard]] Fields floor_memcpy(std::size_t bytes, int passes);    // memcpy_gbps
 
 // Loopback TCP helpers shared with nothing else; exit the process on failure (probes only).

@@ -89,28 +89,36 @@ Fields migrate_once(lazymig::GuestMemory& mem, const Fields& cmd, LineReader& co
     std::atomic<std::int64_t> peak{0};
     Sampler sampler([&] { max_into(peak, memory_growth(r0, read_rss())); });
 
-    // Hook times (CLOCK_MONOTONIC, comparable across processes) split the downtime.
-    std::atomic<std::uint64_t> paused_ns{0}, saved_ns{0};
+    // Hook times (CLOCK_MONOTONIC, comparable across processes) split the downtime:
+    // entry and exit of each hook, and when the source heard RESUMED (the postcopy event).
+    std::atomic<std::uint64_t> paused_ns{0}, pause_done_ns{0}, saved_ns{0}, save_done_ns{0}, resumed_seen_ns{0};
     lazymig::VmmHooks hooks{
-        .pause_vcpus = [&] { paused_ns = now_ns(); },
+        .pause_vcpus = [&] { paused_ns = now_ns(); pause_done_ns = now_ns(); },
         .resume_vcpus = [] {},
         .save_device_state = [&]() -> lazymig::Result<std::vector<std::byte>> {
             saved_ns = now_ns();
-            return std::vector<std::byte>(4096, std::byte{0x42});
+            std::vector<std::byte> blob(4096, std::byte{0x42});
+            save_done_ns = now_ns();
+            return blob;
         },
         .load_device_state = {},
         .on_epoch_committed = {},
-        .on_event = {},
+        .on_event =
+            [&](const lazymig::Event& e) {
+                if (e.kind == lazymig::Event::Kind::phase && e.phase == lazymig::Phase::postcopy)
+                    resumed_seen_ns = now_ns();
+            },
     };
     lazymig::Parameters params;
     params.max_bandwidth = static_cast<std::uint64_t>(cmd.num("max_bandwidth"));
+    params.bulk_channels = static_cast<std::uint32_t>(cmd.num("bulk_channels"));
     auto s = lazymig::Source::create({.regions = {mem.region()}, .hooks = hooks,
                                       .uri = "tcp:127.0.0.1:" + cmd.str("port"), .mode = lazymig::Mode::postcopy,
                                       .parameters = params});
     if (!s) return Fields().set_str("error", "source: " + s.error().message());
     if (auto m = (*s)->migrate(); !m) return Fields().set_str("error", "source: " + m.error().message());
     (void)commands.next();  // "release", or end of file if the orchestrator gave up
-    (*s)->set_parameters(lazymig::Parameters{});
+    (*s)->set_parameters(lazymig::Parameters{.bulk_channels = params.bulk_channels});
     auto done = (*s)->wait();
     const lazymig::Stats st = (*s)->stats();
     const Rss r1 = read_rss();
@@ -121,7 +129,11 @@ Fields migrate_once(lazymig::GuestMemory& mem, const Fields& cmd, LineReader& co
     if (!done) f.set_str("error", "source: " + done.error().message());
     f.set("src_downtime_ms", st.downtime_ms)
         .set("src_paused_ns", paused_ns.load())
+        .set("src_pause_done_ns", pause_done_ns.load())
         .set("src_saved_ns", saved_ns.load())
+        .set("src_save_done_ns", save_done_ns.load())
+        .set("src_resumed_seen_ns", resumed_seen_ns.load())
+        .set("src_bulk_channels", std::uint64_t(st.bulk_channels))
         .set("src_elapsed_ms", st.elapsed_ms)
         .set("src_pages_pushed", st.pages_pushed)
         .set("src_pages_demanded", st.pages_demanded)
@@ -265,17 +277,21 @@ int destination_run(const DestinationSpec& spec, int, int report_fd) {
     const std::uint64_t pages = spec.bytes / kPage;
     Touchers touchers(spec, mem->data(), pages);
     // 0 until the session thread resumes the "vCPUs" (or the migration ends first: 1).
-    std::atomic<std::uint64_t> resumed_ns{0}, loaded_ns{0};
+    std::atomic<std::uint64_t> resumed_ns{0}, resume_done_ns{0}, loaded_ns{0}, load_done_ns{0};
     auto wake = [&](std::uint64_t v) {
         std::uint64_t zero = 0;
         if (resumed_ns.compare_exchange_strong(zero, v)) resumed_ns.notify_all();
     };
     lazymig::VmmHooks hooks{
         .pause_vcpus = [] {},
-        .resume_vcpus = [&] { wake(now_ns()); },
+        .resume_vcpus = [&] {
+            wake(now_ns());
+            resume_done_ns = now_ns();
+        },
         .save_device_state = {},
         .load_device_state = [&](std::span<const std::byte>) -> lazymig::Result<void> {
             loaded_ns = now_ns();
+            load_done_ns = now_ns();
             return {};
         },
         .on_epoch_committed = {},
@@ -287,7 +303,8 @@ int destination_run(const DestinationSpec& spec, int, int report_fd) {
 
     const Rss r0 = read_rss();  // baseline: guest RAM mapped but empty, bench memory populated
     const std::uint64_t l0 = now_ns();
-    auto d = lazymig::Destination::listen({.regions = {mem->region()}, .hooks = hooks, .uri = "tcp:127.0.0.1:0"});
+    auto d = lazymig::Destination::listen({.regions = {mem->region()}, .hooks = hooks, .uri = "tcp:127.0.0.1:0",
+                                           .parameters = {.bulk_channels = spec.bulk_channels}});
     if (!d) {
         emit(report_fd, Fields().set_str("error", "destination: " + d.error().message()));
         return 1;
@@ -330,7 +347,11 @@ int destination_run(const DestinationSpec& spec, int, int report_fd) {
     const double postcopy_s = st.postcopy_ms / 1e3;
     f.set("dst_listen_ms", listen_ms)
         .set("dst_loaded_ns", loaded_ns.load())
+        .set("dst_load_done_ns", load_done_ns.load())
         .set("dst_resumed_ns", resumed_ns.load())
+        .set("dst_resume_done_ns", resume_done_ns.load())
+        .set("dst_blocktime_ms", st.blocktime_ms)
+        .set("dst_bulk_channels", std::uint64_t(st.bulk_channels))
         .set("dst_postcopy_ms", st.postcopy_ms)
         .set("dst_wall_ms", double(end_ns - resumed_ns.load()) / 1e6)
         .set("push_gbps", postcopy_s > 0 ? double(spec.bytes) / postcopy_s / 1e9 : 0.0)
@@ -368,6 +389,41 @@ int destination_run(const DestinationSpec& spec, int, int report_fd) {
     if (done) f.set("verify_errors", verify(mem->data(), pages));
     emit(report_fd, f);
     return done ? 0 : 1;
+}
+
+}  // namespace bench
+
+namespace bench {
+
+Fields run_migration(Child& source, const MigrationRun& r) {
+    DestinationSpec ds{.bytes = r.bytes, .backing = r.backing, .touchers = r.touchers, .max_samples = r.max_samples,
+                       .max_seconds = 4, .bulk_channels = r.bulk_channels};
+    Child dst = Child::spawn([&](int c, int w) { return destination_run(ds, c, w); });
+    auto port = dst.recv();
+    if (!port || port->has("error"))
+        return Fields().set_str("error", port ? port->str("error") : "destination ended: " + dst.finish());
+    source.send(Fields()
+                    .set_str("run", "1")
+                    .set_str("port", port->str("port"))
+                    .set("max_bandwidth", r.max_bandwidth)
+                    .set("bulk_channels", std::uint64_t(r.bulk_channels)));
+    auto touched = dst.recv();
+    source.send(Fields().set_str("release", "1"));
+    auto dres = dst.recv();
+    auto sres = source.recv();
+    const std::string how = dst.finish();
+    Fields f;
+    if (sres) f.merge(*sres);
+    if (dres) f.merge(*dres);
+    if (touched) f.set("touch_seconds", touched->num("touch_seconds"));
+    f.set("dst_listen_ms", port->num("listen_ms"));
+    std::string err;
+    if (dres && dres->has("error")) err = dres->str("error");
+    else if (!dres) err = "destination ended without a report (" + how + ")";
+    if (sres && sres->has("error")) err += (err.empty() ? "" : "; ") + sres->str("error");
+    else if (!sres) err += (err.empty() ? "" : "; ") + std::string("source server ended without a report");
+    if (!err.empty()) f.set_str("error", err);
+    return f;
 }
 
 }  // namespace bench

@@ -3,7 +3,8 @@
 //
 // Conversation (lines of fields on the pipes; → orchestrator to child, ← child to it):
 //   source server  ← ready fill_ms=…                      (guest RAM allocated and filled once)
-//                  → run port=P max_bandwidth=B           (one migration to the destination at P)
+//                  → run port=P max_bandwidth=B bulk_channels=N
+//                                                         (one migration to the destination at P)
 //                  → release                              (lift the bandwidth limit; then wait)
 //                  ← result fields (src_*)
 //                  → quit
@@ -34,7 +35,20 @@ struct DestinationSpec {
     int touchers = 0;                  // 0: no access at all, a pure push
     std::uint64_t max_samples = 20000;  // faulting touches recorded, over all touchers
     double max_seconds = 4;             // touching stops after this long past resume
+    std::uint32_t bulk_channels = 0;    // Parameters::bulk_channels (0: the library's default)
 };
+
+// One migration served by `source` (a source_server child) to a fresh destination
+// process. Returns the merged reports of both sides (with `error` if anything went wrong).
+struct MigrationRun {
+    std::size_t bytes = 0;
+    lazymig::Backing backing = lazymig::Backing::memfd;
+    int touchers = 0;
+    std::uint64_t max_samples = 20000;
+    double max_bandwidth = 0;          // bytes/s until the touchers stop; 0 = unlimited
+    std::uint32_t bulk_channels = 0;   // both ends' Parameters::bulk_channels
+};
+[[nodiscard]] Fields run_migration(Child& source, const MigrationRun& r);
 
 // Bodies for Child::spawn: (command fd, report fd) → exit code.
 int source_server(const SourceSpec& spec, int command_fd, int report_fd);

@@ -15,11 +15,11 @@
 
 namespace bench {
 
-// DESIGN.md targets.
-inline constexpr double kFaultP50Ratio = 1.5;   // demand fault median ≤ 1.5 × floor_fault_us
-inline constexpr double kFaultP99Ratio = 4.0;   // demand fault p99 ≤ 4 × floor_fault_us
-inline constexpr double kPushRatio = 0.90;      // background push ≥ 90 % of raw TCP
-inline constexpr double kDowntimeMs = 5.0;      // post-copy switchover < 5 ms (+ device state)
+// DESIGN.md targets ("Performance").
+inline constexpr double kFaultP50Ratio = 1.2;   // demand fault median ≤ 1.2 × raw peer-served fault (p50)
+inline constexpr double kFaultP99Ratio = 3.0;   // demand fault p99 ≤ 3 × the same, pusher at full speed
+inline constexpr double kPushRatio = 0.80;      // push ≥ 80 % of the raw kernel-copy pipeline
+// Post-copy downtime p99 ≤ 2 ms plus device-state time: judged in series.cpp.
 inline constexpr double kOverheadSlack = 2u << 20;  // thread stacks, rings, frame buffers
 
 // A flat JSON object, keys in insertion order.

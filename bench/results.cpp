@@ -15,9 +15,9 @@ void report_run(Report& rep, const Fields& f, const RunLabels& r) {
                              "({} in {:.1f} ms from resume to last page)",
                              f.num("push_gbps"), f.num("push_pages_per_s") / 1e3, r.size_tag,
                              f.num("dst_postcopy_ms")));
-        const double ratio = f.num("push_gbps") / r.floor_tcp_gbps;
-        rep.check("push " + r.title, fmt::format("{:.2f} GB/s = {:.2f} x tcp {:.2f}", f.num("push_gbps"),
-                                               ratio, r.floor_tcp_gbps),
+        const double ratio = f.num("push_gbps") / r.floor_push_gbps;
+        rep.check("push " + r.title, fmt::format("{:.2f} GB/s = {:.2f} x pipeline {:.2f}", f.num("push_gbps"),
+                                               ratio, r.floor_push_gbps),
                   fmt::format(">= {:.2f} x", kPushRatio), ratio >= kPushRatio);
         j.num("push_gbps_" + r.sfx, f.num("push_gbps"));
         j.num("push_pages_per_s_" + r.sfx, f.num("push_pages_per_s"));
@@ -42,15 +42,16 @@ void report_run(Report& rep, const Fields& f, const RunLabels& r) {
                              f.num("lib_fault_p50_us"), f.num("lib_fault_p99_us"),
                              f.num("lib_fault_p999_us"), f.num("lib_fault_count")));
         rep.line(fmt::format("      faults {} requests {} demanded pages {} duplicates {}; whole "
-                             "post-copy {:.1f} ms ({:.2f} GB/s)",
+                             "post-copy {:.1f} ms ({:.2f} GB/s); blocktime {:.1f} ms",
                              f.num("dst_faults"), f.num("dst_requests"), f.num("dst_pages_demanded"),
-                             f.num("dst_duplicate_pages"), f.num("dst_postcopy_ms"), f.num("push_gbps")));
+                             f.num("dst_duplicate_pages"), f.num("dst_postcopy_ms"), f.num("push_gbps"),
+                             f.num("dst_blocktime_ms")));
         const double r50 = f.num("touch_p50_us") / r.floor_fault_us, r99 = f.num("touch_p99_us") / r.floor_fault_us;
         const std::string what = fmt::format("fault {}{}", r.title, thr ? " throttled" : "");
-        rep.check(what + " p50", fmt::format("{:.1f} us = {:.2f} x floor {:.1f}", f.num("touch_p50_us"),
+        rep.check(what + " p50", fmt::format("{:.1f} us = {:.2f} x raw fault {:.1f}", f.num("touch_p50_us"),
                                              r50, r.floor_fault_us),
                   fmt::format("<= {:.1f} x", kFaultP50Ratio), r50 <= kFaultP50Ratio);
-        rep.check(what + " p99", fmt::format("{:.1f} us = {:.2f} x floor {:.1f}", f.num("touch_p99_us"),
+        rep.check(what + " p99", fmt::format("{:.1f} us = {:.2f} x raw fault {:.1f}", f.num("touch_p99_us"),
                                              r99, r.floor_fault_us),
                   fmt::format("<= {:.1f} x", kFaultP99Ratio), r99 <= kFaultP99Ratio);
         for (const char* k : {"p50", "p99", "p999", "max", "mean"})
@@ -63,6 +64,7 @@ void report_run(Report& rep, const Fields& f, const RunLabels& r) {
         j.num("faults_" + r.sfx, f.num("dst_faults"));
         j.num("demanded_pages_" + r.sfx, f.num("dst_pages_demanded"));
         j.num("fault_push_gbps_" + r.sfx, f.num("push_gbps"));
+        j.num("blocktime_ms_" + r.sfx, f.num("dst_blocktime_ms"));
         if (r.headline && !thr) {
             for (const char* k : {"p50", "p99", "p999"}) {
                 j.num(fmt::format("fault_{}_us", k), f.num(fmt::format("touch_{}_us", k)));
@@ -76,8 +78,8 @@ void report_run(Report& rep, const Fields& f, const RunLabels& r) {
     j.num("dst_overhead_peak_bytes_" + r.tag + vs, dst_ovh);
     j.num("dst_overhead_end_bytes_" + r.tag + vs, f.num("dst_overhead_end_bytes"));
     j.num("src_overhead_peak_bytes_" + r.tag + vs, src_ovh);
-    rep.check(fmt::format("downtime {} {}", r.title, r.variant), fmt::format("{:.2f} ms", downtime),
-              fmt::format("< {:.0f} ms", kDowntimeMs), downtime < kDowntimeMs);
+    // (The downtime target is judged over many switchovers: series.hpp.)
+    rep.line(fmt::format("      downtime {:.2f} ms", downtime));
     {
         // The hooks' CLOCK_MONOTONIC stamps from both processes split the downtime.
         const double p = f.num("src_paused_ns"), sv = f.num("src_saved_ns");

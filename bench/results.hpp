@@ -19,7 +19,8 @@ struct RunLabels {
     bool headline = false;  // its figures also go to the headline keys (fault_p50_us, push_gbps)
     int touchers = 0;
     double throttle_mbps = 0;
-    double floor_fault_us = 0, floor_tcp_gbps = 0;
+    double floor_fault_us = 0;   // raw peer-served uffd fault, p50 (floors.hpp remote_fault)
+    double floor_push_gbps = 0;  // the kernel-copy pipeline (floors.hpp pipeline)
 };
 
 // Prints the run's lines and target checks and adds its JSON keys.

@@ -1,8 +1,12 @@
 // The fault thread: the one place where a vCPU's missing page turns into a request.
 //
-// It blocks in poll() on the uffd and the stop eventfd, reads fault messages in
-// batches and, per fault:
+// It blocks in one place, poll(): on the stop eventfd, the uffd and — while the outbox
+// holds unsent bytes — POLLOUT on the urgent channel. It never blocks on a send: a
+// request the outbox cannot take (EAGAIN) stays pending here (one at most, with the rest
+// of its batch of fault messages), and no more faults are read until the outbox drains
+// and takes it. It reads fault messages in batches and, per fault:
 //   PRESENT    → the page was placed after the fault was queued: UFFDIO_WAKE.
+//   STAGED     → its bytes are in the file already (pre-copy): map it, no request.
 //   REQUESTED/PLACING → already on its way; the placement's ioctl will wake the thread.
 //   MISSING    → REQUESTED, plus up to `window` following MISSING pages, in one request.
 // The window doubles while faults walk forward through a region and falls back to one
@@ -20,9 +24,9 @@
 
 namespace lazymig::pager {
 
-Result<void> Pager::start(RequestSink sink, std::function<void(const Error&)> on_error) {
+Result<void> Pager::start(net::Outbox& out, std::function<void(const Error&)> on_error) {
     if (thread_.joinable()) return logic_error("pager: fault thread already running");
-    sink_ = std::move(sink);
+    outbox_ = &out;
     on_error_ = std::move(on_error);
     try {
         thread_ = std::thread([this] { fault_thread(); });
@@ -39,25 +43,66 @@ void Pager::stop() {
 }
 
 void Pager::fault_thread() {
-    std::array<uffd::Event, 64> events;
-    pollfd fds[2] = {{uffd_.fd(), POLLIN, 0}, {stop_event_.fd(), POLLIN, 0}};
     auto fail = [&](const Error& e) {
         LZ_LOG(error, "pager_fault_thread_failed", "{}", e.message());
         if (on_error_) on_error_(e);
     };
     for (;;) {
-        const int n = ::poll(fds, 2, -1);
+        // Faults wait in the uffd (bounded by the guest's threads) while a request is
+        // blocked on a full outbox: only the blocked request and the rest of its batch
+        // are held here.
+        const bool blocked = pending_.has_value();
+        const bool want_out = blocked || outbox_->pending();
+        pollfd fds[3] = {{stop_event_.fd(), POLLIN, 0},
+                         {blocked ? -1 : uffd_.fd(), POLLIN, 0},
+                         {want_out ? outbox_->poll_fd() : -1, POLLOUT, 0}};
+        const int n = ::poll(fds, 3, -1);
         if (n < 0 && errno == EINTR) continue;
-        if (n < 0) return fail(Error{errno, "pager: poll on the userfaultfd"});
-        if (fds[1].revents) return;
-        if (fds[0].revents & (POLLERR | POLLHUP | POLLNVAL))
-            return fail(Error{0, fmt::format("pager: userfaultfd reported poll events {:#x}", fds[0].revents)});
-        auto got = uffd_.read_events(events);
-        if (!got) return fail(got.error());
-        for (std::size_t i = 0; i < *got; ++i) {
-            if (auto r = handle_fault(events[i]); !r) return fail(r.error());
+        if (n < 0) {
+            const int e = errno;
+            return fail(Error{e, "pager: poll on the userfaultfd, the stop eventfd and the urgent channel"});
+        }
+        if (fds[0].revents) return;
+        if (fds[2].revents) {
+            auto drained = outbox_->flush();
+            if (!drained) return fail(drained.error().wrap("pager: sending page requests"));
+            if (!*drained && (fds[2].revents & (POLLERR | POLLHUP | POLLNVAL)))
+                return fail(Error{0, fmt::format("{}: poll reports events {:#x} while page requests wait to be sent",
+                                                 outbox_->where(), fds[2].revents),
+                                  ErrorClass::transport_lost});
+            if (blocked) {
+                auto r = post_request();
+                if (!r) return fail(r.error());
+                if (pending_) continue;  // still no room
+            }
+        }
+        if (fds[1].revents & (POLLERR | POLLHUP | POLLNVAL))
+            return fail(Error{0, fmt::format("pager: userfaultfd reported poll events {:#x}", fds[1].revents)});
+        if (!pending_ && batch_pos_ == batch_len_ && (fds[1].revents & POLLIN)) {
+            auto got = uffd_.read_events(batch_);
+            if (!got) return fail(got.error());
+            batch_pos_ = 0;
+            batch_len_ = *got;
+        }
+        while (!pending_ && batch_pos_ < batch_len_) {
+            if (auto r = handle_fault(batch_[batch_pos_++]); !r) return fail(r.error());
         }
     }
+}
+
+// Posts the pending request; it stays pending when the outbox has no room (EAGAIN).
+Result<void> Pager::post_request() {
+    auto r = outbox_->post(*pending_);
+    if (r) {
+        pending_.reset();
+        return {};
+    }
+    if (r.error().code == EAGAIN) {
+        if (int e = failpoint::check("pager_request_blocked", 0, 0, 0))
+            return sys_error("pager: failpoint pager_request_blocked", e);
+        return {};
+    }
+    return std::unexpected(r.error().wrap("pager: sending a page request"));
 }
 
 Result<void> Pager::handle_fault(const uffd::Event& ev) {
@@ -77,14 +122,29 @@ Result<void> Pager::handle_fault(const uffd::Event& ev) {
     Region& r = regions_[ri];
     const std::uint64_t page = (ev.address - reinterpret_cast<std::uint64_t>(r.guest.host)) / r.guest.page_size;
     stats_.faults.add();
+    const std::uint32_t now = now_us();
+    // The thread waits from now until its page is present. Published before the state is
+    // read, so that a placement racing with this fault either sees the wait or is seen
+    // (blocktime.cpp); THREAD_ID missing: slot -1, nothing attributed.
+    const int slot = blocktime_->begin(ev.tid, ri, page, now);
+    std::atomic_thread_fence(std::memory_order_seq_cst);
 
     switch (r.state.get(page)) {
     case PageState::present:
+        blocktime_->recheck(slot, ri, page, true, now);
         return uffd_.wake(r.host(page), r.guest.page_size);
+    case PageState::staged: {
+        // The bytes are here (pre-copy): map them and their staged neighbours, no network.
+        r.fault_at[page].store(now, std::memory_order_relaxed);
+        auto n = map_staged(ri, page, std::min<std::uint64_t>(prefetch_max_.load(std::memory_order_relaxed), r.pages - page));
+        if (!n) return std::unexpected(n.error());
+        if (*n == 0) blocktime_->recheck(slot, ri, page, r.state.get(page) == PageState::present, now);
+        return {};
+    }
     case PageState::requested:
     case PageState::placing: {
         std::uint32_t none = 0;  // first fault on a prefetched page starts its clock
-        r.fault_at[page].compare_exchange_strong(none, now_us(), std::memory_order_relaxed);
+        r.fault_at[page].compare_exchange_strong(none, now, std::memory_order_relaxed);
         if (int e = failpoint::check("pager_fault_in_flight", ri, page, 1))
             return sys_error("pager: failpoint pager_fault_in_flight", e);
         return {};
@@ -92,8 +152,16 @@ Result<void> Pager::handle_fault(const uffd::Event& ev) {
     case PageState::missing:
         break;
     }
-    if (!r.state.mark_requested(page)) return {};  // a push claimed it meanwhile
-    r.fault_at[page].store(now_us(), std::memory_order_relaxed);
+    if (!r.state.mark_requested(page)) {
+        // A push claimed it meanwhile (its placement ends the wait), or it was placed
+        // already: the thread may have been woken before its wait was published.
+        if (r.state.get(page) == PageState::present) {
+            blocktime_->recheck(slot, ri, page, true, now);
+            return uffd_.wake(r.host(page), r.guest.page_size);
+        }
+        return {};
+    }
+    r.fault_at[page].store(now, std::memory_order_relaxed);
 
     // Prefetch trend: forward within twice the window doubles it; anything else resets.
     if (r.last_fault != ~0ull && page > r.last_fault && page - r.last_fault <= 2ull * r.window)
@@ -107,7 +175,8 @@ Result<void> Pager::handle_fault(const uffd::Event& ev) {
     while (count < r.window && page + count < r.pages && r.state.mark_requested(page + count)) ++count;
     stats_.requests.add();
     LZ_LOG(debug, "pager_request", "region={} page={} count={}", ri, page, count);
-    return sink_(proto::PageRequest{.region = ri, .count = count, .first = page});
+    pending_ = proto::encode(proto::PageRequest{.region = ri, .count = count, .first = page});
+    return post_request();
 }
 
 }  // namespace lazymig::pager

@@ -1,4 +1,4 @@
-// Destination guest memory: uffd registration, file aliases, teardown.
+// Destination guest memory: uffd registration, fresh files, teardown.
 #include <fcntl.h>
 #include <sys/mman.h>
 
@@ -37,9 +37,16 @@ Result<std::unique_ptr<Pager>> Pager::create(std::span<const GuestRegion> region
     if (!stop) return std::unexpected(stop.error());
     p->stop_event_ = std::move(*stop);
 
-    auto u = uffd::Uffd::open(features_for(regions));
+    // THREAD_ID when the kernel has it: blocktime per faulting thread. Without it the
+    // pager still works and blocktime says it is unavailable.
+    auto probed = uffd::Uffd::probe();
+    if (!probed) return std::unexpected(probed.error().wrap("destination"));
+    const bool thread_id = probed->has(UFFD_FEATURE_THREAD_ID);
+    auto u = uffd::Uffd::open(features_for(regions) | (thread_id ? UFFD_FEATURE_THREAD_ID : 0));
     if (!u) return std::unexpected(u.error().wrap("destination"));
     p->uffd_ = std::move(*u);
+    p->blocktime_ = std::make_unique<Blocktime>(thread_id);
+    if (!thread_id) LZ_LOG(warn, "pager_no_thread_id", "the kernel lacks UFFD_FEATURE_THREAD_ID: blocktime per thread is unavailable");
 
     for (std::size_t i = 0; i < regions.size(); ++i) {
         const auto& g = regions[i];
@@ -51,40 +58,63 @@ Result<std::unique_ptr<Pager>> Pager::create(std::span<const GuestRegion> region
         const std::string where = fmt::format("destination region {} '{}'", i, g.name);
         std::uint64_t mode = UFFDIO_REGISTER_MODE_MISSING;
         if (g.fd >= 0) {
-            // Allocate the whole file now so every guest fault is a MINOR fault (the page
-            // is in the page cache, not yet mapped) and arriving data needs no allocation.
-            if (::fallocate(g.fd, 0, static_cast<off_t>(g.fd_offset), static_cast<off_t>(g.size)) != 0)
-                return sys_error(fmt::format("{}: fallocate {} bytes of guest memory", where, g.size));
-            void* a = ::mmap(nullptr, g.size, PROT_READ | PROT_WRITE, MAP_SHARED, g.fd,
-                             static_cast<off_t>(g.fd_offset));
-            if (a == MAP_FAILED) return sys_error(fmt::format("{}: mmap the write alias", where));
-            r.alias = static_cast<std::byte*>(a);
-            // Populate for writing: MAP_POPULATE maps a shared file read-only, and then the
-            // first write to each page of the alias pays a fault on the placement path
-            // (measured ~1.6 µs a page in sequence, ~8 µs at random, on this machine).
-            if (::madvise(a, g.size, MADV_POPULATE_WRITE) != 0)
-                return sys_error(fmt::format("{}: madvise(MADV_POPULATE_WRITE) the write alias", where));
+            // A fresh file: punch out whatever the VMM may have written, then allocate the
+            // whole range, so every page reads zero (a zero page arriving needs no write),
+            // every guest fault is a MINOR fault (the page is in the page cache, not yet
+            // mapped) and arriving data needs no allocation.
+            const auto off = static_cast<off_t>(g.fd_offset), len = static_cast<off_t>(g.size);
+            if (::fallocate(g.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, off, len) != 0) {
+                const int e = errno;
+                return sys_error(fmt::format("{}: fallocate(PUNCH_HOLE) {} bytes at offset {} of the guest memory file",
+                                             where, g.size, g.fd_offset), e);
+            }
+            if (::fallocate(g.fd, 0, off, len) != 0) {
+                const int e = errno;
+                return sys_error(fmt::format("{}: fallocate {} bytes of guest memory", where, g.size), e);
+            }
+            r.may_hold_data = std::make_unique<std::atomic<std::uint64_t>[]>((r.pages + 63) / 64);
             mode = UFFDIO_REGISTER_MODE_MINOR;
         }
         // The guest mapping must hold no page yet: drop whatever the VMM may have touched
         // (for a file this only unmaps; the file's pages stay).
-        if (::madvise(g.host, g.size, MADV_DONTNEED) != 0)
-            return sys_error(fmt::format("{}: madvise(MADV_DONTNEED) the guest mapping", where));
+        if (::madvise(g.host, g.size, MADV_DONTNEED) != 0) {
+            const int e = errno;
+            return sys_error(fmt::format("{}: madvise(MADV_DONTNEED) the guest mapping", where), e);
+        }
         auto ioctls = p->uffd_.register_range(g.host, g.size, mode);
         if (!ioctls) return std::unexpected(ioctls.error().wrap(where));
         const std::uint64_t need = g.fd >= 0 ? (1ull << _UFFDIO_CONTINUE) : (1ull << _UFFDIO_COPY);
         if ((*ioctls & need) != need)
             return logic_error(fmt::format("{}: the kernel offers no UFFDIO_{} on this mapping", where,
                                            g.fd >= 0 ? "CONTINUE" : "COPY"));
+        // Last step of the region: nothing after it can fail and leak the mapping.
+        if (g.backing == Backing::hugetlbfs) {
+            // hugetlbfs has no write(2) (pwrite fails with EINVAL): its pages are copied
+            // in through a second mapping, populated for writing now — one fault per
+            // 2 MiB page here instead of on the placement path.
+            void* a = ::mmap(nullptr, g.size, PROT_READ | PROT_WRITE, MAP_SHARED, g.fd, static_cast<off_t>(g.fd_offset));
+            if (a == MAP_FAILED) {
+                const int e = errno;
+                return sys_error(fmt::format("{}: mmap the hugetlbfs write alias", where), e);
+            }
+            r.alias = static_cast<std::byte*>(a);
+            if (::madvise(a, g.size, MADV_POPULATE_WRITE) != 0) {
+                const int e = errno;
+                ::munmap(a, g.size);
+                r.alias = nullptr;
+                return sys_error(fmt::format("{}: madvise(MADV_POPULATE_WRITE) the hugetlbfs write alias", where), e);
+            }
+        }
         p->total_pages_ += r.pages;
         p->regions_.push_back(std::move(r));
         p->guest_.push_back(g);
         LZ_LOG(info, "pager_region", "region={} name={} size={} page={} backing={} placement={}", i, g.name,
                g.size, g.page_size, to_string(g.backing), g.fd >= 0 ? "continue" : "copy");
     }
-    std::size_t largest = 0;
+    std::size_t largest = 4096;
     for (const auto& g : regions) largest = std::max(largest, g.page_size);
-    if (largest > 4096) p->zero_page_.assign(largest, std::byte{0});
+    p->zero_page_.assign(largest, std::byte{0});  // written: populated
+    p->placer_ = std::make_unique<Placer>(p->uffd_, std::span(p->regions_), static_cast<PlaceObserver&>(*p), p->zero_page_);
     return p;
 }
 
@@ -96,8 +126,9 @@ Pager::~Pager() {
 
 std::size_t Pager::overhead_bytes() const {
     std::size_t n = 0;
-    for (const auto& r : regions_) n += r.state.bytes() + r.pages * sizeof(std::uint32_t);
-    return n + zero_page_.size();
+    for (const auto& r : regions_)
+        n += r.state.bytes() + r.pages * sizeof(std::uint32_t) + (r.may_hold_data ? (r.pages + 63) / 64 * 8 : 0);
+    return n + zero_page_.size() + (blocktime_ ? blocktime_->bytes() : 0);
 }
 
 std::uint32_t Pager::now_us() const {

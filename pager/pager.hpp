@@ -7,16 +7,22 @@
 //   Pager::place() (pager/placer.cpp), which wakes the vCPU.
 //
 // Memory (pager/memory.cpp): regions with a file (memfd, hugetlbfs) are registered for
-// MINOR faults; the file is allocated up front and arriving pages are written through a
-// second, populated mapping and mapped into the guest with UFFDIO_CONTINUE. Anonymous
-// regions are registered for MISSING faults and filled with UFFDIO_COPY/ZEROPAGE.
+// MINOR faults; the file is made fresh up front (hole punched, then allocated: every page
+// reads zero) and arriving pages are written into it with pwritev and mapped into the
+// guest with UFFDIO_CONTINUE. Anonymous regions are registered for MISSING faults and
+// filled with UFFDIO_COPY/ZEROPAGE. Placement itself is the Placer (pager/placer.hpp).
+//
+// Blocktime (pager/blocktime.hpp): each fault's wait is attributed to the faulting
+// thread (UFFD_FEATURE_THREAD_ID, opened when the kernel has it).
 //
 // Threads: the Pager owns one, the fault thread (start() .. stop()). place() is called
 // by the receiving threads (pager/receiver.cpp), concurrently; the page-state table
-// decides which copy of a page wins.
+// decides which copy of a page wins. Stats and set_* may be called from any thread.
 #pragma once
 
+#include <array>
 #include <chrono>
+#include <optional>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -28,6 +34,8 @@
 #include "src/net/frames.hpp"
 #include "src/net/outbox.hpp"
 #include "src/net/socket.hpp"
+#include "pager/blocktime.hpp"
+#include "pager/placer.hpp"
 #include "src/page_state.hpp"
 #include "src/protocol.hpp"
 #include "src/stats.hpp"
@@ -41,57 +49,41 @@ struct PagerStats {
     Histogram fault_latency;
 };
 
-// One guest region as the destination sees it.
-struct Region {
-    GuestRegion guest;
-    std::size_t pages = 0;
-    std::byte* alias = nullptr;  // writable second mapping of the file; null for anon
-    PageStateTable state;
-    // Microseconds since the pager's epoch at which a fault on the page was first seen
-    // (0 = none); read back when the page is placed, for the fault-latency histogram.
-    std::unique_ptr<std::atomic<std::uint32_t>[]> fault_at;
-    // Prefetch trend, touched only by the fault thread.
-    std::uint64_t last_fault = ~0ull;
-    std::uint32_t window = 1;
-
-    [[nodiscard]] std::byte* host(std::uint64_t page) const {
-        return static_cast<std::byte*>(guest.host) + page * guest.page_size;
-    }
-};
-
-// Sends a PAGE_REQUEST on the urgent channel; called on the fault thread only.
-using RequestSink = std::function<Result<void>(const proto::PageRequest&)>;
-
-class Pager {
+class Pager final : private PlaceObserver {
 public:
-    // Opens the uffd with the features the regions need (an error names a missing one),
-    // allocates and maps the files' aliases, empties the guest mappings and registers them.
+    // Opens the uffd with the features the regions need (an error names a missing one) and
+    // THREAD_ID when the kernel has it, makes the files fresh (every page reads zero; a
+    // hugetlbfs file also gets its populated alias), empties the guest mappings and
+    // registers them.
     [[nodiscard]] static Result<std::unique_ptr<Pager>> create(std::span<const GuestRegion> regions,
                                                                std::uint32_t prefetch_pages);
     ~Pager();
     Pager(const Pager&) = delete;
     Pager& operator=(const Pager&) = delete;
 
-    // Starts the fault thread. `on_error` is called once if it fails.
-    [[nodiscard]] Result<void> start(RequestSink sink, std::function<void(const Error&)> on_error);
-    // Starts the fault thread sending its requests through `out`.
-    [[nodiscard]] Result<void> start(net::Outbox& out, std::function<void(const Error&)> on_error) {
-        return start([&out](const proto::PageRequest& req) { return out.post_and_flush(proto::encode(req), std::chrono::seconds(10)); },
-                     std::move(on_error));
-    }
-    // Names the VMM's vCPU threads for blocktime.
-    void set_vcpu_threads(std::vector<VcpuThread> threads) {
-        std::lock_guard lock(vcpu_mu_);
-        vcpus_ = std::move(threads);
-    }
+    // Starts the fault thread, which sends its PAGE_REQUESTs through `out` (never blocking
+    // on it) and drains `out` when it holds unsent bytes. `on_error` is called once if the
+    // thread fails. REQUIRES: `out` outlives stop().
+    [[nodiscard]] Result<void> start(net::Outbox& out, std::function<void(const Error&)> on_error);
     // Stops and joins the fault thread (idempotent).
     void stop();
 
-    // Places pages [first, first+count) of `region`. `data` holds the non-zero pages
-    // back to back, in order; zero pages are flagged in `meta`. Pages already placed
-    // are counted as duplicates. Returns how many pages this call made present.
-    [[nodiscard]] Result<std::uint64_t> place(const proto::PagesMeta& meta, const std::byte* data,
-                                              bool demanded);
+    // Places pages [first, first+count) of region `ri` (Placer::place). `data` holds the
+    // non-zero pages back to back, in order; zero pages are flagged in `zero`. Pages
+    // already placed are counted as duplicates. Returns how many pages this call made present.
+    [[nodiscard]] Result<std::uint64_t> place(std::uint32_t ri, std::uint64_t first, std::uint32_t count, ZeroBits zero,
+                                              const std::byte* data, bool demanded);
+    // File-backed regions: writes pages into the file and leaves them STAGED (Placer::stage).
+    [[nodiscard]] Result<std::uint64_t> stage(std::uint32_t ri, std::uint64_t first, std::uint32_t count, ZeroBits zero,
+                                              const std::byte* data);
+    // Maps the STAGED pages of the range (one CONTINUE per run); returns how many.
+    [[nodiscard]] Result<std::uint64_t> map_staged(std::uint32_t ri, std::uint64_t first, std::uint64_t count);
+    // Stale pages (dirtied on the source after they were sent): PRESENT and STAGED pages of
+    // the range go back to MISSING, so the next access faults and fetches them again.
+    // Zaps the guest mapping first (MADV_DONTNEED; a file keeps its page cache, whose
+    // stale bytes are overwritten on arrival). Returns how many pages went back.
+    // REQUIRES: vCPUs paused, and no placement of these pages in flight (see page_state.hpp).
+    [[nodiscard]] Result<std::uint64_t> make_missing(std::uint32_t ri, std::uint64_t first, std::uint64_t count);
 
     // The most pages one fault may request (1..kMaxPagesPerFrame); takes effect at the next fault.
     void set_prefetch(std::uint32_t pages) {
@@ -112,34 +104,49 @@ public:
     [[nodiscard]] const std::vector<Region>& regions() const { return regions_; }
     [[nodiscard]] std::span<const GuestRegion> guest_regions() const { return guest_; }
     [[nodiscard]] PagerStats& stats() { return stats_; }
+    [[nodiscard]] const PlacerCounters& placer_counters() const { return placer_->counters(); }
+    // For benchmarks: the claim chunk in pages. REQUIRES: before any placement.
+    void set_place_chunk(std::uint32_t pages) { placer_->set_chunk(pages); }
+    // Names the VMM's vCPU threads for blocktime (any thread; replaces the earlier list).
+    void set_vcpu_threads(std::vector<VcpuThread> threads) { blocktime_->set_names(std::move(threads)); }
+    // Blocktime per faulting thread; available = false without UFFD_FEATURE_THREAD_ID.
+    [[nodiscard]] BlocktimeReport blocktime() const { return blocktime_->report(); }
+    // The fault-latency histogram: non-empty buckets, ascending.
+    [[nodiscard]] std::vector<LatencyBucket> fault_latency_buckets() const { return stats_.fault_latency.buckets(); }
     [[nodiscard]] const uffd::Uffd& uffd() const { return uffd_; }
     // Bytes of the pager's own bookkeeping (state table + fault stamps).
     [[nodiscard]] std::size_t overhead_bytes() const;
-    [[nodiscard]] std::uint32_t now_us() const;
+    [[nodiscard]] std::uint32_t now_us() const override;
 
 private:
     Pager() = default;
     void fault_thread();
     Result<void> handle_fault(const uffd::Event& ev);
-    Result<void> place_run(Region& r, std::uint64_t first, std::uint64_t count, bool zero,
-                           const std::byte* data);
-    void mark_present(Region& r, std::uint64_t first, std::uint64_t count, std::uint32_t placed_at_us);
+    Result<void> post_request();
+    // PlaceObserver: fault latency and blocktime of a run that became present.
+    void placed(Region& r, std::uint32_t ri, std::uint64_t first, std::uint64_t count, std::uint32_t at_us) override;
+    void add_present(std::uint64_t n);
 
     std::vector<Region> regions_;
     std::vector<GuestRegion> guest_;
-    std::mutex vcpu_mu_;
-    std::vector<VcpuThread> vcpus_;
     std::uint64_t total_pages_ = 0;
     std::atomic<std::uint64_t> present_{0};
     std::atomic<std::uint32_t> prefetch_max_{16};
     uffd::Uffd uffd_;
-    std::vector<std::byte> zero_page_;  // source for zero huge pages (no ZEROPAGE on hugetlb)
+    std::vector<std::byte> zero_page_;  // one zero page of the largest size: zero writes, zero huge pages
     std::function<void()> on_complete_;
-    RequestSink sink_;
+    // Fault thread only: the outbox, a request it had no room for, and the fault
+    // messages read after it that wait for it.
+    net::Outbox* outbox_ = nullptr;
+    std::optional<proto::Frame> pending_;
+    std::array<uffd::Event, 64> batch_;
+    std::size_t batch_pos_ = 0, batch_len_ = 0;
     std::function<void(const Error&)> on_error_;
     net::ShutdownEvent stop_event_;
     std::thread thread_;
     PagerStats stats_;
+    std::unique_ptr<Blocktime> blocktime_;
+    std::unique_ptr<Placer> placer_;  // after regions_, zero_page_ and stats_, which it uses
     std::chrono::steady_clock::time_point epoch_ = std::chrono::steady_clock::now();
 };
 

@@ -7,6 +7,7 @@
 #include "src/crc32c.hpp"
 #include "src/failpoint.hpp"
 #include "src/log.hpp"
+#include "src/errors.hpp"
 
 namespace lazymig::pager {
 namespace {
@@ -16,7 +17,7 @@ class Staging {
 public:
     static Result<Staging> create(std::size_t bytes) {
         void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
-        if (p == MAP_FAILED) return sys_error(fmt::format("mmap a {} byte receive buffer", bytes));
+        if (p == MAP_FAILED) return LZ_SYS_ERROR("mmap a {} byte receive buffer", bytes);
         Staging s;
         s.data_ = static_cast<std::byte*>(p);
         s.size_ = bytes;
@@ -87,7 +88,8 @@ Result<void> receive_pages(net::FrameReader& reader, Pager& pager, const proto::
     if (int e = failpoint::check(demanded ? "pager_urgent_before_place" : "pager_bulk_before_place", meta->region,
                                  meta->first, meta->count))
         return sys_error(fmt::format("{}: failpoint before placing", where), e);
-    auto placed = pager.place(*meta, staging.data(), demanded);
+    const ZeroBits zero{std::span<const std::uint8_t>(meta->zero.data(), meta->bitmap_bytes())};
+    auto placed = pager.place(meta->region, meta->first, meta->count, zero, staging.data(), demanded);
     if (!placed) return std::unexpected(placed.error());
     return {};
 }

@@ -7,12 +7,30 @@
 // Points: pager_bulk_before_place, pager_urgent_before_place (a verified frame, before
 // any claim), pager_before_place_run (claimed, placement time taken, before the ioctl),
 // pager_fault_in_flight (a fault on a page already requested or being placed),
+// pager_request_blocked (the outbox had no room for a page request: it stays pending),
 // source_push_batch, source_serve_request.
+//
+// A process a test starts (lazymig-vmm, a peer) is armed through its environment,
+// read once when the library is loaded:
+//
+//   LAZYMIG_FAILPOINTS="source_push_batch=hold;source_serve_request=error:5"
+//
+// Actions:
+//   error:E      every hit fails with errno E (a number)
+//   hold         every hit blocks until the deadline (kHoldLimit) and then fails with
+//                ETIMEDOUT: for a process the test kills while it is held
+//   hold:FIFO    every hit blocks until a byte is written to the named pipe FIFO (which
+//                the test made with mkfifo), then goes on; from then on the point is
+//                open: later hits pass at once. At the deadline the hit fails with
+//                ETIMEDOUT, so a test that forgot to release fails instead of hanging.
+// A spec that does not parse is reported on stderr and arms nothing.
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <functional>
+#include <string>
 #include <string_view>
 
 namespace lazymig::failpoint {
@@ -27,6 +45,14 @@ using Action = std::function<int(const Site&)>;
 
 void arm(std::string_view name, Action action);
 void disarm_all();
+
+// The longest a `hold` action blocks: a failure detector, longer than any step a test
+// waits for, shorter than the test's own timeout.
+inline constexpr std::chrono::seconds kHoldLimit{60};
+
+// Arms the points of a LAZYMIG_FAILPOINTS-style spec. Returns "" or what was wrong
+// (then nothing of the spec is armed).
+[[nodiscard]] std::string arm_spec(std::string_view spec);
 
 namespace detail {
 extern std::atomic<int> g_armed;

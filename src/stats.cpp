@@ -49,6 +49,14 @@ LatencySummary Histogram::summary() const noexcept {
     return s;
 }
 
+std::vector<LatencyBucket> Histogram::buckets() const {
+    std::vector<LatencyBucket> out;
+    for (int i = 0; i < kBuckets; ++i)
+        if (const auto n = buckets_[i].load(std::memory_order_relaxed); n != 0)
+            out.push_back(LatencyBucket{.upper_us = static_cast<double>(bucket_high(i)) / 1000.0, .count = n});
+    return out;
+}
+
 void Histogram::reset() noexcept {
     for (auto& b : buckets_) b.store(0, std::memory_order_relaxed);
     count_ = 0;

@@ -4,6 +4,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <vector>
 
 #include "lazymig/lazymig.hpp"
 
@@ -15,6 +16,8 @@ class Histogram {
 public:
     void record(std::uint64_t ns) noexcept;
     [[nodiscard]] LatencySummary summary() const noexcept;
+    // The non-empty buckets, ascending: each counts the values at most upper_us.
+    [[nodiscard]] std::vector<LatencyBucket> buckets() const;
     void reset() noexcept;
 
 private:

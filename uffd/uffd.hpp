@@ -36,6 +36,9 @@
 
 // Constants newer than Debian 12's <linux/userfaultfd.h> (kernel 6.1 headers).
 // Values from the kernel's include/uapi/linux/userfaultfd.h; presence is probed at run time.
+#ifndef UFFD_FEATURE_THREAD_ID  // Linux 4.14; in Debian 12's headers, kept for older ones
+#define UFFD_FEATURE_THREAD_ID (1 << 8)
+#endif
 #ifndef UFFD_FEATURE_WP_UNPOPULATED
 #define UFFD_FEATURE_WP_UNPOPULATED (1 << 13)
 #endif
@@ -47,6 +50,9 @@
 #endif
 #ifndef UFFD_FEATURE_MOVE
 #define UFFD_FEATURE_MOVE (1 << 16)
+#endif
+#ifndef UFFDIO_CONTINUE_MODE_WP  // Linux 6.3: map the page write-protected
+#define UFFDIO_CONTINUE_MODE_WP ((__u64)1 << 1)
 #endif
 #ifndef _UFFDIO_MOVE
 #define _UFFDIO_MOVE (0x05)
@@ -114,7 +120,9 @@ struct Event {
     std::uint64_t end = 0;      // remove/unmap: end (exclusive); remap: new address
     std::uint64_t len = 0;      // remap: length
     std::uint64_t flags = 0;    // pagefault: UFFD_PAGEFAULT_FLAG_WRITE/WP/MINOR
-    std::uint32_t tid = 0;      // pagefault with THREAD_ID feature
+    std::uint32_t tid = 0;      // pagefault: the faulting thread (gettid()) when the uffd was
+                                // opened with UFFD_FEATURE_THREAD_ID; 0 without it (the
+                                // kernel zeroes the field), never a guess
     int fork_fd = -1;           // fork: the child's new uffd (caller owns and must close it)
 
     [[nodiscard]] bool is_minor() const { return flags & UFFD_PAGEFAULT_FLAG_MINOR; }

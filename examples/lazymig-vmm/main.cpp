@@ -56,6 +56,9 @@ int main(int argc, char** argv) {
     m->add_option("--dest-qmp", mig.dest_qmp, "destination management socket: progress, check-workload");
     m->add_option("--mode", mode, "postcopy, precopy or hybrid")->capture_default_str();
     m->add_option("--timeout", mig.timeout_s, "seconds before the migration is cancelled")->capture_default_str();
+    m->add_option("--bulk-channels", mig.bulk_channels, "bulk channels, each with its own sender and receiver thread "
+                                                        "(1-16; default: from the source's CPU count)")
+        ->check(CLI::Range(1u, 16u));
 
     vmm::KvClientOptions kv;
     auto* k = app.add_subcommand("kv-client", "write sequence-numbered keys to a kv VM, or verify them");

@@ -65,10 +65,16 @@ void print_summary(const MigrateOptions& o, const json& src, const std::optional
     row("zero pages", fmt::format("{}", u64(src, "pages", "zero")));
     row("bytes sent", fmt::format("{:.1f} MB", static_cast<double>(bytes) / 1e6));
     row("throughput", fmt::format("{:.1f} MB/s", secs > 0 ? static_cast<double>(bytes) / 1e6 / secs : 0.0));
+    row("bulk channels", fmt::format("{}", u64(src, "bulk-channels")));
     if (dst) {
         row("faults (destination)", fmt::format("{}", u64(d, "faults")));
         row("fault latency p50", fmt::format("{:.1f} us", num(d, "fault-latency-us", "p50")));
         row("fault latency p99", fmt::format("{:.1f} us", num(d, "fault-latency-us", "p99")));
+        row("blocktime", fmt::format("{:.1f} ms", num(d, "blocktime-ms")));
+        if (d.contains("vcpu-blocktime"))
+            for (const auto& v : d["vcpu-blocktime"])
+                row(fmt::format("  {}", v.value("name", "?")),
+                    fmt::format("{:.1f} ms over {} faults", v.value("blocktime-ms", 0.0), v.value("faults", 0ull)));
     }
     if (check) row("check-workload", fmt::format("{} ({})", check->value("ok", false) ? "ok" : "FAILED", check->value("detail", "")));
     std::fflush(stdout);
@@ -97,6 +103,9 @@ int run_migrate(const MigrateOptions& o) {
         if (c)
             if (auto ok = c->execute("enable-events"); !ok)
                 return fmt::print(stderr, "lazymig-vmm migrate: {}\n", ok.error().message()), 1;
+    if (o.bulk_channels)
+        if (auto ok = src->execute("migrate-set-parameters", {{"bulk-channels", o.bulk_channels}}); !ok)
+            return fmt::print(stderr, "lazymig-vmm migrate: {}\n", ok.error().message()), 1;
     const auto start = Clock::now();
     if (auto ok = src->execute("migrate", {{"uri", uri}, {"mode", lazymig::to_string(o.mode)}}); !ok)
         return fmt::print(stderr, "lazymig-vmm migrate: {}\n", ok.error().message()), 1;

@@ -38,6 +38,18 @@ const char* role_name(bool source) { return source ? "source" : "destination"; }
 
 lazymig::VmmHooks Migration::hooks(Role role) {
     lazymig::VmmHooks h = vm_.hooks();
+    if (role == Role::destination) {
+        // The vCPUs run from here on: tell lazymig which threads they are, for blocktime.
+        h.resume_vcpus = [this, resume = std::move(h.resume_vcpus)] {
+            lazymig::Destination* d;
+            {
+                std::lock_guard lock(mu_);
+                d = dest_.get();
+            }
+            if (d) d->set_vcpu_threads(vm_.vcpu_threads());
+            resume();
+        };
+    }
     h.on_event = [this, role](const lazymig::Event& e) {
         const char* kind = e.kind == lazymig::Event::Kind::error ? "error"
                          : e.kind == lazymig::Event::Kind::phase ? "phase" : "info";
@@ -64,14 +76,25 @@ lazymig::Result<std::string> Migration::listen(const std::string& uri) {
     if (role_ != Role::none) return lazymig::logic_error("this VM already takes part in a migration");
     auto dst = lazymig::Destination::listen({.regions = vm_.regions(), .hooks = hooks(Role::destination), .uri = uri, .parameters = parameters()});
     if (!dst) return std::unexpected(dst.error().wrap(fmt::format("incoming migration on {}", uri)));
-    std::lock_guard lock(mu_);
-    dest_ = std::move(*dst);
-    role_ = Role::destination;
-    incoming_uri_ = dest_->local_uri();
-    waiter_ = std::thread([this, d = dest_.get()] {
-        auto outcome = d->wait();
-        finish(Role::destination, std::move(outcome), d->stats());
-    });
+    int spawn_error = 0;
+    {
+        std::lock_guard lock(mu_);
+        dest_ = std::move(*dst);
+        role_ = Role::destination;
+        incoming_uri_ = dest_->local_uri();
+        try {
+            waiter_ = std::thread([this, d = dest_.get()] {
+                auto outcome = d->wait();
+                finish(Role::destination, std::move(outcome), d->stats());
+            });
+        } catch (const std::system_error& e) {
+            spawn_error = e.code().value();
+        }
+    }
+    if (spawn_error) {
+        dest_->cancel();  // without mu_: it joins threads that call our hooks
+        return lazymig::sys_error("incoming migration: starting the waiter thread", spawn_error);
+    }
     log_event("migration_listening", "uri={}", incoming_uri_);
     return incoming_uri_;
 }
@@ -100,15 +123,26 @@ lazymig::Result<void> Migration::migrate(const std::string& uri, lazymig::Mode m
         last_phase_ = lazymig::Phase::setup;
     }
     if (auto started = (*src)->migrate(); !started) return std::unexpected(started.error().wrap(fmt::format("migrate to {}", uri)));
-    std::lock_guard lock(mu_);
-    source_ = std::move(*src);
-    role_ = Role::source;
-    finished_ = false;
-    error_.reset();
-    waiter_ = std::thread([this, s = source_.get()] {
-        auto outcome = s->wait();
-        finish(Role::source, std::move(outcome), s->stats());
-    });
+    int spawn_error = 0;
+    {
+        std::lock_guard lock(mu_);
+        source_ = std::move(*src);
+        role_ = Role::source;
+        finished_ = false;
+        error_.reset();
+        try {
+            waiter_ = std::thread([this, s = source_.get()] {
+                auto outcome = s->wait();
+                finish(Role::source, std::move(outcome), s->stats());
+            });
+        } catch (const std::system_error& e) {
+            spawn_error = e.code().value();
+        }
+    }
+    if (spawn_error) {
+        source_->cancel();  // without mu_: it joins threads that call our hooks
+        return lazymig::sys_error("migrate: starting the waiter thread", spawn_error);
+    }
     log_event("migration_start", "uri={} mode={}", uri, lazymig::to_string(mode));
     return {};
 }
@@ -162,6 +196,8 @@ lazymig::Result<void> Migration::set_parameters(const ParameterUpdate& u) {
     if (u.push_batch_pages && (*u.push_batch_pages == 0 || *u.push_batch_pages > 65536))
         return lazymig::logic_error("push-batch-pages must be 1..65536");
     if (u.prefetch_pages && *u.prefetch_pages > 65536) return lazymig::logic_error("prefetch-pages must be 0..65536");
+    if (u.bulk_channels && (*u.bulk_channels == 0 || *u.bulk_channels > 16))
+        return lazymig::logic_error("bulk-channels must be 1..16");
     std::lock_guard ctl(ctl_mu_);
     lazymig::Source* src;
     lazymig::Destination* dst;
@@ -171,14 +207,19 @@ lazymig::Result<void> Migration::set_parameters(const ParameterUpdate& u) {
         if (u.max_bandwidth) params_.max_bandwidth = *u.max_bandwidth;
         if (u.push_batch_pages) params_.push_batch_pages = *u.push_batch_pages;
         if (u.prefetch_pages) params_.prefetch_pages = *u.prefetch_pages;
+        if (u.bulk_channels) {
+            if (source_ && !finished_)
+                return lazymig::logic_error("bulk-channels cannot change while a migration runs");
+            params_.bulk_channels = *u.bulk_channels;
+        }
         p = params_;
         src = finished_ ? nullptr : source_.get();
         dst = finished_ ? nullptr : dest_.get();
     }
     if (src) src->set_parameters(p);
     if (dst) dst->set_parameters(p);
-    log_event("migration_parameters", "max_bandwidth={} push_batch_pages={} prefetch_pages={}", p.max_bandwidth,
-              p.push_batch_pages, p.prefetch_pages);
+    log_event("migration_parameters", "max_bandwidth={} push_batch_pages={} prefetch_pages={} bulk_channels={}",
+              p.max_bandwidth, p.push_batch_pages, p.prefetch_pages, p.bulk_channels);
     return {};
 }
 
@@ -199,8 +240,10 @@ nlohmann::json Migration::query() const {
     const lazymig::Stats s = source_ ? source_->stats() : dest_->stats();
     nlohmann::json j;
     lazymig::Phase phase = s.phase;
+    Role role;
     {
         std::lock_guard lock(mu_);
+        role = role_;
         if (terminal(phase) && !finished_) phase = last_phase_;  // the VM has not acted on it yet
         j["role"] = role_ == Role::source ? "source" : "destination";
         if (error_) j["error"] = error_->message();
@@ -223,6 +266,18 @@ nlohmann::json Migration::query() const {
     const auto& l = s.fault_latency;
     j["fault-latency-us"] = {{"count", l.count}, {"p50", l.p50_us}, {"p99", l.p99_us}, {"p999", l.p999_us},
                              {"max", l.max_us}, {"mean", l.mean_us}};
+    auto histogram = nlohmann::json::array();
+    for (const auto& b : s.fault_latency_histogram) histogram.push_back({{"le-us", b.upper_us}, {"count", b.count}});
+    j["fault-latency-histogram"] = std::move(histogram);
+    j["bulk-channels"] = s.bulk_channels;
+    if (role == Role::destination) {
+        // QEMU's postcopy-blocktime, per vCPU thread as lazymig attributes it.
+        j["blocktime-ms"] = s.blocktime_ms;
+        auto vcpus = nlohmann::json::array();
+        for (const auto& v : s.vcpu_blocktime)
+            vcpus.push_back({{"name", v.name}, {"tid", v.tid}, {"faults", v.faults}, {"blocktime-ms", v.blocktime_ms}});
+        j["vcpu-blocktime"] = std::move(vcpus);
+    }
     if (!s.error.empty() && !j.contains("error")) j["error"] = s.error;
     return j;
 }

@@ -37,6 +37,7 @@ struct ParameterUpdate {
     std::optional<std::uint64_t> max_bandwidth;
     std::optional<std::uint32_t> push_batch_pages;
     std::optional<std::uint32_t> prefetch_pages;
+    std::optional<std::uint32_t> bulk_channels;  // before migrate only
 };
 
 class Migration {

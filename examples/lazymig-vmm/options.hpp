@@ -23,6 +23,7 @@ struct MigrateOptions {
     std::string dest_qmp;                 // destination management socket (optional)
     lazymig::Mode mode = lazymig::Mode::postcopy;
     double timeout_s = 600;
+    unsigned bulk_channels = 0;           // 0: the source's parameter as it is
 };
 
 struct KvClientOptions {

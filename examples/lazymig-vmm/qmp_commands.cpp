@@ -106,20 +106,22 @@ std::string QmpCommands::handle(std::string_view line, QmpServer::Session& sessi
              auto bw = a.opt_uint("max-bandwidth", UINT64_MAX);
              auto batch = a.opt_uint("push-batch-pages", UINT32_MAX);
              auto prefetch = a.opt_uint("prefetch-pages", UINT32_MAX);
-             for (auto* r : {&bw, &batch, &prefetch})
+             auto channels = a.opt_uint("bulk-channels", 16);
+             for (auto* r : {&bw, &batch, &prefetch, &channels})
                  if (!*r) return std::unexpected(r->error());
              if (auto ok = a.done(); !ok) return std::unexpected(ok.error());
-             if (!*bw && !*batch && !*prefetch)
-                 return generic("give at least one of max-bandwidth, push-batch-pages, prefetch-pages");
-             ParameterUpdate u{*bw, *batch ? std::optional<std::uint32_t>(**batch) : std::nullopt,
-                               *prefetch ? std::optional<std::uint32_t>(**prefetch) : std::nullopt};
+             if (!*bw && !*batch && !*prefetch && !*channels)
+                 return generic("give at least one of max-bandwidth, push-batch-pages, prefetch-pages, bulk-channels");
+             auto u32 = [](const auto& v) { return v ? std::optional<std::uint32_t>(*v) : std::nullopt; };
+             ParameterUpdate u{*bw, u32(*batch), u32(*prefetch), u32(*channels)};
              return from(migration_.set_parameters(u));
          }},
         {"query-migrate-parameters", [&](Args& a) -> Reply {
              if (auto ok = a.done(); !ok) return std::unexpected(ok.error());
              const auto p = migration_.parameters();
              return json{{"max-bandwidth", p.max_bandwidth}, {"push-batch-pages", p.push_batch_pages},
-                         {"prefetch-pages", p.prefetch_pages}};
+                         {"prefetch-pages", p.prefetch_pages},
+                         {"bulk-channels", p.bulk_channels ? p.bulk_channels : lazymig::default_bulk_channels()}};
          }},
         {"migrate-cancel", [&](Args& a) -> Reply {
              if (auto ok = a.done(); !ok) return std::unexpected(ok.error());

@@ -3,6 +3,7 @@
 #include <sys/random.h>
 
 #include <algorithm>
+#include <latch>
 #include <cstdlib>
 
 #include <fmt/format.h>
@@ -44,10 +45,33 @@ lazymig::Result<void> Vm::start() {
     }
     if (auto ok = workload_->start_devices(gate_); !ok) return ok;
     gate_.add_vcpus(cfg_.workload.vcpus);
-    for (unsigned v = 0; v < cfg_.workload.vcpus; ++v)
-        vcpus_.emplace_back([this, v] { run_vcpu_thread(v); });
+    // Each vCPU names itself before start() returns, so a migration started after it
+    // can attribute every fault's wait to the vCPU that took it.
+    std::latch named(cfg_.workload.vcpus);
+    for (unsigned v = 0; v < cfg_.workload.vcpus; ++v) {
+        try {
+            vcpus_.emplace_back([this, v, &named] {
+                {
+                    std::lock_guard lock(err_mu_);
+                    vcpu_tids_.push_back({static_cast<int>(::gettid()), fmt::format("vcpu{}", v)});
+                }
+                named.count_down();
+                run_vcpu_thread(v);
+            });
+        } catch (const std::system_error& e) {
+            for (unsigned rest = v; rest < cfg_.workload.vcpus; ++rest) named.count_down();
+            named.wait();  // the started threads use `named` until they counted down
+            return lazymig::sys_error(fmt::format("starting vCPU thread {}", v), e.code().value());
+        }
+    }
+    named.wait();
     log_event("vm_state", "status={}", status()["status"].get<std::string>());
     return {};
+}
+
+std::vector<lazymig::VcpuThread> Vm::vcpu_threads() const {
+    std::lock_guard lock(err_mu_);
+    return vcpu_tids_;
 }
 
 std::string Vm::poisoned(std::uintptr_t addr) const {

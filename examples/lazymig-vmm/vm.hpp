@@ -59,6 +59,8 @@ public:
     void migrated_away();
 
     [[nodiscard]] nlohmann::json status() const;
+    // The vCPU threads, named "vcpuN", for lazymig's blocktime (complete once start() returned).
+    [[nodiscard]] std::vector<lazymig::VcpuThread> vcpu_threads() const;
     [[nodiscard]] std::optional<std::uint16_t> service_port() const { return workload_->service_port(); }
     [[nodiscard]] const VmConfig& config() const noexcept { return cfg_; }
 
@@ -82,6 +84,7 @@ private:
     mutable std::mutex err_mu_;
     std::vector<std::string> vcpu_errors_;  // vCPUs stopped by a poisoned page
     std::vector<std::thread> vcpus_;      // joined in stop()
+    std::vector<lazymig::VcpuThread> vcpu_tids_;  // under err_mu_; each thread adds itself
 };
 
 }  // namespace vmm

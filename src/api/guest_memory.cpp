@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include "lazymig/lazymig.hpp"
+#include "src/errors.hpp"
 
 namespace lazymig {
 
@@ -34,22 +35,22 @@ Result<GuestMemory> GuestMemory::create(std::string name, std::size_t size, Back
     switch (backing) {
     case Backing::anon:
         addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | pop, -1, 0);
-        if (addr == MAP_FAILED) return sys_error(fmt::format("mmap anonymous guest memory '{}' ({} bytes)", name, size));
+        if (addr == MAP_FAILED) return LZ_SYS_ERROR("mmap anonymous guest memory '{}' ({} bytes)", name, size);
         break;
     case Backing::memfd:
     case Backing::hugetlbfs: {
         const unsigned flags = MFD_CLOEXEC | (backing == Backing::hugetlbfs ? MFD_HUGETLB | MFD_HUGE_2MB : 0);
         const int fd = ::memfd_create(("lazymig:" + name).c_str(), flags);
-        if (fd < 0) return sys_error(fmt::format("memfd_create for guest memory '{}'", name));
+        if (fd < 0) return LZ_SYS_ERROR("memfd_create for guest memory '{}'", name);
         mem.region_.fd = fd;  // owned from here: the destructor closes it
         if (::ftruncate(fd, static_cast<off_t>(size)) != 0)
-            return sys_error(fmt::format("ftruncate guest memory '{}' to {} bytes", name, size));
+            return LZ_SYS_ERROR("ftruncate guest memory '{}' to {} bytes", name, size);
         if (backing == Backing::hugetlbfs && ::fallocate(fd, 0, 0, static_cast<off_t>(size)) != 0) {
             const int e = errno;
             return sys_error(fmt::format("guest memory '{}': {}", name, hugepage_hint(size)), e);
         }
         addr = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED | pop, fd, 0);
-        if (addr == MAP_FAILED) return sys_error(fmt::format("mmap {} guest memory '{}' ({} bytes)", to_string(backing), name, size));
+        if (addr == MAP_FAILED) return LZ_SYS_ERROR("mmap {} guest memory '{}' ({} bytes)", to_string(backing), name, size);
         break;
     }
     case Backing::invalid:

@@ -1,4 +1,5 @@
 #include "src/net/outbox.hpp"
+#include "src/errors.hpp"
 
 #include <poll.h>
 
@@ -77,7 +78,7 @@ Result<void> wait_writable(int fd, int shutdown_fd, std::chrono::steady_clock::t
         pollfd fds[2] = {{fd, POLLOUT, 0}, {shutdown_fd, POLLIN, 0}};
         const int n = ::poll(fds, 2, static_cast<int>(left.count()));
         if (n < 0 && errno == EINTR) continue;
-        if (n < 0) return sys_error(fmt::format("{}: poll for POLLOUT", where));
+        if (n < 0) return LZ_SYS_ERROR("{}: poll for POLLOUT", where);
         if (n > 0 && fds[1].revents) return sys_error(fmt::format("{}: shut down", where), ECANCELED);
         if (n > 0) return {};
     }

@@ -1,4 +1,5 @@
 #include "src/net/socket.hpp"
+#include "src/errors.hpp"
 
 #include <arpa/inet.h>
 #include <fcntl.h>
@@ -99,7 +100,7 @@ Result<void> wait_readable(int fd, short events, int shutdown_fd, std::chrono::m
     for (;;) {
         const int r = ::poll(fds, n, ms);
         if (r < 0 && errno == EINTR) continue;
-        if (r < 0) return sys_error(fmt::format("poll while {}", what));
+        if (r < 0) return LZ_SYS_ERROR("poll while {}", what);
         if (r == 0) return sys_error(fmt::format("{}: no answer within {} ms", what, timeout.count()), ETIMEDOUT);
         if (n == 2 && fds[1].revents) return sys_error(fmt::format("{}: shut down", what), ECANCELED);
         return {};
@@ -117,8 +118,8 @@ Result<Fd> listen_tcp(const Endpoint& at, int backlog) {
     if (::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0)
         return sys_error("setsockopt SO_REUSEADDR");
     if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr->storage), addr->len) != 0)
-        return sys_error(fmt::format("bind {}", at.uri()));
-    if (::listen(fd.get(), backlog) != 0) return sys_error(fmt::format("listen on {}", at.uri()));
+        return LZ_SYS_ERROR("bind {}", at.uri());
+    if (::listen(fd.get(), backlog) != 0) return LZ_SYS_ERROR("listen on {}", at.uri());
     return fd;
 }
 

@@ -1,6 +1,10 @@
 // CRC32C against published vectors; the four-at-a-time page hash against the plain one.
 #include <doctest/doctest.h>
 #include <sys/mman.h>
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <nmmintrin.h>
+#endif
 
 #include <cstring>
 #include <string_view>
@@ -61,8 +65,67 @@ TEST_CASE("crc32c/pages-match-one-by-one") {
     }
 }
 
-TEST_CASE("crc32c/hardware-is-reported") {
-    // x86-64 machines this runs on have SSE4.2; the table fallback is only for others.
-    MESSAGE("crc32c_hardware() = ", lazymig::crc32c_hardware());
+namespace {
+
+// CRC32C bit by bit, straight from the polynomial: the reference both of the library's
+// implementations (SSE4.2 crc32 instruction, table) must agree with.
+std::uint32_t crc32c_bitwise(std::uint32_t crc, const unsigned char* p, std::size_t len) {
+    crc = ~crc;
+    while (len--) {
+        crc ^= *p++;
+        for (int k = 0; k < 8; ++k) crc = (crc >> 1) ^ (0x82F63B78u & (0u - (crc & 1)));
+    }
+    return ~crc;
+}
+
+#if defined(__x86_64__)
+// What the CPU says it has: CPUID leaf 1, ECX bit 20 is SSE4.2 (the crc32 instruction).
+bool cpuid_sse42() {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid(1, &a, &b, &c, &d) == 0) return false;
+    return (c & bit_SSE4_2) != 0;
+}
+
+// The crc32 instruction itself, byte by byte, independent of the library's code.
+__attribute__((target("sse4.2"))) std::uint32_t crc32c_instruction(std::uint32_t crc, const unsigned char* p,
+                                                                   std::size_t len) {
+    crc = ~crc;
+    while (len--) crc = _mm_crc32_u8(crc, *p++);
+    return ~crc;
+}
+#endif
+
+}  // namespace
+
+TEST_CASE("crc32c/hardware-matches-cpuid") {
+#if defined(__x86_64__)
+    CHECK(lazymig::crc32c_hardware() == cpuid_sse42());
+#else
+    CHECK_FALSE(lazymig::crc32c_hardware());
+#endif
+}
+
+TEST_CASE("crc32c/implementations-agree") {
+    // Random lengths and misalignments: the library (whichever implementation it chose),
+    // the bitwise reference and, where the CPU has it, the crc32 instruction byte by byte.
+    std::vector<unsigned char> buf(9000);
+    std::uint64_t x = 0x243F6A8885A308D3ull;
+    for (auto& b : buf) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        b = static_cast<unsigned char>(x >> 56);
+    }
+    for (int i = 0; i < 300; ++i) {
+        x = x * 6364136223846793005ull + 1442695040888963407ull;
+        const std::size_t off = (x >> 20) % 64, len = (x >> 40) % (buf.size() - 64);
+        const std::uint32_t seed = i % 3 == 0 ? 0 : static_cast<std::uint32_t>(x);
+        CAPTURE(off);
+        CAPTURE(len);
+        const std::uint32_t want = crc32c_bitwise(seed, buf.data() + off, len);
+        CHECK(crc32c(seed, buf.data() + off, len) == want);
+#if defined(__x86_64__)
+        if (cpuid_sse42()) CHECK(crc32c_instruction(seed, buf.data() + off, len) == want);
+#endif
+    }
+    CHECK(crc32c_bitwise(0, reinterpret_cast<const unsigned char*>("123456789"), 9) == 0xE3069283u);
     CHECK(crc32c(0, "a", 1) == 0xC1D04330u);
 }

@@ -20,7 +20,8 @@ namespace lazymig::test {
 
 class Process {
 public:
-    explicit Process(std::vector<std::string> argv) {
+    // `env` entries ("NAME=value") are added to this process's environment for the child.
+    explicit Process(std::vector<std::string> argv, std::vector<std::string> env = {}) {
         int p[2];
         if (::pipe2(p, O_CLOEXEC) != 0) return;
         posix_spawn_file_actions_t fa;
@@ -29,7 +30,11 @@ public:
         std::vector<char*> args;
         for (auto& a : argv) args.push_back(a.data());
         args.push_back(nullptr);
-        if (posix_spawn(&pid_, args[0], &fa, nullptr, args.data(), environ) != 0) pid_ = -1;
+        std::vector<char*> envp;
+        for (auto& e : env) envp.push_back(e.data());
+        for (char** e = environ; *e; ++e) envp.push_back(*e);
+        envp.push_back(nullptr);
+        if (posix_spawn(&pid_, args[0], &fa, nullptr, args.data(), envp.data()) != 0) pid_ = -1;
         posix_spawn_file_actions_destroy(&fa);
         ::close(p[1]);
         out_ = p[0];

@@ -24,6 +24,7 @@
 #include <vector>
 
 #include "lazymig/lazymig.hpp"
+#include "src/failpoint.hpp"
 
 namespace race {
 
@@ -237,12 +238,6 @@ public:
         CHECK(counts_->src_pause == 1);
         CHECK(counts_->src_resume == 0);
     }
-    // For tests about something else: every page arrived, so an unclean end is the
-    // shutdown bug race/clean-end-* documents; note it without failing.
-    void note_unclean_end(const Outcome& o) {
-        WARN_MESSAGE(o.dst.has_value(), "destination (known shutdown bug, see race/clean-end-*): ", err_of(o.dst));
-        WARN_MESSAGE(o.src.has_value(), "source (known shutdown bug, see race/clean-end-*): ", err_of(o.src));
-    }
     // Stops a migration that hangs: missing pages are poisoned, blocked guest threads return.
     void cancel() { dst_->cancel(); }
 
@@ -270,6 +265,47 @@ private:
     lazymig::GuestMemory src_mem_, dst_mem_;  // declared before the endpoints: they outlive them
     std::unique_ptr<lazymig::Destination> dst_;
     std::unique_ptr<lazymig::Source> src_;
+};
+
+// Holds the source's pusher (failpoint source_push_batch) at its first batch until
+// release(): no page is pushed before that, whatever the machine's speed, so the pages a
+// test touches meanwhile can only come by demand. Every later batch passes. The hold
+// is a failure detector too: after kLimit it gives up and the batch goes on.
+// Declare it after the Pair: it is then destroyed first and lets a held pusher go
+// before the endpoints join it.
+class PusherHold {
+public:
+    PusherHold() : s_(std::make_shared<State>()) {
+        lazymig::failpoint::arm("source_push_batch", [s = s_](const lazymig::failpoint::Site&) {
+            ++s->hits;
+            if (!s->release.is_set()) {
+                s->held.set();
+                if (!s->release.wait_for()) s->timed_out = true;
+            }
+            return 0;
+        });
+    }
+    ~PusherHold() {
+        s_->release.set();
+        lazymig::failpoint::disarm_all();
+    }
+    PusherHold(const PusherHold&) = delete;
+    PusherHold& operator=(const PusherHold&) = delete;
+
+    // True once the pusher is blocked at its first batch.
+    [[nodiscard]] bool wait_held() { return s_->held.wait_for(); }
+    void release() { s_->release.set(); }
+    [[nodiscard]] int hits() const { return s_->hits; }
+    [[nodiscard]] bool timed_out() const { return s_->timed_out; }
+
+private:
+    // Shared with the armed action, which a pusher thread may still be running.
+    struct State {
+        Flag held, release;
+        std::atomic<int> hits{0};
+        std::atomic<bool> timed_out{false};
+    };
+    std::shared_ptr<State> s_;
 };
 
 inline Backing pick_backing() {

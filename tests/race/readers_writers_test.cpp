@@ -4,6 +4,7 @@
 #include <doctest/doctest.h>
 
 #include <atomic>
+#include <functional>
 #include <random>
 #include <unordered_map>
 
@@ -14,12 +15,20 @@ using namespace race;
 namespace {
 
 constexpr int kThreads = 4;
+constexpr std::uint64_t kOpsBeforePush = 2'000;
 
 struct Worker {
     int id = 0;
     std::unordered_map<std::uint64_t, std::uint64_t> wrote;  // page * kWords + word → value
     std::uint64_t ops = 0, writes = 0, checked = 0, ops_before_complete = 0;
     std::uint64_t wrong = 0, sigbus = 0;
+    std::function<void()> on_warm;  // called once: after kOpsBeforePush operations, or at the end
+    bool warmed = false;
+
+    void warm() {
+        if (!warmed && on_warm) on_warm();
+        warmed = true;
+    }
 
     [[nodiscard]] std::uint64_t expect(std::uint64_t page, std::uint64_t word) const {
         auto it = wrote.find(page * kWords + word);
@@ -33,6 +42,7 @@ struct Worker {
         bool complete = false;
         // Until every page is present and a while after; bounded whatever happens.
         for (; ops < 400'000 && (!complete || ops < ops_before_complete + 2'000); ++ops) {
+            if (ops == kOpsBeforePush) warm();
             if (!complete && ops % 64 == 0 && pair.dst().stats().pages_present == pages) {
                 complete = true;
                 ops_before_complete = ops;
@@ -67,17 +77,29 @@ struct Worker {
 
 TEST_CASE("race/readers-and-writers-while-pages-arrive") {
     SigbusGuard guard;
-    // 32 MiB at 64 MB/s: about half a second of pushing for the threads to race with.
-    Pair pair(pick_backing(), 32u << 20, lazymig::Parameters{.max_bandwidth = 64'000'000});
+    // The pusher is held (failpoint) until every thread has done kOpsBeforePush
+    // operations on pages that can only come by demand; then both race to the end.
+    Pair pair(pick_backing(), 32u << 20);
+    PusherHold hold;
     std::vector<Worker> workers(kThreads);
     Threads threads([&] { pair.cancel(); });
+    std::atomic<int> warmed{0};
     for (int t = 0; t < kThreads; ++t) {
         workers[t].id = t;
-        threads.spawn([&pair, &w = workers[t]] { w.run(pair); });
+        workers[t].on_warm = [&] {
+            if (++warmed == kThreads) hold.release();
+        };
+        threads.spawn([&pair, &w = workers[t]] {
+            w.run(pair);
+            w.warm();  // a thread that stopped early must not keep the pusher held
+        });
     }
     pair.migrate();
     REQUIRE_MESSAGE(threads.wait_all(), "guest threads did not finish");
-    pair.note_unclean_end(pair.finish());
+    const auto end = pair.finish();
+    CHECK(warmed == kThreads);
+    CHECK_FALSE(hold.timed_out());
+    pair.check_clean_end(end);
 
     std::uint64_t before = 0;
     for (const auto& w : workers) {

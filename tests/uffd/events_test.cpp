@@ -1,13 +1,14 @@
-// tests/uffd/events_test.cpp — non-cooperative events: REMOVE, UNMAP, REMAP, FORK.
+// tests/uffd/events_test.cpp — non-cooperative events: REMOVE, UNMAP, REMAP (FORK, which
+// needs CAP_SYS_PTRACE, is in root_test.cpp).
 //
 // The thread that causes such an event blocks in the kernel until the event is read,
 // so each cause runs on a worker while the test thread reads.
 #include <sys/mman.h>
-#include <sys/wait.h>
+#include <sys/syscall.h>
 
 #include <array>
+#include <atomic>
 #include <climits>
-#include <filesystem>
 
 #include "helpers.hpp"
 
@@ -25,7 +26,7 @@ Uffd open_registered(std::uint64_t features, const Mapping& area) {
 
 }  // namespace
 
-TEST_CASE("uffd/events/nothing queued reads as zero events") {
+TEST_CASE("uffd/events/nothing-queued-reads-as-zero-events") {
     Mapping area = Mapping::anon(1);
     Uffd u = open_registered(0, area);
     std::array<Event, 4> batch;
@@ -34,7 +35,7 @@ TEST_CASE("uffd/events/nothing queued reads as zero events") {
     CHECK(*n == 0);
 }
 
-TEST_CASE("uffd/events/MADV_DONTNEED yields remove; placement sees EAGAIN while it is pending") {
+TEST_CASE("uffd/events/madv-dontneed-yields-remove-and-placement-sees-eagain") {
     Mapping area = Mapping::anon(4);
     Uffd u = open_registered(UFFD_FEATURE_EVENT_REMOVE, area);
     const auto src = pattern(4 * kPage, 10);
@@ -63,7 +64,7 @@ TEST_CASE("uffd/events/MADV_DONTNEED yields remove; placement sees EAGAIN while 
     CHECK(std::memcmp(area.page(0), src.data(), 4 * kPage) == 0);
 }
 
-TEST_CASE("uffd/events/munmap yields unmap with its range") {
+TEST_CASE("uffd/events/munmap-yields-unmap-with-its-range") {
     Mapping area = Mapping::anon(4);
     Uffd u = open_registered(UFFD_FEATURE_EVENT_UNMAP, area);
     const std::uint64_t start = addr(area.page(0)), end = addr(area.page(4));
@@ -81,7 +82,7 @@ TEST_CASE("uffd/events/munmap yields unmap with its range") {
     CHECK(ev->end == end);
 }
 
-TEST_CASE("uffd/events/mremap yields remap with old address, new address and length") {
+TEST_CASE("uffd/events/mremap-yields-remap-with-both-addresses-and-length") {
     Mapping area = Mapping::anon(2);
     Mapping target = Mapping::anon(2, PROT_NONE);  // a reservation mremap replaces
     Uffd u = open_registered(UFFD_FEATURE_EVENT_REMAP, area);
@@ -108,29 +109,31 @@ TEST_CASE("uffd/events/mremap yields remap with old address, new address and len
     CHECK(u.copy(target.page(0), src.data(), kPage).err == EEXIST);
 }
 
-TEST_CASE("uffd/events/fork yields the child's uffd") {
-    Mapping area = Mapping::anon(1);
-    Uffd u = open_registered(UFFD_FEATURE_EVENT_FORK, area);
-
-    Workers w(u);
-    int status = -1;
-    pid_t child = -1;
-    w.spawn([&] {
-        child = ::fork();  // returns in the parent once the fork event was read
-        if (child == 0) ::_exit(0);
-        if (child > 0) ::waitpid(child, &status, 0);
-    });
-    auto ev = next_event(u);
-    REQUIRE(ev.has_value());
-    CHECK(ev->kind == Event::Kind::fork);
-    REQUIRE(ev->fork_fd >= 0);
-    CHECK(ev->fork_fd != u.fd());
-    std::error_code ec;
-    const auto target = std::filesystem::read_symlink("/proc/self/fd/" + std::to_string(ev->fork_fd), ec);
-    CHECK(target.string() == "anon_inode:[userfaultfd]");
-    CHECK(::close(ev->fork_fd) == 0);
-    REQUIRE(w.wait_all());
-    REQUIRE(child > 0);
-    CHECK(WIFEXITED(status));
-    CHECK(WEXITSTATUS(status) == 0);
+// THREAD_ID: a fault message names the thread that faulted; without the feature the
+// field is 0, which the pager reads as "not reported", never as a thread.
+TEST_CASE("uffd/events/thread-id-names-the-faulting-thread") {
+    auto probed = Uffd::probe();
+    REQUIRE_MESSAGE(probed.has_value(), err_of(probed));
+    if (!probed->has(UFFD_FEATURE_THREAD_ID)) {
+        WARN_MESSAGE(false, "skip: the kernel lacks UFFD_FEATURE_THREAD_ID");
+        return;
+    }
+    for (const bool with : {true, false}) {
+        CAPTURE(with);
+        Mapping area = Mapping::anon(2);
+        Uffd u = open_registered(with ? UFFD_FEATURE_THREAD_ID : 0, area);
+        Workers w(u);
+        std::atomic<int> tid{0};
+        w.spawn([&] {
+            tid = static_cast<int>(::syscall(SYS_gettid));
+            (void)*reinterpret_cast<volatile char*>(area.page(1));
+        });
+        auto ev = next_event(u);
+        REQUIRE(ev.has_value());
+        CHECK(ev->kind == Event::Kind::pagefault);
+        CHECK(ev->address == addr(area.page(1)));
+        CHECK(ev->tid == (with ? static_cast<std::uint32_t>(tid.load()) : 0u));
+        REQUIRE(u.zeropage(area.page(1), kPage).ok());
+        REQUIRE(w.wait_all());
+    }
 }

@@ -34,7 +34,7 @@ bool all_zero(const char* p, std::size_t len) {
 
 }  // namespace
 
-TEST_CASE("uffd/copy/resolves a read fault taken by another thread") {
+TEST_CASE("uffd/copy/resolves-a-read-fault-of-another-thread") {
     Mapping area = Mapping::anon(1);
     Uffd u = open_uffd(0);
     const auto ioctls = register_or_fail(u, area.page(0), kPage, UFFDIO_REGISTER_MODE_MISSING);
@@ -60,7 +60,7 @@ TEST_CASE("uffd/copy/resolves a read fault taken by another thread") {
     CHECK(seen == src);
 }
 
-TEST_CASE("uffd/copy/one of many racing faults is placed once, later copies see EEXIST") {
+TEST_CASE("uffd/copy/racing-faults-are-placed-once-later-copies-see-eexist") {
     constexpr int kThreads = 8;
     Mapping area = Mapping::anon(1);
     Uffd u = open_uffd(0);
@@ -106,7 +106,7 @@ TEST_CASE("uffd/copy/one of many racing faults is placed once, later copies see 
     for (const auto& s : seen) CHECK(s == src);
 }
 
-TEST_CASE("uffd/copy/stops before a present page, then the retry sees EEXIST") {
+TEST_CASE("uffd/copy/stops-before-a-present-page-then-the-retry-sees-eexist") {
     Mapping area = Mapping::anon(4);
     Uffd u = open_uffd(0);
     register_or_fail(u, area.page(0), 4 * kPage, UFFDIO_REGISTER_MODE_MISSING);
@@ -128,7 +128,7 @@ TEST_CASE("uffd/copy/stops before a present page, then the retry sees EEXIST") {
     CHECK(std::memcmp(area.page(3), src.data() + 3 * kPage, kPage) == 0);
 }
 
-TEST_CASE("uffd/copy/reports bad ranges with the kernel's errno") {
+TEST_CASE("uffd/copy/reports-bad-ranges-with-the-kernels-errno") {
     Mapping area = Mapping::anon(2);
     Uffd u = open_uffd(0);
     register_or_fail(u, area.page(0), kPage, UFFDIO_REGISTER_MODE_MISSING);
@@ -151,7 +151,7 @@ TEST_CASE("uffd/copy/reports bad ranges with the kernel's errno") {
     CHECK(woken.error().message() == "UFFDIO_WAKE start=0x0 len=4096: Bad file descriptor (errno 9)");
 }
 
-TEST_CASE("uffd/zeropage/resolves a fault with zeroes") {
+TEST_CASE("uffd/zeropage/resolves-a-fault-with-zeroes") {
     Mapping area = Mapping::anon(1);
     Uffd u = open_uffd(0);
     register_or_fail(u, area.page(0), kPage, UFFDIO_REGISTER_MODE_MISSING);
@@ -170,7 +170,7 @@ TEST_CASE("uffd/zeropage/resolves a fault with zeroes") {
     CHECK(u.zeropage(area.page(0), kPage).err == EEXIST);
 }
 
-TEST_CASE("uffd/wake/wakes a fault placed with DONTWAKE") {
+TEST_CASE("uffd/wake/wakes-a-fault-placed-with-dontwake") {
     Mapping area = Mapping::anon(1);
     Uffd u = open_uffd(0);
     register_or_fail(u, area.page(0), kPage, UFFDIO_REGISTER_MODE_MISSING);
@@ -190,7 +190,7 @@ TEST_CASE("uffd/wake/wakes a fault placed with DONTWAKE") {
     CHECK(seen == src);
 }
 
-TEST_CASE("uffd/continue/maps bytes written through an unregistered alias of a memfd") {
+TEST_CASE("uffd/continue/maps-bytes-written-through-a-memfd-alias") {
     const int mfd = ::memfd_create("uffd-minor", MFD_CLOEXEC);
     REQUIRE(mfd >= 0);
     REQUIRE(::ftruncate(mfd, static_cast<off_t>(3 * kPage)) == 0);
@@ -235,7 +235,7 @@ TEST_CASE("uffd/continue/maps bytes written through an unregistered alias of a m
     CHECK(absent.err == EFAULT);
 }
 
-TEST_CASE("uffd/writeprotect/a write to a protected page waits until unprotected") {
+TEST_CASE("uffd/writeprotect/a-write-waits-until-unprotected") {
     Mapping area = Mapping::anon(1);
     Uffd u = open_uffd(UFFD_FEATURE_PAGEFAULT_FLAG_WP);
     std::memset(area.page(0), 'a', kPage);
@@ -259,7 +259,7 @@ TEST_CASE("uffd/writeprotect/a write to a protected page waits until unprotected
     CHECK(area.page(0)[1] == 'a');
 }
 
-TEST_CASE("uffd/move/moves a page into a missing range and leaves a hole behind") {
+TEST_CASE("uffd/move/moves-a-page-and-leaves-a-hole-behind") {
     Mapping src = Mapping::anon(1);
     Mapping dst = Mapping::anon(2);
     Uffd u = open_uffd(UFFD_FEATURE_MOVE);
@@ -291,7 +291,7 @@ TEST_CASE("uffd/move/moves a page into a missing range and leaves a hole behind"
     CHECK(all_zero(src.page(0), kPage));
 }
 
-TEST_CASE("uffd/poison/touching a poisoned page raises SIGBUS") {
+TEST_CASE("uffd/poison/touching-a-poisoned-page-raises-sigbus") {
     Mapping area = Mapping::anon(1);
     Uffd u = open_uffd(UFFD_FEATURE_POISON);
     const auto ioctls = register_or_fail(u, area.page(0), kPage, UFFDIO_REGISTER_MODE_MISSING);

@@ -204,7 +204,7 @@ TEST_CASE("vmm/checker/dirty") {
     }
 }
 
-TEST_CASE("vmm/device-state") {
+TEST_CASE("vmm/device-state/round-trip-and-refusals") {
     DeviceState s{WorkloadKind::bank, 2, 64u << 20, kSeed, std::vector<VcpuRegs>(2)};
     s.regs[1].r[3] = 42;
     auto blob = encode_device_state(s);

@@ -149,14 +149,14 @@ std::string source_root() {
 }
 
 std::unique_ptr<VmProcess> VmProcess::start(const TempDir& dir, const std::string& name,
-                                            const std::vector<std::string>& args) {
+                                            const std::vector<std::string>& args, const std::vector<std::string>& env) {
     auto vm = std::make_unique<VmProcess>();
     vm->name = name;
     vm->qmp = dir.file(name + ".sock");
     vm->log = dir.file(name + ".log");
     std::vector<std::string> argv{vmm_binary(), "run", "--memory", "64M", "--vcpus", "2", "--qmp", vm->qmp};
     argv.insert(argv.end(), args.begin(), args.end());
-    vm->proc = Process::spawn(argv, vm->log);
+    vm->proc = Process::spawn(argv, vm->log, env);
     for (;;) {
         auto line = vm->proc->read_line(30s);
         INFO(name << " log: " << tail(vm->log));

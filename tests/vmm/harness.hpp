@@ -88,9 +88,11 @@ struct VmProcess {
     std::string name, qmp, log, incoming;
     int kv_port = 0;
 
-    // `run --memory 64M --vcpus 2 --qmp DIR/NAME.sock` plus `args`; waits for "ready".
+    // `run --memory 64M --vcpus 2 --qmp DIR/NAME.sock` plus `args`, with `env`
+    // ("NAME=value", e.g. LAZYMIG_FAILPOINTS) added; waits for "ready".
     [[nodiscard]] static std::unique_ptr<VmProcess> start(const TempDir& dir, const std::string& name,
-                                                          const std::vector<std::string>& args);
+                                                          const std::vector<std::string>& args,
+                                                          const std::vector<std::string>& env = {});
     [[nodiscard]] QmpClient connect() const;
     // The "return" member; any error fails the test (REQUIRE).
     json execute(const std::string& cmd, const json& args = json::object());

@@ -3,6 +3,9 @@
 // workload checks out on the destination, which keeps running it, and both processes
 // quit cleanly.
 #include <doctest/doctest.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "harness.hpp"
 
@@ -14,19 +17,21 @@ namespace {
 struct Pair {
     TempDir dir;
     std::unique_ptr<VmProcess> src, dst;
-    explicit Pair(const std::string& workload) {
-        dst = VmProcess::start(dir, "dst", {"--workload", workload, "--incoming", "tcp:127.0.0.1:0"});
+    // `dst_env` is added to the destination's environment (e.g. LAZYMIG_FAILPOINTS).
+    explicit Pair(const std::string& workload, const std::vector<std::string>& dst_env = {}) {
+        dst = VmProcess::start(dir, "dst", {"--workload", workload, "--incoming", "tcp:127.0.0.1:0"}, dst_env);
         src = VmProcess::start(dir, "src", {"--workload", workload});
     }
 };
 
 // Runs `lazymig-vmm migrate` to completion and checks what it printed and both sides.
-void migrate(Pair& p) {
+void migrate(Pair& p, unsigned bulk_channels = 0) {
     INFO("src log: " << p.src->log_tail());
     INFO("dst log: " << p.dst->log_tail());
-    auto m = Process::spawn({vmm_binary(), "migrate", "--from", p.src->qmp, "--dest-qmp", p.dst->qmp, "--mode",
-                             "postcopy", "--timeout", "120"},
-                            p.dir.file("migrate.log"));
+    std::vector<std::string> args{vmm_binary(), "migrate", "--from", p.src->qmp, "--dest-qmp", p.dst->qmp, "--mode",
+                                  "postcopy", "--timeout", "120"};
+    if (bulk_channels) args.insert(args.end(), {"--bulk-channels", std::to_string(bulk_channels)});
+    auto m = Process::spawn(args, p.dir.file("migrate.log"));
     const std::string out = m->read_all(150s);
     INFO("migrate stdout: " << out);
     INFO("migrate stderr: " << tail(p.dir.file("migrate.log")));
@@ -43,6 +48,28 @@ void migrate(Pair& p) {
     CHECK(dq["phase"] == "completed");
     CHECK(dq["pages"]["present"] == dq["pages"]["total"]);
     CHECK(dq["pages"]["total"] == 16384);
+    if (bulk_channels) {
+        CHECK(sq["bulk-channels"] == bulk_channels);
+        CHECK(dq["bulk-channels"] == bulk_channels);
+        CHECK(out.find("bulk channels         " + std::to_string(bulk_channels)) != std::string::npos);
+    }
+    // Blocktime is attributed per faulting thread: the VMM's vCPUs by the names it gave,
+    // any other thread by its id; the total is their sum and no thread has more faults
+    // than the destination took.
+    double sum = 0;
+    std::uint64_t faults = 0;
+    for (const auto& v : dq["vcpu-blocktime"]) {
+        const std::string name = v["name"];
+        CHECK_MESSAGE((name.starts_with("vcpu") || name.starts_with("tid ")), name);
+        CHECK(v["blocktime-ms"].get<double>() >= 0);
+        sum += v["blocktime-ms"].get<double>();
+        faults += v["faults"].get<std::uint64_t>();
+    }
+    CHECK(sum == doctest::Approx(dq["blocktime-ms"].get<double>()).epsilon(1e-6));
+    CHECK(faults <= dq["faults"].get<std::uint64_t>());
+    std::uint64_t counted = 0;
+    for (const auto& b : dq["fault-latency-histogram"]) counted += b["count"].get<std::uint64_t>();
+    CHECK(counted == dq["fault-latency-us"]["count"].get<std::uint64_t>());
     MESSAGE("downtime " << sq["downtime-ms"] << " ms, pushed " << sq["pages"]["pushed"] << ", demanded "
                         << sq["pages"]["demanded"] << ", faults " << dq["faults"] << ", fault p50 "
                         << dq["fault-latency-us"]["p50"] << " us, p99 " << dq["fault-latency-us"]["p99"] << " us");
@@ -71,7 +98,7 @@ TEST_CASE("vmm/migrate/postcopy/pattern") {
 
 TEST_CASE("vmm/migrate/postcopy/bank") {
     Pair p("bank");
-    migrate(p);
+    migrate(p, 2);
     check_and_quit(p);
 }
 
@@ -102,11 +129,15 @@ TEST_CASE("vmm/migrate/postcopy/kv") {
 }
 
 // The source goes away mid-post-copy (cancelled after the destination resumed): the
-// destination cannot continue. Pages that never arrived are poisoned by lazymig; a
+// destination cannot continue. Its first bulk frame is held before placement (fail
+// point) until the source is gone, so most pages are certainly missing. Pages that never arrived are poisoned by lazymig; a
 // vCPU that touches one stops (reported, not a crash), the checker names one, and
 // both processes still answer and quit cleanly.
 TEST_CASE("vmm/migrate/postcopy/source-lost") {
-    Pair p("pattern");
+    TempDir fifo_dir;
+    const std::string release = fifo_dir.file("release-bulk");
+    REQUIRE(::mkfifo(release.c_str(), 0600) == 0);
+    Pair p("pattern", {"LAZYMIG_FAILPOINTS=pager_bulk_before_place=hold:" + release});
     INFO("src log: " << p.src->log_tail());
     INFO("dst log: " << p.dst->log_tail());
     auto src_events = p.src->connect();
@@ -115,11 +146,17 @@ TEST_CASE("vmm/migrate/postcopy/source-lost") {
     REQUIRE(dst_events.execute("enable-events").has_value());
     auto status_is = [](const char* s) { return [s](const json& e) { return e["data"]["status"] == s; }; };
 
-    p.src->execute("migrate-set-parameters", {{"max-bandwidth", 2'000'000}});  // most pages still missing
     p.src->execute("migrate", {{"uri", p.dst->incoming}});
     auto resumed = src_events.wait_event("MIGRATION", status_is("postcopy"), 30s);
     REQUIRE_MESSAGE(resumed.has_value(), why(resumed));
-    p.src->execute("migrate-cancel");
+    CHECK(p.dst->execute("query-migrate")["pages"]["pushed"] == 0);  // the held frame: nothing pushed is placed
+    p.src->execute("migrate-cancel");  // returns once the source has stopped
+    {
+        const int w = ::open(release.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+        REQUIRE_MESSAGE(w >= 0, "the destination does not hold the release pipe open");
+        CHECK(::write(w, "x", 1) == 1);
+        ::close(w);
+    }
 
     auto failed = dst_events.wait_event("MIGRATION", status_is("failed"), 30s);
     REQUIRE_MESSAGE(failed.has_value(), why(failed));

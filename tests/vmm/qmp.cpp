@@ -1,10 +1,14 @@
 // vmm/qmp/*: the management socket of a real lazymig-vmm process — every command, bad
 // input of every kind, commands in the wrong phase, and clients that misbehave.
+#include <fcntl.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <doctest/doctest.h>
 
 #include "harness.hpp"
+#include "lazymig/lazymig.hpp"
 
 using namespace vmm;
 using namespace vmm::test;
@@ -44,7 +48,11 @@ TEST_CASE("vmm/qmp/every-command") {
     CHECK(vm->execute("migrate-set-parameters", {{"max-bandwidth", 50'000'000}, {"push-batch-pages", 64}, {"prefetch-pages", 8}})
               .empty());
     auto params = vm->execute("query-migrate-parameters");
-    CHECK(params == json{{"max-bandwidth", 50'000'000}, {"push-batch-pages", 64}, {"prefetch-pages", 8}});
+    CHECK(params == json{{"max-bandwidth", 50'000'000}, {"push-batch-pages", 64}, {"prefetch-pages", 8},
+                         {"bulk-channels", lazymig::default_bulk_channels()}});
+    CHECK(error_desc(vm->call("migrate-set-parameters", {{"bulk-channels", 0}})) == "bulk-channels must be 1..16");
+    CHECK(vm->execute("migrate-set-parameters", {{"bulk-channels", 3}}).empty());
+    CHECK(vm->execute("query-migrate-parameters")["bulk-channels"] == 3);
 
     auto r = vm->call("migrate-cancel");
     CHECK(error_desc(r) == "no migration in progress");
@@ -162,8 +170,13 @@ TEST_CASE("vmm/qmp/limits") {
 
 TEST_CASE("vmm/qmp/wrong-phase") {
     TempDir dir;
+    // The destination holds its first bulk frame before placing it (fail point) until
+    // the test writes to this pipe: the migration cannot complete before that.
+    const std::string release = dir.file("release-bulk");
+    REQUIRE(::mkfifo(release.c_str(), 0600) == 0);
     auto src = VmProcess::start(dir, "src", {"--workload", "idle"});
-    auto dst = VmProcess::start(dir, "dst", {"--workload", "idle", "--incoming", "tcp:127.0.0.1:0"});
+    auto dst = VmProcess::start(dir, "dst", {"--workload", "idle", "--incoming", "tcp:127.0.0.1:0"},
+                                {"LAZYMIG_FAILPOINTS=pager_bulk_before_place=hold:" + release});
     INFO("src log: " << src->log_tail());
     INFO("dst log: " << dst->log_tail());
     REQUIRE(dst->incoming.starts_with("tcp:127.0.0.1:"));
@@ -179,12 +192,11 @@ TEST_CASE("vmm/qmp/wrong-phase") {
     CHECK(error_desc(dst->call("check-workload")).starts_with("no guest state yet"));
     CHECK(dst->execute("query-migrate")["phase"] == "idle");
 
-    // A migration throttled to 2 MB/s is still running when the second migrate comes.
+    // A migration whose bulk channel is held is still running when the second migrate comes.
     auto events = src->connect();
     REQUIRE(events.execute("enable-events").has_value());
     auto dst_events = dst->connect();
     REQUIRE(dst_events.execute("enable-events").has_value());
-    CHECK(src->execute("migrate-set-parameters", {{"max-bandwidth", 2'000'000}}).empty());
     CHECK(src->execute("migrate", {{"uri", dst->incoming}, {"mode", "postcopy"}}).empty());
     auto resumed = events.wait_event("MIGRATION", [](const json& e) { return e["data"]["status"] == "postcopy"; }, 30s);
     REQUIRE_MESSAGE(resumed.has_value(), why(resumed));
@@ -193,6 +205,7 @@ TEST_CASE("vmm/qmp/wrong-phase") {
     auto q = src->execute("query-migrate");
     CHECK(q["role"] == "source");
     CHECK(q["mode"] == "postcopy");
+    CHECK(dst->execute("query-migrate")["pages"]["pushed"] == 0);  // the held frame: nothing pushed is placed
 
     // Cancelled after the destination resumed: the source keeps the VM parked and the
     // destination cannot continue; pages that never arrived are poisoned, and the
@@ -204,6 +217,13 @@ TEST_CASE("vmm/qmp/wrong-phase") {
     CHECK(q["phase"] == "cancelled");
     CHECK(src->execute("query-status")["status"] == "paused");
     CHECK(error_desc(src->call("migrate-cancel")) == "no migration in progress");
+    // The source is gone: let the destination's held frame go, and it finds the rest missing.
+    {
+        const int w = ::open(release.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+        REQUIRE_MESSAGE(w >= 0, "the destination does not hold the release pipe open");
+        CHECK(::write(w, "x", 1) == 1);
+        ::close(w);
+    }
     auto dst_end = dst_events.wait_event("MIGRATION", [](const json& e) { return e["data"]["status"] == "failed"; }, 30s);
     REQUIRE_MESSAGE(dst_end.has_value(), why(dst_end));
     CHECK_MESSAGE((*dst_end)["data"]["error"].get<std::string>().find("pages never arrived") != std::string::npos, dst_end->dump());

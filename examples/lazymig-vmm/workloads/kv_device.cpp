@@ -38,7 +38,11 @@ lazymig::Result<std::unique_ptr<KvDevice>> KvDevice::start(std::uint16_t port, V
     if (!stop) return std::unexpected(stop.error().wrap("kv"));
     d->wake_ = std::move(*wake);
     d->stop_ = std::move(*stop);
-    d->thread_ = std::thread([dev = d.get()] { dev->run(); });
+    try {
+        d->thread_ = std::thread([dev = d.get()] { dev->run(); });
+    } catch (const std::system_error& e) {
+        return lazymig::sys_error("kv: starting the service thread", e.code().value());
+    }
     log_event("kv_listening", "port={}", d->port_);
     return d;
 }
