@@ -54,8 +54,9 @@ public:
     // REQUIRES: no send in flight.
     [[nodiscard]] virtual Result<void> send_start(std::span<const iovec> iov) = 0;
     // Waits for the send started last to complete (no-op when none is in flight).
+    // While a send is in flight, send_finish() is the only sending-side call allowed.
     [[nodiscard]] virtual Result<void> send_finish() = 0;
-    // Waits until `deadline` (pacing); ECANCELED on shutdown.
+    // Waits until `deadline` (pacing); ECANCELED on shutdown. REQUIRES: no send in flight.
     [[nodiscard]] virtual Result<void> wait_until(std::chrono::steady_clock::time_point deadline) = 0;
 
     // Non-blocking: sends what the transport takes now and returns how many bytes that was

@@ -197,6 +197,8 @@ Result<void> Ring::recv_exact(int fd, void* buf, std::size_t len, std::string_vi
 }
 
 Result<void> Ring::wait_until(std::chrono::steady_clock::time_point deadline) {
+    // One operation at a time: the timer's completion would be taken for the send's.
+    if (op_pending_ || send_fd_ >= 0) return logic_error("pacing wait: a send is still in flight on this ring");
     const auto now = std::chrono::steady_clock::now();
     if (deadline <= now) return {};
     const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(deadline - now).count();
