@@ -143,7 +143,7 @@ Fields migrate_once(lazymig::GuestMemory& mem, const Fields& cmd, LineReader& co
         .set("src_rss_growth_bytes", double(std::int64_t(r1.rss) - std::int64_t(r0.rss)))
         .set("src_file_growth_bytes", double(std::int64_t(r1.file) - std::int64_t(r0.file)))
         .set("src_overhead_peak_bytes", double(peak.load()))
-        .set("src_bound_bytes", source_bound(mem.size()));
+        .set("src_bound_bytes", source_bound(mem.size(), st.bulk_channels));
     return f;
 }
 
@@ -370,7 +370,7 @@ int destination_run(const DestinationSpec& spec, int, int report_fd) {
         .set("dst_overhead_end_bytes", double(memory_growth(r0, r1) - std::int64_t(spec.bytes)))
         .set("dst_overhead_peak_bytes", double(std::max(peak.load(), memory_growth(r0, r1) - std::int64_t(spec.bytes))))
         .set("dst_anon_overhead_peak_bytes", double(peak_anon.load()))
-        .set("dst_bound_bytes", destination_bound(spec.bytes));
+        .set("dst_bound_bytes", destination_bound(spec.bytes, st.bulk_channels));
     f.merge(latency_fields("lib_fault", st.fault_latency));
 
     if (spec.touchers > 0) {

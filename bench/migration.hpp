@@ -54,12 +54,18 @@ struct MigrationRun {
 int source_server(const SourceSpec& spec, int command_fd, int report_fd);
 int destination_run(const DestinationSpec& spec, int command_fd, int report_fd);
 
-// Bytes of bookkeeping the design allows (DESIGN.md, "memory overhead"): destination:
-// page-state byte + 4-byte fault stamp per page + two 4 MiB receive buffers; source:
-// one sent byte per page.
-[[nodiscard]] inline std::uint64_t destination_bound(std::size_t bytes) {
-    return bytes / kPage * 5 + 2 * (4u << 20);
+// Bytes of bookkeeping the design allows beyond guest RAM, per side and per channel:
+//   destination: page-state byte + 4-byte fault stamp + 1 bit "file page may hold data"
+//                per page, and one 4 MiB receive buffer per channel (urgent + N bulk);
+//   source:      one sent byte per page, two 4 MiB staging buffers per bulk channel
+//                (pipelining) and one for the urgent channel's demand replies.
+inline constexpr std::uint64_t kChannelBuffer = 4u << 20;
+[[nodiscard]] inline std::uint64_t destination_bound(std::size_t bytes, std::uint32_t bulk_channels = 1) {
+    const std::uint64_t pages = bytes / kPage;
+    return pages * 5 + (pages + 7) / 8 + (bulk_channels + 1) * kChannelBuffer;
 }
-[[nodiscard]] inline std::uint64_t source_bound(std::size_t bytes) { return bytes / kPage; }
+[[nodiscard]] inline std::uint64_t source_bound(std::size_t bytes, std::uint32_t bulk_channels = 1) {
+    return bytes / kPage + (2 * bulk_channels + 1) * kChannelBuffer;
+}
 
 }  // namespace bench
