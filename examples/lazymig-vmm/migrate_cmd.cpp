@@ -91,12 +91,9 @@ int run_migrate(const MigrateOptions& o) {
         if (!(*st)["incoming"].is_string()) return fmt::print(stderr, "lazymig-vmm migrate: the destination is not waiting for a migration\n"), 1;
         uri = (*st)["incoming"];
     }
-    // Events tell when each side is done; the progress line is sampled and redrawn at a
-    // display rate between them (4/s on a terminal, one line a second otherwise).
-    for (QmpClient* c : {&*src, dst ? &*dst : nullptr})
-        if (c)
-            if (auto ok = c->execute("enable-events"); !ok)
-                return fmt::print(stderr, "lazymig-vmm migrate: {}\n", ok.error().message()), 1;
+    // Events (every negotiated client gets them) tell when each side is done; the
+    // progress line is sampled and redrawn at a display rate between them (4/s on a
+    // terminal, one line a second otherwise).
     const auto start = Clock::now();
     if (auto ok = src->execute("migrate", {{"uri", uri}, {"mode", lazymig::to_string(o.mode)}}); !ok)
         return fmt::print(stderr, "lazymig-vmm migrate: {}\n", ok.error().message()), 1;
