@@ -78,15 +78,19 @@ void QmpServer::run() {
             log_event("qmp_error", "poll: {} (errno {})", std::strerror(errno), errno);
             return;
         }
-        if (fds[0].revents) return;
-        // Clients before the listener: slots freed by clients that left are free for
-        // a newcomer that arrived in the same round.
+        if (fds[0].revents) {
+            deliver_events();  // e.g. the STOP a request before `quit` caused
+            return;
+        }
+        // Events before requests: an event a command caused goes out before the reply
+        // to the client's next command. Clients before the listener: slots freed by
+        // clients that left are free for a newcomer that arrived in the same round.
+        if (fds[2].revents) deliver_events();
         for (std::size_t i = 3; i < fds.size(); ++i) {
             Client& c = *owner[i - 3];
             if (fds[i].revents & POLLOUT) flush(c);
             if (c.fd && (fds[i].revents & (POLLIN | POLLHUP | POLLERR))) read_from(c);
         }
-        if (fds[2].revents) deliver_events();
         if (fds[1].revents) accept_one();
     }
 }
