@@ -56,6 +56,7 @@ int main(int argc, char** argv) {
     m->add_option("--dest-qmp", mig.dest_qmp, "destination management socket: progress, check-workload");
     m->add_option("--mode", mode, "postcopy, precopy or hybrid")->capture_default_str();
     m->add_option("--timeout", mig.timeout_s, "seconds before the migration is cancelled")->capture_default_str();
+    m->add_option("--report", mig.report, "write the progress timeline (one sample per 100 ms) to this JSON file");
 
     vmm::KvClientOptions kv;
     auto* k = app.add_subcommand("kv-client", "write sequence-numbered keys to a kv VM, or verify them");

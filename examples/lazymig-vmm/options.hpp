@@ -23,6 +23,7 @@ struct MigrateOptions {
     std::string dest_qmp;                 // destination management socket (optional)
     lazymig::Mode mode = lazymig::Mode::postcopy;
     double timeout_s = 600;
+    std::string report;                   // JSON timeline file (--report); empty: none
 };
 
 struct KvClientOptions {

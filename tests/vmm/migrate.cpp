@@ -4,6 +4,8 @@
 // quit cleanly.
 #include <doctest/doctest.h>
 
+#include <fstream>
+
 #include "harness.hpp"
 
 using namespace vmm;
@@ -24,8 +26,9 @@ struct Pair {
 void migrate(Pair& p) {
     INFO("src log: " << p.src->log_tail());
     INFO("dst log: " << p.dst->log_tail());
+    const std::string report = p.dir.file("report.json");
     auto m = Process::spawn({vmm_binary(), "migrate", "--from", p.src->qmp, "--dest-qmp", p.dst->qmp, "--mode",
-                             "postcopy", "--timeout", "120"},
+                             "postcopy", "--timeout", "120", "--report", report},
                             p.dir.file("migrate.log"));
     const std::string out = m->read_all(150s);
     INFO("migrate stdout: " << out);
@@ -34,6 +37,28 @@ void migrate(Pair& p) {
     CHECK(out.find("migration summary") != std::string::npos);
     CHECK(out.find("result                completed") != std::string::npos);
     CHECK(out.find("check-workload        ok") != std::string::npos);
+
+    // --report: the progress timeline, a sample per 100 ms, and both sides' last figures.
+    std::ifstream in(report);
+    REQUIRE_MESSAGE(in.good(), "no report file " << report);
+    const json r = json::parse(in, nullptr, /*allow_exceptions=*/false);
+    REQUIRE_MESSAGE(r.is_object(), "report is not a JSON object");
+    CHECK(r["interval-ms"] == 100);
+    CHECK(r["source"]["phase"] == "completed");
+    CHECK(r["destination"]["pages"]["present"] == r["destination"]["pages"]["total"]);
+    const json& samples = r["samples"];
+    REQUIRE(samples.is_array());
+    REQUIRE(!samples.empty());
+    double prev_ms = -1;
+    std::uint64_t prev_present = 0;
+    for (const auto& x : samples) {
+        CHECK(x["elapsed-ms"].get<double>() >= prev_ms + (prev_ms < 0 ? 0 : 50));  // ~100 ms apart
+        CHECK(x["pages-present"].get<std::uint64_t>() >= prev_present);
+        CHECK(x.contains("status"));
+        CHECK(x.contains("mbps"));
+        prev_ms = x["elapsed-ms"];
+        prev_present = x["pages-present"];
+    }
 
     auto sq = p.src->execute("query-migrate");
     CHECK(sq["phase"] == "completed");
