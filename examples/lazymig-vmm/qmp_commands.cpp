@@ -131,9 +131,11 @@ std::string QmpCommands::handle(std::string_view line, QmpServer::Session& sessi
         if (args_json.contains("enable")) {
             const json& enable = args_json["enable"];
             if (!enable.is_array()) return respond(generic("Invalid parameter type for 'enable', expected: array"));
-            for (const auto& c : enable)  // the greeting offers none
-                if (c.is_string()) return respond(generic(fmt::format("Capability {} not available", c.get<std::string>())));
-                else return respond(generic("Invalid parameter type for 'enable', expected: array of strings"));
+            if (!enable.empty()) {  // the greeting offers no capability, so any is refused
+                if (!enable.front().is_string())
+                    return respond(generic("Invalid parameter type for 'enable', expected: array of strings"));
+                return respond(generic(fmt::format("Capability {} not available", enable.front().get<std::string>())));
+            }
         }
         for (const auto& [k, v] : args_json.items())
             if (k != "enable") return respond(generic(fmt::format("Parameter '{}' is unexpected", k)));
