@@ -49,14 +49,15 @@ bool write_file(const std::string& path, const std::string& text) {
 }  // namespace
 
 bool PlotTrace::write(std::vector<std::uint32_t> fault_ns) const {
-    std::string t = fmt::format("# {} ms_since_resume pages_present total_pages bytes_received push_mbps\n", label_);
-    // Rate over a 50 ms window: the 10 ms samples alone are mostly scheduling noise.
+    std::string t = fmt::format("# {} ms_since_resume pages_present total_pages bytes_received placed_mbps\n", label_);
+    // The rate is of pages becoming present (lazymig's bytes_received is only counted
+    // at the end), over a 50 ms window: the 10 ms samples alone are mostly scheduling noise.
     constexpr std::size_t kWindow = 5;
     for (std::size_t i = 0; i < rows_.size(); ++i) {
         const Row& r = rows_[i];
         const Row& b = rows_[i >= kWindow ? i - kWindow : 0];
         const double dt = (r.ms - b.ms) / 1e3;
-        const double mbps = dt > 0 ? double(r.bytes - b.bytes) / dt / 1e6 : 0;
+        const double mbps = dt > 0 ? double((r.present - b.present) * kPage) / dt / 1e6 : 0;
         t += fmt::format("{:.3f}\t{}\t{}\t{}\t{:.1f}\n", r.ms, r.present, r.total, r.bytes, mbps);
     }
     const bool a = write_file(fmt::format("{}/timeline-{}.tsv", dir_, label_), t);

@@ -4,7 +4,7 @@
 // the bench's 10 ms sampler adds lazymig's stats after the VM resumed, and at the end
 // two tab-separated files go to that directory, named by the run:
 //   timeline-LABEL.tsv  ms since resume, pages present, total pages, bytes received,
-//                       push MB/s over the last 50 ms
+//                       MB/s of pages becoming present over the last 50 ms
 //   faults-LABEL.tsv    CDF of the touchers' faulting-touch latencies (the guest's view of
 //                       a demand fault, what the floor is measured for): µs, fraction
 // bench/plot.sh turns them into PNGs. Threads: sample() from the sampler thread only,

@@ -4,7 +4,7 @@
 #   DIR/fault-latency-cdf.png  lazymig's demand-fault latency CDF of every run with
 #                              faults, the machine's raw fault floor as a vertical line
 #   DIR/pages-present.png      percent of guest pages present over time, every run
-#   DIR/push-throughput.png    bytes arriving at the destination (MB/s) over time
+#   DIR/push-throughput.png    guest pages becoming present (MB/s) over time
 # Exits non-zero, naming what is missing, when there is nothing to draw.
 set -euo pipefail
 dir=$1 floor=${2:-}
@@ -33,7 +33,7 @@ gnuplot -e "$common set output '$dir/pages-present.png';
   set xlabel 'ms since the destination resumed the VM'; set ylabel '% of pages present'; set yrange [0:105];
   plot $(plot_list '1:(100.0*$2/$3)' "${timelines[@]}")"
 gnuplot -e "$common set output '$dir/push-throughput.png'; set key top right;
-  set title 'Bytes arriving at the destination, 50 ms window (lazymig-bench)';
+  set title 'Guest memory placed at the destination, MB/s over 50 ms (lazymig-bench)';
   set xlabel 'ms since the destination resumed the VM'; set ylabel 'MB/s'; set yrange [0:*];
   plot $(plot_list '1:5' "${timelines[@]}")"
 if [ ${#faults[@]} -gt 0 ]; then
