@@ -16,6 +16,8 @@
 
 #include <fmt/format.h>
 
+#include "bench/plot.hpp"
+
 namespace bench {
 namespace {
 
@@ -317,9 +319,12 @@ int destination_run(const DestinationSpec& spec, int, int report_fd) {
     // page continued into the guest view; anon: every page placed.
     const bool memfd = spec.backing != Backing::anon;
     std::atomic<std::int64_t> peak{std::numeric_limits<std::int64_t>::min()}, peak_anon{0};
+    auto trace = PlotTrace::from_env(fmt::format("{}m-{}-{}touchers", spec.bytes >> 20, lazymig::to_string(spec.backing),
+                                                 spec.touchers));  // scripts/bench --plot
     Sampler sampler([&] {
         const Rss r = read_rss();
         const lazymig::Stats st = dst.stats();
+        if (trace) trace->sample(st);
         if (st.pages_present == st.total_pages) touchers.complete = true;
         const bool alias_mapped = memfd && st.phase != lazymig::Phase::completed;
         const std::int64_t expected = std::int64_t(st.pages_present * kPage + (alias_mapped ? spec.bytes : 0));
@@ -341,6 +346,11 @@ int destination_run(const DestinationSpec& spec, int, int report_fd) {
     const lazymig::Stats st = dst.stats();
     const Rss r1 = read_rss();
     sampler.stop();
+    if (trace) {
+        std::vector<std::uint32_t> fault_ns;
+        for (const auto& v : touchers.ns) fault_ns.insert(fault_ns.end(), v.begin(), v.end());
+        trace->write(std::move(fault_ns));
+    }
 
     Fields f;
     if (!done) f.set_str("error", "destination: " + done.error().message());

@@ -1,12 +1,16 @@
 # Sourced by scripts/demo, scripts/test and scripts/bench: installs what is missing
 # (Debian 12 packages) and builds into ./build with meson/ninja.
+# Environment: LAZYMIG_BUILD=DIR builds there instead; LAZYMIG_MESON_OPTIONS="-Dx=y ..."
+# are given to `meson setup` when DIR is set up (scripts/test --sanitize uses both).
 set -euo pipefail
 
 LAZYMIG_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LAZYMIG_BUILD=${LAZYMIG_BUILD:-$LAZYMIG_ROOT/build}
+LAZYMIG_MESON_OPTIONS=${LAZYMIG_MESON_OPTIONS:-}
 LAZYMIG_PACKAGES=(g++ meson ninja-build pkg-config python3 iproute2
     liburing-dev liblz4-dev libfmt-dev doctest-dev libcli11-dev nlohmann-json3-dev
-    libibverbs-dev librdmacm-dev)
+    libibverbs-dev librdmacm-dev
+    socat gnuplot-nox)   # the QMP session test drives the socket with socat; bench --plot
 
 lazymig_install() {
     local missing=()
@@ -24,7 +28,8 @@ lazymig_install() {
 
 lazymig_build() {
     if [ ! -f "$LAZYMIG_BUILD/build.ninja" ]; then
-        meson setup "$LAZYMIG_BUILD" "$LAZYMIG_ROOT" >/dev/null
+        # shellcheck disable=SC2086  # a list of options
+        meson setup $LAZYMIG_MESON_OPTIONS "$LAZYMIG_BUILD" "$LAZYMIG_ROOT" >/dev/null
     fi
     ninja -C "$LAZYMIG_BUILD" >/dev/null || ninja -C "$LAZYMIG_BUILD"
 }

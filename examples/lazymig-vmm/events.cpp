@@ -3,6 +3,7 @@
 #include <chrono>
 
 #include "log.hpp"
+#include "qmp_json.hpp"
 
 namespace vmm {
 
@@ -17,9 +18,15 @@ lazymig::Result<std::unique_ptr<EventBus>> EventBus::create() {
 void EventBus::emit(std::string_view name, nlohmann::json data) {
     const auto us = std::chrono::duration_cast<std::chrono::microseconds>(
                         std::chrono::system_clock::now().time_since_epoch()).count();
-    std::string line = nlohmann::json{{"event", name}, {"data", std::move(data)},
-                                      {"timestamp", {{"seconds", us / 1'000'000}, {"microseconds", us % 1'000'000}}}}
-                           .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+    // QEMU's member order; an event without data (STOP, RESUME) has no "data" member.
+    nlohmann::ordered_json e;
+    e["event"] = name;
+    if (!data.is_null()) e["data"] = std::move(data);
+    nlohmann::ordered_json ts;
+    ts["seconds"] = us / 1'000'000;
+    ts["microseconds"] = us % 1'000'000;
+    e["timestamp"] = std::move(ts);
+    std::string line = qmp_message(e);
     {
         std::lock_guard lock(mu_);
         if (queued_.size() == kMaxQueued) {

@@ -59,6 +59,7 @@ int main(int argc, char** argv) {
     m->add_option("--bulk-channels", mig.bulk_channels, "bulk channels, each with its own sender and receiver thread "
                                                         "(1-16; default: from the source's CPU count)")
         ->check(CLI::Range(1u, 16u));
+    m->add_option("--report", mig.report, "write the progress timeline (one sample per 100 ms) to this JSON file");
 
     vmm::KvClientOptions kv;
     auto* k = app.add_subcommand("kv-client", "write sequence-numbered keys to a kv VM, or verify them");

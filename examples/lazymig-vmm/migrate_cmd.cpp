@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <optional>
 
 #include <fmt/format.h>
@@ -42,6 +43,9 @@ double num(const json& j, const char* a, const char* b = nullptr) {
     }
     return p->is_number() ? p->get<double>() : 0;
 }
+
+// At most 10 minutes of 100 ms samples in a --report file.
+constexpr std::size_t kMaxReportSamples = 6000;
 
 struct Sample {
     Clock::time_point at;
@@ -79,6 +83,37 @@ void print_summary(const MigrateOptions& o, const json& src, const std::optional
     if (check) row("check-workload", fmt::format("{} ({})", check->value("ok", false) ? "ok" : "FAILED", check->value("detail", "")));
     std::fflush(stdout);
 }
+
+// --report FILE: the timeline the progress line shows, one sample per 100 ms, and the
+// final query-migrate of each side. Written whole to FILE.tmp, then renamed, so a
+// reader never sees half a file.
+bool write_report(const MigrateOptions& o, const json& timeline, const json& src, const std::optional<json>& dst,
+                  const std::optional<json>& check) {
+    json r{{"from", o.from}, {"mode", lazymig::to_string(o.mode)}, {"interval-ms", 100},
+           {"samples", timeline}, {"source", src}, {"destination", dst ? *dst : json(nullptr)},
+           {"check-workload", check ? *check : json(nullptr)}};
+    const std::string text = r.dump(1) + "\n";
+    const std::string tmp = o.report + ".tmp";
+    std::FILE* f = std::fopen(tmp.c_str(), "w");
+    if (!f) {
+        const int e = errno;
+        return fmt::print(stderr, "lazymig-vmm migrate: --report {}: {} (errno {})\n", tmp, std::strerror(e), e), false;
+    }
+    const bool wrote = std::fwrite(text.data(), 1, text.size(), f) == text.size();
+    const int e = errno;
+    if (std::fclose(f) != 0 || !wrote) {
+        const int e2 = wrote ? errno : e;
+        return fmt::print(stderr, "lazymig-vmm migrate: writing {}: {} (errno {})\n", tmp, std::strerror(e2), e2), false;
+    }
+    if (std::rename(tmp.c_str(), o.report.c_str()) != 0) {
+        const int e3 = errno;
+        return fmt::print(stderr, "lazymig-vmm migrate: rename {} to {}: {} (errno {})\n", tmp, o.report,
+                          std::strerror(e3), e3), false;
+    }
+    fmt::print("report: {} ({} samples)\n", o.report, timeline.size());
+    return true;
+}
+
 }  // namespace
 
 int run_migrate(const MigrateOptions& o) {
@@ -97,12 +132,9 @@ int run_migrate(const MigrateOptions& o) {
         if (!(*st)["incoming"].is_string()) return fmt::print(stderr, "lazymig-vmm migrate: the destination is not waiting for a migration\n"), 1;
         uri = (*st)["incoming"];
     }
-    // Events tell when each side is done; the progress line is sampled and redrawn at a
-    // display rate between them (4/s on a terminal, one line a second otherwise).
-    for (QmpClient* c : {&*src, dst ? &*dst : nullptr})
-        if (c)
-            if (auto ok = c->execute("enable-events"); !ok)
-                return fmt::print(stderr, "lazymig-vmm migrate: {}\n", ok.error().message()), 1;
+    // Events (every negotiated client gets them) tell when each side is done; the
+    // progress line is sampled and redrawn at a display rate between them (4/s on a
+    // terminal, one line a second otherwise).
     if (o.bulk_channels)
         if (auto ok = src->execute("migrate-set-parameters", {{"bulk-channels", o.bulk_channels}}); !ok)
             return fmt::print(stderr, "lazymig-vmm migrate: {}\n", ok.error().message()), 1;
@@ -114,12 +146,20 @@ int run_migrate(const MigrateOptions& o) {
 
     const bool tty = ::isatty(STDOUT_FILENO) == 1;
     const auto draw_every = tty ? std::chrono::milliseconds(250) : std::chrono::milliseconds(1000);
+    // --report: the same figures, one sample per 100 ms, kept for the JSON file.
+    constexpr auto kReportEvery = std::chrono::milliseconds(100);
+    const bool reporting = !o.report.empty();
+    const auto tick = reporting ? std::min<Clock::duration>(kReportEvery, draw_every) : Clock::duration(draw_every);
+    json timeline = json::array();
+    Sample last_rec{start};
+    auto next_show = start;
     const auto deadline = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.timeout_s));
     Sample last{start};
     json s, d;
     // The last line shows rates over the whole run, not over its last instant.
     auto draw = [&](bool final = false) -> bool {
         if (final) last = Sample{start};
+        const bool show = final || Clock::now() >= next_show;
         auto sq = src->execute("query-migrate");
         if (!sq) return fmt::print(stderr, "\nlazymig-vmm migrate: source: {}\n", sq.error().message()), false;
         s = *sq;
@@ -130,6 +170,23 @@ int run_migrate(const MigrateOptions& o) {
         }
         const json& view = dst ? d : s;
         const auto now = Clock::now();
+        if (reporting && !final && timeline.size() < kMaxReportSamples) {
+            const double rdt = std::chrono::duration<double>(now - last_rec.at).count();
+            const Sample rec{now, u64(s, "bytes", "sent"), u64(d, "faults")};
+            timeline.push_back({{"elapsed-ms", std::chrono::duration<double, std::milli>(now - start).count()},
+                                {"status", view.value("status", "?")},
+                                {"phase", view.value("phase", "?")},
+                                {"pages-present", u64(view, "pages", "present")},
+                                {"pages-total", u64(view, "pages", "total")},
+                                {"percent-present", num(view, "percent-present")},
+                                {"bytes-sent", rec.bytes},
+                                {"faults", rec.faults},
+                                {"mbps", rdt > 0 ? double(rec.bytes - std::min(rec.bytes, last_rec.bytes)) / 1e6 / rdt : 0.0},
+                                {"faults-per-s", rdt > 0 ? double(rec.faults - std::min(rec.faults, last_rec.faults)) / rdt : 0.0}});
+            last_rec = rec;
+        }
+        if (!show) return true;
+        next_show = now + draw_every;
         const double dt = std::chrono::duration<double>(now - last.at).count();
         const Sample cur{now, u64(s, "bytes", "sent"), u64(d, "faults")};
         const double mbps = dt > 0 ? static_cast<double>(cur.bytes - std::min(cur.bytes, last.bytes)) / 1e6 / dt : 0;
@@ -149,7 +206,7 @@ int run_migrate(const MigrateOptions& o) {
         auto now = Clock::now();
         if (now >= next_draw) {
             if (!draw()) return 1;
-            next_draw += draw_every;
+            next_draw += tick;
             now = Clock::now();
         }
         if (now > deadline) {
@@ -177,6 +234,7 @@ int run_migrate(const MigrateOptions& o) {
         check = c ? *c : json{{"ok", false}, {"detail", c.error().message()}};
     }
     print_summary(o, s, dst ? std::optional<json>(d) : std::nullopt, check, wall_ms);
+    if (reporting && !write_report(o, timeline, s, dst ? std::optional<json>(d) : std::nullopt, check)) return 1;
     const bool ok = s.value("phase", "") == "completed" && (!dst || d.value("phase", "") == "completed") &&
                     (!check || check->value("ok", false));
     return ok ? 0 : 1;

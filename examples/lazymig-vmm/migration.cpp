@@ -36,6 +36,23 @@ bool terminal(lazymig::Phase p) {
 const char* role_name(bool source) { return source ? "source" : "destination"; }
 }  // namespace
 
+std::string_view qmp_status(lazymig::Phase p) noexcept {
+    using lazymig::Phase;
+    switch (p) {
+    case Phase::idle: return "none";
+    case Phase::setup: return "setup";
+    case Phase::precopy: return "active";
+    case Phase::switchover: return "device";  // vCPUs paused, device state moving
+    case Phase::postcopy: return "postcopy-active";
+    case Phase::completed: return "completed";
+    case Phase::failed: return "failed";
+    case Phase::cancelled: return "cancelled";
+    case Phase::paused: return "postcopy-paused";
+    case Phase::recovering: return "postcopy-recover";
+    default: return "none";
+    }
+}
+
 lazymig::VmmHooks Migration::hooks(Role role) {
     lazymig::VmmHooks h = vm_.hooks();
     if (role == Role::destination) {
@@ -63,9 +80,20 @@ lazymig::VmmHooks Migration::hooks(Role role) {
             if (e.kind == lazymig::Event::Kind::error) last_error_event_ = e.message;
             if (phase_change) last_phase_ = e.phase;
         }
-        if (phase_change && events_)
-            events_->emit("MIGRATION", {{"status", lazymig::to_string(e.phase)}, {"role", role_name(role == Role::source)},
-                                        {"message", e.message}});
+        bool first_pass = false;
+        {
+            std::lock_guard lock(mu_);
+            // QEMU's MIGRATION_PASS: the source starts a pass over guest RAM. lazymig makes
+            // one (pre-copy rounds are not reported by its events), starting with the
+            // first phase that sends pages.
+            if (phase_change && role == Role::source && passes_ == 0 &&
+                (e.phase == lazymig::Phase::precopy || e.phase == lazymig::Phase::postcopy))
+                first_pass = (passes_ = 1) == 1;
+        }
+        if (phase_change && events_) {
+            events_->emit("MIGRATION", {{"status", qmp_status(e.phase)}});
+            if (first_pass) events_->emit("MIGRATION_PASS", {{"pass", 1}});
+        }
     };
     h.on_epoch_committed = [](std::uint64_t epoch) { log_event("migration_epoch_committed", "epoch={}", epoch); };
     return h;
@@ -121,6 +149,7 @@ lazymig::Result<void> Migration::migrate(const std::string& uri, lazymig::Mode m
         last_event_.clear();
         last_error_event_.clear();
         last_phase_ = lazymig::Phase::setup;
+        passes_ = 0;
     }
     if (auto started = (*src)->migrate(); !started) return std::unexpected(started.error().wrap(fmt::format("migrate to {}", uri)));
     int spawn_error = 0;
@@ -169,9 +198,8 @@ void Migration::finish(Role role, lazymig::Result<void> outcome, const lazymig::
         if (!outcome) error_ = outcome.error();
     }
     if (events_) {
-        nlohmann::json data{{"status", lazymig::to_string(phase)}, {"role", who}};
-        if (!outcome) data["error"] = outcome.error().message();
-        events_->emit("MIGRATION", std::move(data));
+        // As QEMU's, the event carries the status only; query-migrate has the error.
+        events_->emit("MIGRATION", {{"status", qmp_status(phase)}});
     }
 }
 
@@ -236,7 +264,7 @@ std::optional<std::string> Migration::incoming_uri() const {
 
 nlohmann::json Migration::query() const {
     std::lock_guard ctl(ctl_mu_);
-    if (!source_ && !dest_) return {{"phase", "none"}, {"role", "none"}};
+    if (!source_ && !dest_) return {{"phase", "none"}, {"status", "none"}, {"role", "none"}};
     const lazymig::Stats s = source_ ? source_->stats() : dest_->stats();
     nlohmann::json j;
     lazymig::Phase phase = s.phase;
@@ -252,6 +280,7 @@ nlohmann::json Migration::query() const {
     const double secs = s.elapsed_ms / 1000.0;
     const auto bytes = s.bytes_sent + s.bytes_received;
     j["phase"] = std::string(lazymig::to_string(phase));
+    j["status"] = std::string(qmp_status(phase));  // QEMU's name for it
     j["mode"] = std::string(lazymig::to_string(s.mode));
     j["pages"] = {{"total", s.total_pages}, {"present", s.pages_present}, {"pushed", s.pages_pushed},
                   {"demanded", s.pages_demanded}, {"zero", s.zero_pages}, {"duplicate", s.duplicate_pages}};

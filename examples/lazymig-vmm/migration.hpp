@@ -40,6 +40,10 @@ struct ParameterUpdate {
     std::optional<std::uint32_t> bulk_channels;  // before migrate only
 };
 
+// QEMU's MigrationStatus string for a lazymig phase ("postcopy-active" for postcopy...),
+// used by the MIGRATION event and query-migrate's "status".
+[[nodiscard]] std::string_view qmp_status(lazymig::Phase p) noexcept;
+
 class Migration {
 public:
     // `events` (may be null) receives a MIGRATION event at every phase change; the
@@ -80,6 +84,7 @@ private:
     std::string last_event_;
     std::string last_error_event_;       // the sentence lazymig ended with, if it failed
     lazymig::Phase last_phase_ = lazymig::Phase::setup;  // the last phase before the end
+    std::uint32_t passes_ = 0;           // MIGRATION_PASS events sent for this migration
     std::string incoming_uri_;
     std::unique_ptr<lazymig::Source> source_;
     std::unique_ptr<lazymig::Destination> dest_;

@@ -24,6 +24,7 @@ struct MigrateOptions {
     lazymig::Mode mode = lazymig::Mode::postcopy;
     double timeout_s = 600;
     unsigned bulk_channels = 0;           // 0: the source's parameter as it is
+    std::string report;                   // JSON timeline file (--report); empty: none
 };
 
 struct KvClientOptions {

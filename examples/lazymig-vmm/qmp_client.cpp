@@ -12,7 +12,7 @@
 
 namespace vmm {
 
-lazymig::Result<QmpClient> QmpClient::connect(const std::string& path) {
+lazymig::Result<QmpClient> QmpClient::connect(const std::string& path, Handshake handshake, Millis timeout) {
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;
     if (path.size() >= sizeof addr.sun_path) return lazymig::logic_error(fmt::format("socket path '{}' too long", path));
@@ -22,6 +22,15 @@ lazymig::Result<QmpClient> QmpClient::connect(const std::string& path) {
     if (!c.fd_) return lazymig::sys_error("socket AF_UNIX");
     if (::connect(c.fd_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0)
         return lazymig::sys_error(fmt::format("connect {}", path));
+    if (handshake == Handshake::none) return c;
+    // The greeting comes first; a server that is full sends an error instead.
+    auto hello = c.read_message(timeout, false);
+    if (!hello) return std::unexpected(hello.error().wrap(fmt::format("QMP greeting from {}", path)));
+    if (!hello->contains("QMP") || !(*hello)["QMP"].is_object())
+        return lazymig::logic_error(fmt::format("{} sent no QMP greeting but: {}", path, hello->dump()));
+    c.greeting_ = std::move(*hello);
+    if (auto ok = c.execute("qmp_capabilities", nlohmann::json::object(), timeout); !ok)
+        return std::unexpected(ok.error().wrap(fmt::format("capabilities negotiation with {}", path)));
     return c;
 }
 

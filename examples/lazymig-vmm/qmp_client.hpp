@@ -1,6 +1,8 @@
-// qmp_client.hpp — the client side of the management socket, for `lazymig-vmm migrate`
-// and the tests. Every wait is bounded by a timeout. Event lines that arrive while a
-// response is awaited are kept (the newest kMaxEvents) for wait_event().
+// qmp_client.hpp — the client side of the management socket, for `lazymig-vmm migrate`,
+// `lazymig-vmm qmp` and the tests. connect() reads the server's QMP greeting and
+// negotiates capabilities (qmp_capabilities) before it returns, as every QMP client
+// must. Every wait is bounded by a timeout. Event lines that arrive while a response is
+// awaited are kept (the newest kMaxEvents) for wait_event().
 #pragma once
 
 #include <chrono>
@@ -20,7 +22,15 @@ class QmpClient {
 public:
     using Millis = std::chrono::milliseconds;
 
-    [[nodiscard]] static lazymig::Result<QmpClient> connect(const std::string& path);
+    enum class Handshake { negotiate, none };
+    // Connects; with Handshake::negotiate also reads the greeting (greeting()) and runs
+    // qmp_capabilities, within `timeout`. Handshake::none leaves both to the caller
+    // (tests of the handshake itself).
+    [[nodiscard]] static lazymig::Result<QmpClient> connect(const std::string& path,
+                                                            Handshake handshake = Handshake::negotiate,
+                                                            Millis timeout = Millis{30'000});
+    // The server's greeting ({"QMP": ...}), once connect() negotiated.
+    [[nodiscard]] const nlohmann::json& greeting() const noexcept { return greeting_; }
 
     // Sends {"execute": cmd, "arguments": args} and returns the response object
     // (holding "return" or "error").
@@ -34,7 +44,7 @@ public:
 
     // Waits end with an Error whose code is ETIMEDOUT when the time is up.
     // Returns the first event named `name` for which `match` holds, received earlier
-    // or within `timeout`; events before it are consumed. Needs enable-events first.
+    // or within `timeout`; events before it are consumed.
     [[nodiscard]] lazymig::Result<nlohmann::json> wait_event(
         std::string_view name, const std::function<bool(const nlohmann::json&)>& match, Millis timeout);
 
@@ -53,6 +63,7 @@ private:
     UniqueFd fd_;
     std::string in_;
     std::deque<nlohmann::json> events_;  // <= kMaxEvents
+    nlohmann::json greeting_;
 };
 
 }  // namespace vmm

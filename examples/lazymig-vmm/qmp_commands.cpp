@@ -6,8 +6,10 @@
 
 #include <fmt/format.h>
 
+#include "lazymig/version.h"
 #include "log.hpp"
 #include "migration.hpp"
+#include "qmp_json.hpp"
 #include "vm.hpp"
 
 namespace vmm {
@@ -62,29 +64,86 @@ Reply from(lazymig::Result<void> r, json ok = json::object()) {
 }
 }  // namespace
 
+std::string QmpCommands::greeting() {
+    nlohmann::ordered_json qemu;  // QEMU's member order: micro, minor, major
+    qemu["micro"] = LAZYMIG_VERSION_MICRO;
+    qemu["minor"] = LAZYMIG_VERSION_MINOR;
+    qemu["major"] = LAZYMIG_VERSION_MAJOR;
+    nlohmann::ordered_json version;
+    version["qemu"] = std::move(qemu);
+    version["package"] = "lazymig " LAZYMIG_VERSION_STRING;
+    nlohmann::ordered_json qmp;
+    qmp["version"] = std::move(version);
+    qmp["capabilities"] = nlohmann::ordered_json::array();  // no "oob": one command at a time
+    return qmp_message(nlohmann::ordered_json{{"QMP", std::move(qmp)}});
+}
+
+namespace {
+// QEMU's wording for a request it cannot parse: "JSON parse error, expecting value"
+// where a value was expected, else the parser's own sentence.
+std::string parse_error_desc(const json::parse_error& e) {
+    const std::string what = e.what();
+    if (what.find("while parsing value") != std::string::npos) return "JSON parse error, expecting value";
+    const auto msg = what.find("] ");
+    return "JSON parse error, " + (msg == std::string::npos ? what : what.substr(msg + 2));
+}
+}  // namespace
+
 std::string QmpCommands::handle(std::string_view line, QmpServer::Session& session) {
     json req;
     json id;
     auto respond = [&](const Reply& r) {
-        json out = r ? json{{"return", *r}} : json{{"error", {{"class", r.error().cls}, {"desc", r.error().desc}}}};
+        nlohmann::ordered_json out;
+        if (r) {
+            out["return"] = *r;
+        } else {
+            nlohmann::ordered_json error;
+            error["class"] = r.error().cls;
+            error["desc"] = r.error().desc;
+            out["error"] = std::move(error);
+        }
         if (!id.is_null()) out["id"] = id;
-        return out.dump(-1, ' ', false, json::error_handler_t::replace);
+        return qmp_message(out);
     };
     try {
         req = json::parse(line);
-    } catch (const json::exception& e) {
-        return respond(generic(fmt::format("JSON parse error: {}", e.what())));
+    } catch (const json::parse_error& e) {
+        return respond(generic(parse_error_desc(e)));
     }
-    if (!req.is_object()) return respond(generic("a request must be a JSON object"));
+    // QEMU's sentences for a malformed request (qapi/qmp-dispatch.c).
+    if (!req.is_object()) return respond(generic("QMP input must be a JSON object"));
     if (req.contains("id")) id = req["id"];
     for (const auto& [k, v] : req.items())
-        if (k != "execute" && k != "arguments" && k != "id") return respond(generic(fmt::format("unexpected member '{}'", k)));
-    if (!req.contains("execute") || !req["execute"].is_string())
-        return respond(generic("'execute' must be present and a string"));
+        if (k != "execute" && k != "arguments" && k != "id")
+            return respond(generic(fmt::format("QMP input member '{}' is unexpected", k)));
+    if (!req.contains("execute")) return respond(generic("QMP input lacks member 'execute'"));
+    if (!req["execute"].is_string()) return respond(generic("QMP input member 'execute' must be a string"));
     const json args_json = req.value("arguments", json::object());
-    if (!args_json.is_object()) return respond(generic("'arguments' must be an object"));
+    if (!args_json.is_object()) return respond(generic("QMP input member 'arguments' must be an object"));
     const std::string cmd = req["execute"];
     Args args(args_json);
+
+    // Capabilities negotiation (qmp-spec): until qmp_capabilities succeeds no other
+    // command runs, and every one is refused as QEMU refuses it.
+    if (!session.negotiated) {
+        if (cmd != "qmp_capabilities")
+            return respond(std::unexpected(QmpError{"CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'"}));
+        if (args_json.contains("enable")) {
+            const json& enable = args_json["enable"];
+            if (!enable.is_array()) return respond(generic("Invalid parameter type for 'enable', expected: array"));
+            if (!enable.empty()) {  // the greeting offers no capability, so any is refused
+                if (!enable.front().is_string())
+                    return respond(generic("Invalid parameter type for 'enable', expected: array of strings"));
+                return respond(generic(fmt::format("Capability {} not available", enable.front().get<std::string>())));
+            }
+        }
+        for (const auto& [k, v] : args_json.items())
+            if (k != "enable") return respond(generic(fmt::format("Parameter '{}' is unexpected", k)));
+        session.negotiated = true;
+        return respond(json::object());
+    }
+    if (cmd == "qmp_capabilities")
+        return respond(std::unexpected(QmpError{"CommandNotFound", "Capabilities negotiation is already complete, command ignored"}));
 
     using Handler = std::function<Reply(Args&)>;
     const std::map<std::string, Handler> table{
@@ -150,10 +209,11 @@ std::string QmpCommands::handle(std::string_view line, QmpServer::Session& sessi
              if (!r) return generic(r.error().message());
              return json{{"ok", r->ok}, {"detail", r->detail}};
          }},
-        {"enable-events", [&](Args& a) -> Reply {
+        {"query-version", [&](Args& a) -> Reply {
              if (auto ok = a.done(); !ok) return std::unexpected(ok.error());
-             session.events = true;
-             return json::object();
+             return json{{"qemu", {{"major", LAZYMIG_VERSION_MAJOR}, {"minor", LAZYMIG_VERSION_MINOR},
+                                   {"micro", LAZYMIG_VERSION_MICRO}}},
+                         {"package", "lazymig " LAZYMIG_VERSION_STRING}};
          }},
         {"quit", [&](Args& a) -> Reply {
              if (auto ok = a.done(); !ok) return std::unexpected(ok.error());
@@ -166,9 +226,10 @@ std::string QmpCommands::handle(std::string_view line, QmpServer::Session& sessi
         json names = json::array();
         for (const auto& [name, h] : table) names.push_back({{"name", name}});
         names.push_back({{"name", "query-commands"}});
+        names.push_back({{"name", "qmp_capabilities"}});
         return respond(names);
     }
-    if (it == table.end()) return respond(std::unexpected(QmpError{"CommandNotFound", fmt::format("the command {} has not been found", cmd)}));
+    if (it == table.end()) return respond(std::unexpected(QmpError{"CommandNotFound", fmt::format("The command {} has not been found", cmd)}));
     try {
         return respond(it->second(args));
     } catch (const std::exception& e) {  // a bug, not a reason to take the VM down

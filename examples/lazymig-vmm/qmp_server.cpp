@@ -12,21 +12,26 @@
 #include <nlohmann/json.hpp>
 
 #include "log.hpp"
+#include "qmp_json.hpp"
 
 namespace vmm {
 
 std::string QmpServer::error_line(std::string_view cls, std::string_view desc) {
-    return nlohmann::json{{"error", {{"class", cls}, {"desc", desc}}}}.dump();
+    nlohmann::ordered_json error;
+    error["class"] = cls;
+    error["desc"] = desc;
+    return qmp_message(nlohmann::ordered_json{{"error", std::move(error)}});
 }
 
-lazymig::Result<std::unique_ptr<QmpServer>> QmpServer::start(std::string path, EventBus& events, Handler handler) {
+lazymig::Result<std::unique_ptr<QmpServer>> QmpServer::start(std::string path, EventBus& events, std::string greeting,
+                                                             Handler handler) {
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;
     if (path.empty() || path.size() >= sizeof addr.sun_path)
         return lazymig::logic_error(fmt::format("qmp socket path '{}' is empty or longer than {} bytes", path,
                                                 sizeof addr.sun_path - 1));
     std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-    std::unique_ptr<QmpServer> s(new QmpServer(std::move(path), events, std::move(handler)));
+    std::unique_ptr<QmpServer> s(new QmpServer(std::move(path), events, std::move(greeting), std::move(handler)));
     s->listen_.reset(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
     if (!s->listen_) return lazymig::sys_error("qmp: socket AF_UNIX");
     // A socket left by a previous run is replaced; any other file there is not.
@@ -73,15 +78,19 @@ void QmpServer::run() {
             log_event("qmp_error", "poll: {} (errno {})", std::strerror(errno), errno);
             return;
         }
-        if (fds[0].revents) return;
-        // Clients before the listener: slots freed by clients that left are free for
-        // a newcomer that arrived in the same round.
+        if (fds[0].revents) {
+            deliver_events();  // e.g. the STOP a request before `quit` caused
+            return;
+        }
+        // Events before requests: an event a command caused goes out before the reply
+        // to the client's next command. Clients before the listener: slots freed by
+        // clients that left are free for a newcomer that arrived in the same round.
+        if (fds[2].revents) deliver_events();
         for (std::size_t i = 3; i < fds.size(); ++i) {
             Client& c = *owner[i - 3];
             if (fds[i].revents & POLLOUT) flush(c);
             if (c.fd && (fds[i].revents & (POLLIN | POLLHUP | POLLERR))) read_from(c);
         }
-        if (fds[2].revents) deliver_events();
         if (fds[1].revents) accept_one();
     }
 }
@@ -97,11 +106,12 @@ void QmpServer::accept_one() {
         if (c.fd) continue;
         c.fd = std::move(fd);
         c.in.clear();
-        c.out.clear();
+        c.out = greeting_;  // QMP: the server speaks first
         c.session = {};
+        flush(c);
         return;
     }
-    const auto line = error_line("GenericError", fmt::format("too many clients (at most {})", kMaxClients)) + "\n";
+    const auto line = error_line("GenericError", fmt::format("too many clients (at most {})", kMaxClients));
     [[maybe_unused]] auto n = ::send(fd.get(), line.data(), line.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
     log_event("qmp_client_refused", "reason=too-many-clients");
 }
@@ -123,16 +133,15 @@ void QmpServer::read_from(Client& c) {
         std::string_view line(c.in.data() + start, nl - start);
         start = nl + 1;
         if (line.size() > kMaxLine) {
-            c.out += error_line("GenericError", fmt::format("request line longer than {} bytes", kMaxLine)) + "\n";
+            c.out += error_line("GenericError", fmt::format("request line longer than {} bytes", kMaxLine));
             continue;
         }
         if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
         c.out += handler_(line, c.session);
-        c.out += '\n';
     }
     c.in.erase(0, start);
     if (c.in.size() > kMaxLine) {
-        c.out += error_line("GenericError", fmt::format("request line longer than {} bytes", kMaxLine)) + "\n";
+        c.out += error_line("GenericError", fmt::format("request line longer than {} bytes", kMaxLine));
         flush(c);
         log_event("qmp_client_dropped", "reason=line-too-long");
         c.fd.reset();
@@ -144,7 +153,7 @@ void QmpServer::read_from(Client& c) {
 void QmpServer::deliver_events() {
     for (const auto& line : events_.drain())
         for (auto& c : clients_)
-            if (c.fd && c.session.events) c.out += line + "\n";
+            if (c.fd && c.session.negotiated) c.out += line;
     for (auto& c : clients_)
         if (c.fd && !c.out.empty()) flush(c);
 }

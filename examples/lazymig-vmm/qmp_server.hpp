@@ -1,9 +1,14 @@
-// qmp_server.hpp — the management socket: a unix stream socket speaking line-delimited
-// JSON, one response line per request line, in the spirit of QEMU's QMP.
+// qmp_server.hpp — the management socket: a unix stream socket speaking QEMU's QMP
+// (docs/interop/qmp-spec): each client is sent the greeting at once, must negotiate
+// capabilities (`qmp_capabilities`, see qmp_commands.hpp) before any other command, and
+// then gets one response per request and every event. Server messages are CRLF-terminated
+// (qmp_json.hpp). Requests are read one per line: unlike QEMU's streaming parser, a
+// request must end with a newline (every QMP client library sends one).
 //
 // One thread serves every client: it blocks in poll on the listening socket, the
 // clients, the event bus and a stop eventfd, and runs each complete line through the
-// handler in arrival order. Events (events.hpp) go to the clients that enabled them. Bounds: kMaxClients clients (more are told so and closed), kMaxLine
+// handler in arrival order. Events (events.hpp) go to the clients that have negotiated
+// (QEMU delivers none in capabilities-negotiation mode). Bounds: kMaxClients clients (more are told so and closed), kMaxLine
 // bytes per request line (a longer one gets an error and the client is closed), and
 // kMaxOutput bytes of unsent responses per client (a client that does not read is
 // dropped). A client that leaves mid-line leaves nothing behind: half a line is never
@@ -32,20 +37,22 @@ public:
     static constexpr std::size_t kMaxOutput = 1 << 20;
     // What the server keeps per client that a command may change.
     struct Session {
-        bool events = false;  // receives events (the `enable-events` command)
+        bool negotiated = false;  // qmp_capabilities succeeded: commands run, events flow
     };
-    // One request line (without the newline) in, one response line (without it) out.
+    // One request line (without the newline) in, one response message (CRLF-terminated,
+    // qmp_message()) out.
     using Handler = std::function<std::string(std::string_view, Session&)>;
 
-    // Binds `path` (replacing a stale socket there) and starts the thread.
+    // Binds `path` (replacing a stale socket there) and starts the thread. `greeting` is
+    // the message every new client is sent first.
     [[nodiscard]] static lazymig::Result<std::unique_ptr<QmpServer>> start(std::string path, EventBus& events,
-                                                                         Handler handler);
+                                                                         std::string greeting, Handler handler);
     ~QmpServer();
     QmpServer(const QmpServer&) = delete;
     QmpServer& operator=(const QmpServer&) = delete;
     void stop();
 
-    // Composes an error response line, for handlers and for the server's own refusals.
+    // Composes an error response message, for handlers and for the server's own refusals.
     [[nodiscard]] static std::string error_line(std::string_view cls, std::string_view desc);
 
 private:
@@ -54,8 +61,8 @@ private:
         std::string in, out;
         Session session;
     };
-    QmpServer(std::string path, EventBus& events, Handler handler)
-        : path_(std::move(path)), events_(events), handler_(std::move(handler)) {}
+    QmpServer(std::string path, EventBus& events, std::string greeting, Handler handler)
+        : path_(std::move(path)), events_(events), greeting_(std::move(greeting)), handler_(std::move(handler)) {}
     void deliver_events();
     void run();
     void accept_one();
@@ -64,6 +71,7 @@ private:
 
     std::string path_;
     EventBus& events_;
+    const std::string greeting_;
     Handler handler_;
     UniqueFd listen_;
     EventFd stop_;

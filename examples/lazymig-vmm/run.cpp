@@ -63,6 +63,7 @@ int run_vm(const RunOptions& o) {
     std::optional<std::string> incoming;
     int rc = 0;
     {
+        (*vm)->set_events(events->get());
         Migration migration(**vm, events->get());
         if (o.incoming) {
             auto uri = migration.listen(*o.incoming);
@@ -71,7 +72,7 @@ int run_vm(const RunOptions& o) {
         }
         if (auto ok = (*vm)->start(); !ok) return fail(ok.error());
         QmpCommands commands(**vm, migration, [&] { quit->signal(); });
-        auto server = QmpServer::start(o.qmp, **events, [&](std::string_view line, QmpServer::Session& session) {
+        auto server = QmpServer::start(o.qmp, **events, QmpCommands::greeting(), [&](std::string_view line, QmpServer::Session& session) {
             return commands.handle(line, session);
         });
         if (!server) return fail(server.error());

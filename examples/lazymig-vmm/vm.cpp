@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "device_state.hpp"
+#include "events.hpp"
 #include "log.hpp"
 #include "sigbus_guard.hpp"
 
@@ -107,11 +108,11 @@ void Vm::stop() {
 lazymig::VmmHooks Vm::hooks() {
     lazymig::VmmHooks h;
     h.pause_vcpus = [this] {
-        gate_.pause(PauseReason::migration);
+        park(PauseReason::migration);
         log_event("vm_state", "status=paused reason=migration");
     };
     h.resume_vcpus = [this] {
-        gate_.resume(PauseReason::migration);
+        unpark(PauseReason::migration);
         log_event("vm_state", "status={} reason=migration", gate_.running() ? "running" : "paused");
     };
     h.save_device_state = [this] { return save_state(); };
@@ -144,10 +145,33 @@ lazymig::Result<void> Vm::load_state(std::span<const std::byte> blob) {
     return {};
 }
 
+namespace {
+constexpr std::uint32_t kCheck = static_cast<std::uint32_t>(PauseReason::check);
+}  // namespace
+
+void Vm::set_events(EventBus* events) {
+    std::lock_guard lock(run_mu_);
+    events_ = events;
+}
+
+void Vm::park(PauseReason why) {
+    std::lock_guard lock(run_mu_);
+    const bool was_running = has_state_ && (gate_.reasons() & ~kCheck) == 0;
+    gate_.pause(why);
+    if (was_running && events_) events_->emit("STOP");
+}
+
+void Vm::unpark(PauseReason why) {
+    std::lock_guard lock(run_mu_);
+    const bool was_running = has_state_ && (gate_.reasons() & ~kCheck) == 0;
+    gate_.resume(why);
+    if (!was_running && has_state_ && (gate_.reasons() & ~kCheck) == 0 && events_) events_->emit("RESUME");
+}
+
 lazymig::Result<void> Vm::user_stop() {
     if (migrated_) return lazymig::logic_error("the VM has migrated away; it runs on the destination now");
     if (!has_state_) return lazymig::logic_error("the VM is waiting for an incoming migration");
-    gate_.pause(PauseReason::user);
+    park(PauseReason::user);
     log_event("vm_state", "status=paused reason=user");
     return {};
 }
@@ -155,7 +179,7 @@ lazymig::Result<void> Vm::user_stop() {
 lazymig::Result<void> Vm::user_cont() {
     if (migrated_) return lazymig::logic_error("the VM has migrated away; it runs on the destination now");
     if (!has_state_) return lazymig::logic_error("the VM is waiting for an incoming migration");
-    gate_.resume(PauseReason::user);
+    unpark(PauseReason::user);
     log_event("vm_state", "status={} reason=user", gate_.running() ? "running" : "paused");
     return {};
 }
@@ -178,7 +202,7 @@ void Vm::handed_over() {
 
 void Vm::migrated_away() {
     migrated_ = true;
-    gate_.pause(PauseReason::migrated);
+    park(PauseReason::migrated);
     log_event("vm_state", "status=postmigrate");
 }
 

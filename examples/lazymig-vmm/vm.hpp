@@ -31,6 +31,8 @@ struct VmConfig {
     bool incoming = false;  // wait for a migration instead of booting
 };
 
+class EventBus;
+
 class Vm {
 public:
     [[nodiscard]] static lazymig::Result<std::unique_ptr<Vm>> create(const VmConfig& cfg);
@@ -58,6 +60,10 @@ public:
     // The migration completed on this (source) side: the VM stays parked for good.
     void migrated_away();
 
+    // QMP STOP and RESUME events go to `events` from now on (null: none). The run state
+    // they report leaves out the checker's brief park (PauseReason::check).
+    void set_events(EventBus* events);
+
     [[nodiscard]] nlohmann::json status() const;
     // The vCPU threads, named "vcpuN", for lazymig's blocktime (complete once start() returned).
     [[nodiscard]] std::vector<lazymig::VcpuThread> vcpu_threads() const;
@@ -71,6 +77,10 @@ private:
     [[nodiscard]] lazymig::Result<void> load_state(std::span<const std::byte> blob);
     [[nodiscard]] std::string poisoned(std::uintptr_t addr) const;
     void run_vcpu_thread(unsigned v);
+    // gate_.pause/resume for a reason that changes the run state QMP reports: emits STOP
+    // when the VM stops running, RESUME when it runs again.
+    void park(PauseReason why);
+    void unpark(PauseReason why);
 
     VmConfig cfg_;
     lazymig::GuestMemory mem_;
@@ -85,6 +95,8 @@ private:
     std::vector<std::string> vcpu_errors_;  // vCPUs stopped by a poisoned page
     std::vector<std::thread> vcpus_;      // joined in stop()
     std::vector<lazymig::VcpuThread> vcpu_tids_;  // under err_mu_; each thread adds itself
+    std::mutex run_mu_;                   // orders park/unpark with their events
+    EventBus* events_ = nullptr;          // guarded by run_mu_
 };
 
 }  // namespace vmm

@@ -127,6 +127,8 @@ void to_c(const lazymig::Stats& s, lazymig_stats* o) {
 
 extern "C" {
 
+const char* lazymig_version(void) { return LAZYMIG_VERSION_STRING; }
+
 const char* lazymig_last_error(void) { return g_last_error.c_str(); }
 
 int lazymig_source_create(const lazymig_region* regions, size_t count, const lazymig_hooks* hooks, const char* uri,

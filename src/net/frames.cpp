@@ -31,6 +31,9 @@ Result<std::optional<proto::Header>> FrameReader::next() {
 }
 
 Result<void> FrameReader::read(std::byte* dst, std::size_t len) {
+    // An empty control payload comes as (nullptr, 0): memcpy's pointers must be valid
+    // even for 0 bytes (UBSan: nonnull-attribute), so nothing is copied at all.
+    if (len == 0) return {};
     const std::size_t buffered = std::min(len, tail_ - head_);
     std::memcpy(dst, buf_.data() + head_, buffered);
     head_ += buffered;

@@ -19,6 +19,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "lazymig/export.h"
+#include "lazymig/version.h"
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -86,32 +89,35 @@ typedef struct lazymig_source lazymig_source;
 typedef struct lazymig_destination lazymig_destination;
 
 /* The last error of a failed call on this thread ("" if none), and its class. */
-const char *lazymig_last_error(void);
-int lazymig_last_error_class(void);
+LAZYMIG_API const char *lazymig_last_error(void);
+LAZYMIG_API int lazymig_last_error_class(void);
+/* The version of the library this program runs with, "MAJOR.MINOR.MICRO"; compare it
+ * with LAZYMIG_VERSION_STRING (lazymig/version.h), the headers it was compiled with. */
+LAZYMIG_API const char *lazymig_version(void);
 
-int lazymig_source_create(const lazymig_region *regions, size_t count, const lazymig_hooks *hooks,
+LAZYMIG_API int lazymig_source_create(const lazymig_region *regions, size_t count, const lazymig_hooks *hooks,
                           const char *uri, int mode, lazymig_source **out);
-int lazymig_source_migrate(lazymig_source *src);
-int lazymig_source_wait(lazymig_source *src);
-void lazymig_source_cancel(lazymig_source *src);
-int lazymig_source_set_max_bandwidth(lazymig_source *src, uint64_t bytes_per_second);
+LAZYMIG_API int lazymig_source_migrate(lazymig_source *src);
+LAZYMIG_API int lazymig_source_wait(lazymig_source *src);
+LAZYMIG_API void lazymig_source_cancel(lazymig_source *src);
+LAZYMIG_API int lazymig_source_set_max_bandwidth(lazymig_source *src, uint64_t bytes_per_second);
 /* Before _migrate: how many bulk channels (1..16) to open; default from the CPU count. */
-int lazymig_source_set_bulk_channels(lazymig_source *src, unsigned channels);
-int lazymig_source_stats(const lazymig_source *src, lazymig_stats *out);
-void lazymig_source_destroy(lazymig_source *src);
+LAZYMIG_API int lazymig_source_set_bulk_channels(lazymig_source *src, unsigned channels);
+LAZYMIG_API int lazymig_source_stats(const lazymig_source *src, lazymig_stats *out);
+LAZYMIG_API void lazymig_source_destroy(lazymig_source *src);
 
 /* uri "tcp:HOST:PORT"; port 0 picks one, read it back with _local_uri. */
-int lazymig_destination_listen(const lazymig_region *regions, size_t count, const lazymig_hooks *hooks,
+LAZYMIG_API int lazymig_destination_listen(const lazymig_region *regions, size_t count, const lazymig_hooks *hooks,
                                const char *uri, lazymig_destination **out);
 /* Copies the bound "tcp:HOST:PORT" into buf (NUL-terminated); -ENOSPC if it does not fit. */
-int lazymig_destination_local_uri(const lazymig_destination *dst, char *buf, size_t len);
-int lazymig_destination_wait(lazymig_destination *dst);
-void lazymig_destination_cancel(lazymig_destination *dst);
-int lazymig_destination_stats(const lazymig_destination *dst, lazymig_stats *out);
+LAZYMIG_API int lazymig_destination_local_uri(const lazymig_destination *dst, char *buf, size_t len);
+LAZYMIG_API int lazymig_destination_wait(lazymig_destination *dst);
+LAZYMIG_API void lazymig_destination_cancel(lazymig_destination *dst);
+LAZYMIG_API int lazymig_destination_stats(const lazymig_destination *dst, lazymig_stats *out);
 /* Names the VMM's vCPU threads (gettid() values) for blocktime; replaces the last list. */
-int lazymig_destination_set_vcpu_threads(lazymig_destination *dst, const int *tids, const char *const *names,
-                                         size_t count);
-void lazymig_destination_destroy(lazymig_destination *dst);
+LAZYMIG_API int lazymig_destination_set_vcpu_threads(lazymig_destination *dst, const int *tids,
+                                                     const char *const *names, size_t count);
+LAZYMIG_API void lazymig_destination_destroy(lazymig_destination *dst);
 
 #ifdef __cplusplus
 }

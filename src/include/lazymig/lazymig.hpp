@@ -49,6 +49,8 @@
 #include <vector>
 
 #include "lazymig/error.hpp"
+#include "lazymig/export.h"
+#include "lazymig/version.h"
 
 namespace lazymig {
 
@@ -68,11 +70,11 @@ enum class Phase : std::uint8_t {
     paused,      // post-copy, link lost: both sides keep all state and wait (recover issue)
     recovering,  // reconnecting after a pause (recover issue)
 };
-[[nodiscard]] std::string_view to_string(Backing) noexcept;
-[[nodiscard]] std::string_view to_string(Mode) noexcept;
-[[nodiscard]] std::string_view to_string(Phase) noexcept;
-[[nodiscard]] Result<Backing> parse_backing(std::string_view) noexcept;  // "anon|memfd|hugetlbfs"
-[[nodiscard]] Result<Mode> parse_mode(std::string_view) noexcept;        // "postcopy|precopy|hybrid"
+[[nodiscard]] LAZYMIG_API std::string_view to_string(Backing) noexcept;
+[[nodiscard]] LAZYMIG_API std::string_view to_string(Mode) noexcept;
+[[nodiscard]] LAZYMIG_API std::string_view to_string(Phase) noexcept;
+[[nodiscard]] LAZYMIG_API Result<Backing> parse_backing(std::string_view) noexcept;  // "anon|memfd|hugetlbfs"
+[[nodiscard]] LAZYMIG_API Result<Mode> parse_mode(std::string_view) noexcept;        // "postcopy|precopy|hybrid"
 
 // One contiguous range of guest RAM in this process. The VMM owns the mapping.
 // memfd and hugetlbfs regions must be MAP_SHARED mappings of `fd` at `fd_offset`: the
@@ -88,7 +90,7 @@ struct GuestRegion {
 };
 
 // Guest RAM allocated for a VMM (or a test): owns the mapping and the file.
-class GuestMemory {
+class LAZYMIG_API GuestMemory {
 public:
     // anon: MAP_PRIVATE|MAP_ANONYMOUS; memfd: memfd_create + MAP_SHARED; hugetlbfs:
     // memfd_create(MFD_HUGETLB) + MAP_SHARED with 2 MiB pages (fails naming
@@ -144,7 +146,7 @@ struct Parameters {
 // The number of bulk channels used when Parameters::bulk_channels is 0: one per two
 // online CPUs, between 1 and 8 (a sender and a receiver thread per channel compete with
 // the guest's vCPUs for the same cores).
-[[nodiscard]] std::uint32_t default_bulk_channels() noexcept;
+[[nodiscard]] LAZYMIG_API std::uint32_t default_bulk_channels() noexcept;
 
 // A VMM thread that runs guest code, named for blocktime reports (destination).
 struct VcpuThread {
@@ -217,7 +219,7 @@ struct SourceConfig {
     std::chrono::milliseconds connect_timeout{10'000};
 };
 
-class Source {
+class LAZYMIG_API Source {
 public:
     // Validates the configuration (regions page-aligned, sizes, hooks present, uri).
     [[nodiscard]] static Result<std::unique_ptr<Source>> create(SourceConfig config);
@@ -241,7 +243,7 @@ struct DestinationConfig {
     Parameters parameters{};
 };
 
-class Destination {
+class LAZYMIG_API Destination {
 public:
     // Prepares guest RAM (registers it with userfaultfd, populates memfd aliases) and
     // listens. Errors name the missing kernel feature or permission.
