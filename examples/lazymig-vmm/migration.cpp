@@ -104,25 +104,13 @@ lazymig::Result<std::string> Migration::listen(const std::string& uri) {
     if (role_ != Role::none) return lazymig::logic_error("this VM already takes part in a migration");
     auto dst = lazymig::Destination::listen({.regions = vm_.regions(), .hooks = hooks(Role::destination), .uri = uri, .parameters = parameters()});
     if (!dst) return std::unexpected(dst.error().wrap(fmt::format("incoming migration on {}", uri)));
-    int spawn_error = 0;
     {
         std::lock_guard lock(mu_);
         dest_ = std::move(*dst);
         role_ = Role::destination;
         incoming_uri_ = dest_->local_uri();
-        try {
-            waiter_ = std::thread([this, d = dest_.get()] {
-                auto outcome = d->wait();
-                finish(Role::destination, std::move(outcome), d->stats());
-            });
-        } catch (const std::system_error& e) {
-            spawn_error = e.code().value();
-        }
     }
-    if (spawn_error) {
-        dest_->cancel();  // without mu_: it joins threads that call our hooks
-        return lazymig::sys_error("incoming migration: starting the waiter thread", spawn_error);
-    }
+    if (auto w = start_waiter(Role::destination, *dest_); !w) return std::unexpected(w.error().wrap("incoming migration"));
     log_event("migration_listening", "uri={}", incoming_uri_);
     return incoming_uri_;
 }
@@ -152,27 +140,31 @@ lazymig::Result<void> Migration::migrate(const std::string& uri, lazymig::Mode m
         passes_ = 0;
     }
     if (auto started = (*src)->migrate(); !started) return std::unexpected(started.error().wrap(fmt::format("migrate to {}", uri)));
-    int spawn_error = 0;
     {
         std::lock_guard lock(mu_);
         source_ = std::move(*src);
         role_ = Role::source;
         finished_ = false;
         error_.reset();
-        try {
-            waiter_ = std::thread([this, s = source_.get()] {
-                auto outcome = s->wait();
-                finish(Role::source, std::move(outcome), s->stats());
-            });
-        } catch (const std::system_error& e) {
-            spawn_error = e.code().value();
-        }
     }
-    if (spawn_error) {
-        source_->cancel();  // without mu_: it joins threads that call our hooks
-        return lazymig::sys_error("migrate: starting the waiter thread", spawn_error);
-    }
+    if (auto w = start_waiter(Role::source, *source_); !w) return std::unexpected(w.error().wrap("migrate"));
     log_event("migration_start", "uri={} mode={}", uri, lazymig::to_string(mode));
+    return {};
+}
+
+// The thread that waits for `endpoint` and reports its end. A thread that cannot be
+// started cancels the migration (without mu_: cancel() joins threads that call our hooks).
+template <class Endpoint>
+lazymig::Result<void> Migration::start_waiter(Role role, Endpoint& endpoint) {
+    try {
+        waiter_ = std::thread([this, role, e = &endpoint] {
+            auto outcome = e->wait();
+            finish(role, std::move(outcome), e->stats());
+        });
+    } catch (const std::system_error& err) {
+        endpoint.cancel();
+        return lazymig::sys_error("starting the waiter thread", err.code().value());
+    }
     return {};
 }
 

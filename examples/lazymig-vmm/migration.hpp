@@ -69,6 +69,8 @@ private:
     [[nodiscard]] lazymig::VmmHooks hooks(Role role);
     void finish(Role role, lazymig::Result<void> outcome, const lazymig::Stats& end);  // on the waiter thread
     void join_waiter();
+    template <class Endpoint>
+    [[nodiscard]] lazymig::Result<void> start_waiter(Role role, Endpoint& endpoint);
 
     Vm& vm_;
     EventBus* const events_;
