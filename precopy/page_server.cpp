@@ -24,10 +24,8 @@ private:
 }  // namespace
 
 Result<void> serve_loop(net::FrameReader& frames, net::Channel& urgent, std::span<const GuestRegion> regions,
-                        PageReader& reader, SentMap& sent, Pusher* pusher, SourceStats& stats, DemandGate& gate,
+                        PageFramer& framer, SentMap& sent, Pusher* pusher, SourceStats& stats, DemandGate& gate,
                         const std::function<Result<void>()>& on_resumed) {
-    auto framer = PageFramer::create(regions, reader);
-    if (!framer) return std::unexpected(framer.error().wrap("source: urgent channel"));
     bool resumed = false;
     for (;;) {
         auto h = frames.next();
@@ -73,10 +71,10 @@ Result<void> serve_loop(net::FrameReader& frames, net::Channel& urgent, std::spa
             return sys_error(fmt::format("{}: failpoint source_serve_request", frames.where()), e);
         // Before the reply, so that a sender released by the gate finds it at once.
         if (pusher) pusher->hint(req->region, req->first + req->count);
-        const std::uint32_t per_frame = (*framer)->max_pages(req->region);
+        const std::uint32_t per_frame = framer.max_pages(req->region);
         for (std::uint32_t done = 0; done < req->count;) {
             const std::uint32_t n = std::min(per_frame, req->count - done);
-            auto frame = (*framer)->build(req->region, req->first + done, n);
+            auto frame = framer.build(req->region, req->first + done, n);
             if (!frame) return std::unexpected(frame.error().wrap(urgent.where()));
             if (auto s = urgent.send(frame->iov); !s) return s;
             stats.zero_pages.add(frame->zero_pages);

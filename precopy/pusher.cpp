@@ -73,16 +73,14 @@ void Pusher::report(const Error& e) {
     if (!reported_.exchange(true)) on_error_(e);
 }
 
-Result<void> Pusher::start(std::vector<net::Channel*> bulk, std::function<void(const Error&)> on_error) {
-    if (!lanes_.empty()) return logic_error("source: the pusher was already started");
-    if (bulk.empty() || bulk.size() > kMaxChannels)
-        return logic_error(fmt::format("source: {} bulk channels (expected 1 to {})", bulk.size(), kMaxChannels));
-    on_error_ = std::move(on_error);
-    for (std::size_t i = 0; i < bulk.size(); ++i) {
+Result<void> Pusher::prepare(std::size_t channels) {
+    if (!lanes_.empty()) return logic_error("source: the pusher was already prepared");
+    if (channels == 0 || channels > kMaxChannels)
+        return logic_error(fmt::format("source: {} bulk channels (expected 1 to {})", channels, kMaxChannels));
+    for (std::size_t i = 0; i < channels; ++i) {
         auto lane = std::make_unique<Lane>();
         lane->index = i;
-        lane->count = bulk.size();
-        lane->channel = bulk[i];
+        lane->count = channels;
         for (auto& f : lane->framers) {
             auto made = PageFramer::create(regions_, reader_);
             if (!made) return std::unexpected(made.error().wrap(fmt::format("source: bulk sender {}", i)));
@@ -90,6 +88,17 @@ Result<void> Pusher::start(std::vector<net::Channel*> bulk, std::function<void(c
         }
         lanes_.push_back(std::move(lane));
     }
+    return {};
+}
+
+Result<void> Pusher::start(std::vector<net::Channel*> bulk, std::function<void(const Error&)> on_error) {
+    if (live_lanes_.load(std::memory_order_acquire) != 0) return logic_error("source: the pusher was already started");
+    if (lanes_.empty())
+        if (auto p = prepare(bulk.size()); !p) return p;
+    if (bulk.size() != lanes_.size())
+        return logic_error(fmt::format("source: {} bulk channels for a pusher prepared for {}", bulk.size(), lanes_.size()));
+    on_error_ = std::move(on_error);
+    for (std::size_t i = 0; i < bulk.size(); ++i) lanes_[i]->channel = bulk[i];
     // Hints given before now waited in lane 0's queue: hand them to their owners.
     live_lanes_.store(bulk.size(), std::memory_order_release);
     std::vector<std::pair<std::uint32_t, std::uint64_t>> early;

@@ -111,8 +111,10 @@ int main(int argc, char** argv) {
         source::Pusher pusher(std::span(&region, 1), **reader, sent, stats, source::PushConfig{&bw, &batch, &gate, nice});
         net::FrameReader sframes(*urgent[0].tx);
         Result<void> served;
+        auto sframer = source::PageFramer::create(std::span(&region, 1), **reader);
+        if (!sframer) die(sframer.error());
         std::thread server([&] {
-            served = source::serve_loop(sframes, *urgent[0].tx, std::span(&region, 1), **reader, sent, &pusher, stats,
+            served = source::serve_loop(sframes, *urgent[0].tx, std::span(&region, 1), **sframer, sent, &pusher, stats,
                                         gate, [] { return Result<void>(); });
         });
         if (auto s = pusher.start({bulk[0].tx.get()}, [](const Error& e) { die(e); }); !s) die(s.error());

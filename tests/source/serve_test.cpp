@@ -95,8 +95,10 @@ struct Serve {
         ::close(peer);
     }
     void run(source::Pusher* pusher = nullptr) {
-        loop = std::thread([this, pusher] {
-            result = source::serve_loop(*frames, *urgent, std::span(&region, 1), *reader, *sent, pusher, stats, gate,
+        auto framer = source::PageFramer::create(std::span(&region, 1), *reader);
+        REQUIRE_MESSAGE(framer.has_value(), framer.error().message());
+        loop = std::thread([this, pusher, f = std::shared_ptr<source::PageFramer>(std::move(*framer))] {
+            result = source::serve_loop(*frames, *urgent, std::span(&region, 1), *f, *sent, pusher, stats, gate,
                                         [this]() -> lazymig::Result<void> {
                                             ++resumed;
                                             return {};
