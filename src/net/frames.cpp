@@ -17,7 +17,6 @@ Result<std::optional<proto::Header>> FrameReader::next() {
         if (!n) return std::unexpected(n.error());
         if (*n == 0) return std::nullopt;
         tail_ = *n;
-        bytes_ += *n;
     }
     if (auto r = read(raw_.data(), raw_.size()); !r) {
         if (r.error().code == ECONNRESET)
@@ -42,16 +41,13 @@ Result<void> FrameReader::read(std::byte* dst, std::size_t len) {
     if (len == 0) return {};
     head_ = tail_ = 0;
     if (len >= buf_.size() / 2) {  // large: straight into the caller's memory
-        auto r = channel_.recv_exact(dst, len);
-        if (r) bytes_ += len;
-        return r;
+        return channel_.recv_exact(dst, len);
     }
     while (len > 0) {  // small: refill the buffer, which may also pick up the next frames
         auto n = channel_.recv_some(buf_.data(), buf_.size());
         if (!n) return std::unexpected(n.error());
         if (*n == 0)
             return transport_error(fmt::format("{}: peer closed the connection inside a frame", where_), ECONNRESET);
-        bytes_ += *n;
         tail_ = *n;
         const std::size_t take = std::min(len, tail_);
         std::memcpy(dst, buf_.data(), take);

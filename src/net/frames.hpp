@@ -6,7 +6,6 @@
 #pragma once
 
 #include <array>
-#include <atomic>
 #include <optional>
 #include <string>
 #include <vector>
@@ -34,7 +33,6 @@ public:
 
     [[nodiscard]] const std::string& where() const { return channel_.where(); }
     [[nodiscard]] Channel& channel() const { return channel_; }
-    [[nodiscard]] std::uint64_t bytes_read() const { return bytes_.load(std::memory_order_relaxed); }
 
 private:
     Channel& channel_;
@@ -42,7 +40,6 @@ private:
     std::vector<std::byte> buf_;
     std::size_t head_ = 0, tail_ = 0;  // unread bytes are buf_[head_, tail_)
     std::array<std::byte, proto::kHeaderSize> raw_{};
-    std::atomic<std::uint64_t> bytes_{0};
 };
 
 // Sends a whole encoded frame.

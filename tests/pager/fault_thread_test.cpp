@@ -10,6 +10,7 @@
 #include <thread>
 
 #include "src/failpoint.hpp"
+#include "tests/flag.hpp"
 #include "src/net/outbox.hpp"
 #include "src/net/socket.hpp"
 #include "tests/pager/helpers.hpp"
@@ -21,26 +22,7 @@ namespace failpoint = lazymig::failpoint;
 
 namespace {
 
-// A one-shot event; wait_for() false means "never happened" (a failure detector).
-class Flag {
-public:
-    void set() {
-        {
-            std::lock_guard lock(mu_);
-            set_ = true;
-        }
-        cv_.notify_all();
-    }
-    [[nodiscard]] bool wait_for(std::chrono::milliseconds limit = std::chrono::milliseconds(kTimeoutMs)) {
-        std::unique_lock lock(mu_);
-        return cv_.wait_for(lock, limit, [&] { return set_; });
-    }
-
-private:
-    std::mutex mu_;
-    std::condition_variable cv_;
-    bool set_ = false;
-};
+using lazymig::test::Flag;
 
 struct DisarmOnExit {
     ~DisarmOnExit() { failpoint::disarm_all(); }

@@ -25,6 +25,7 @@
 
 #include "lazymig/lazymig.hpp"
 #include "src/failpoint.hpp"
+#include "tests/flag.hpp"
 
 namespace race {
 
@@ -100,30 +101,7 @@ inline bool guarded_write(std::uint64_t* dst, std::uint64_t v) {
     return true;
 }
 
-// A one-shot event. wait_for() is a failure detector: false means "never happened".
-class Flag {
-public:
-    void set() {
-        {
-            std::lock_guard lock(mu_);
-            set_ = true;
-        }
-        cv_.notify_all();
-    }
-    [[nodiscard]] bool wait_for(std::chrono::milliseconds limit = kLimit) {
-        std::unique_lock lock(mu_);
-        return cv_.wait_for(lock, limit, [&] { return set_; });
-    }
-    [[nodiscard]] bool is_set() {
-        std::lock_guard lock(mu_);
-        return set_;
-    }
-
-private:
-    std::mutex mu_;
-    std::condition_variable cv_;
-    bool set_ = false;
-};
+using lazymig::test::Flag;
 
 // Guest threads. On destruction, threads still running are released with `release`
 // (cancel the destination: it poisons missing pages, so blocked faults return) and

@@ -14,18 +14,6 @@
 
 using namespace uffd_test;
 
-namespace {
-
-Uffd open_registered(std::uint64_t features, const Mapping& area) {
-    auto u = Uffd::open(features);
-    REQUIRE_MESSAGE(u.has_value(), err_of(u));
-    auto r = u->register_range(area.page(0), area.len(), UFFDIO_REGISTER_MODE_MISSING);
-    REQUIRE_MESSAGE(r.has_value(), err_of(r));
-    return std::move(*u);
-}
-
-}  // namespace
-
 TEST_CASE("uffd/events/nothing-queued-reads-as-zero-events") {
     Mapping area = Mapping::anon(1);
     Uffd u = open_registered(0, area);

@@ -154,6 +154,15 @@ inline bool wait_readable(int fd, int timeout_ms = kTimeoutMs) {
 }
 
 // The next message, or nullopt when none arrives within the timeout.
+// A uffd with `features`, with `area` registered for MISSING faults.
+inline Uffd open_registered(std::uint64_t features, const Mapping& area) {
+    auto u = Uffd::open(features);
+    REQUIRE_MESSAGE(u.has_value(), err_of(u));
+    auto r = u->register_range(area.page(0), area.len(), UFFDIO_REGISTER_MODE_MISSING);
+    REQUIRE_MESSAGE(r.has_value(), err_of(r));
+    return std::move(*u);
+}
+
 inline std::optional<Event> next_event(Uffd& u, int timeout_ms = kTimeoutMs) {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
     while (std::chrono::steady_clock::now() < deadline) {
