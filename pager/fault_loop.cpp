@@ -79,7 +79,7 @@ void Pager::fault_thread() {
         if (fds[1].revents & (POLLERR | POLLHUP | POLLNVAL))
             return fail(Error{0, fmt::format("pager: userfaultfd reported poll events {:#x}", fds[1].revents)});
         if (!pending_ && batch_pos_ == batch_len_ && (fds[1].revents & POLLIN)) {
-            auto got = uffd_.read_events(batch_);
+            auto got = read_batch();
             if (!got) return fail(got.error());
             batch_pos_ = 0;
             batch_len_ = *got;
@@ -106,6 +106,7 @@ Result<void> Pager::post_request() {
 }
 
 Result<void> Pager::handle_fault(const uffd::Event& ev) {
+    if (ev.kind == uffd::Event::Kind::remove) return {};  // applied when read (read_batch)
     if (ev.kind != uffd::Event::Kind::pagefault) {
         if (ev.kind == uffd::Event::Kind::fork && ev.fork_fd >= 0) ::close(ev.fork_fd);
         LZ_LOG(debug, "pager_event_ignored", "kind={}", static_cast<int>(ev.kind));

@@ -50,11 +50,7 @@ Result<std::unique_ptr<Pager>> Pager::create(std::span<const GuestRegion> region
 
     for (std::size_t i = 0; i < regions.size(); ++i) {
         const auto& g = regions[i];
-        Region r;
-        r.guest = g;
-        r.pages = g.size / g.page_size;
-        r.state = PageStateTable(r.pages);
-        r.fault_at = std::make_unique<std::atomic<std::uint32_t>[]>(r.pages);
+        Region r = make_region(g);
         const std::string where = fmt::format("destination region {} '{}'", i, g.name);
         std::uint64_t mode = UFFDIO_REGISTER_MODE_MISSING;
         if (g.fd >= 0) {
@@ -111,10 +107,55 @@ Result<std::unique_ptr<Pager>> Pager::create(std::span<const GuestRegion> region
         LZ_LOG(info, "pager_region", "region={} name={} size={} page={} backing={} placement={}", i, g.name,
                g.size, g.page_size, to_string(g.backing), g.fd >= 0 ? "continue" : "copy");
     }
+    p->make_placer();
+    return p;
+}
+
+Region Pager::make_region(const GuestRegion& g) {
+    Region r;
+    r.guest = g;
+    r.pages = g.size / g.page_size;
+    r.state = PageStateTable(r.pages);
+    r.fault_at = std::make_unique<std::atomic<std::uint32_t>[]>(r.pages);
+    return r;
+}
+
+void Pager::make_placer() {
     std::size_t largest = 4096;
-    for (const auto& g : regions) largest = std::max(largest, g.page_size);
-    p->zero_page_.assign(largest, std::byte{0});  // written: populated
-    p->placer_ = std::make_unique<Placer>(p->uffd_, std::span(p->regions_), static_cast<PlaceObserver&>(*p), p->zero_page_);
+    for (const auto& g : guest_) largest = std::max(largest, g.page_size);
+    zero_page_.assign(largest, std::byte{0});  // written: populated
+    placer_ = std::make_unique<Placer>(uffd_, std::span(regions_), static_cast<PlaceObserver&>(*this), zero_page_);
+    placer_->set_remove_gate(gate_.get());
+}
+
+Result<std::unique_ptr<Pager>> Pager::adopt(uffd::Uffd uffd, std::span<const GuestRegion> regions,
+                                            std::uint32_t prefetch_pages) {
+    if (auto v = validate_regions(regions, "destination"); !v) return std::unexpected(v.error());
+    for (std::size_t i = 0; i < regions.size(); ++i)
+        if (regions[i].fd >= 0)
+            return logic_error(fmt::format("destination region {} '{}': a handed-over userfaultfd is served with "
+                                           "UFFDIO_COPY into the VMM's memory; give fd -1 (the VMM's file is not shared)",
+                                           i, regions[i].name));
+    std::unique_ptr<Pager> p(new Pager());
+    p->set_prefetch(prefetch_pages);
+    auto stop = net::ShutdownEvent::create();
+    if (!stop) return std::unexpected(stop.error());
+    p->stop_event_ = std::move(*stop);
+    p->uffd_ = std::move(uffd);
+    const std::uint64_t features = p->uffd_.enabled_features();
+    p->blocktime_ = std::make_unique<Blocktime>((features & UFFD_FEATURE_THREAD_ID) != 0);
+    if (features & UFFD_FEATURE_EVENT_REMOVE) p->gate_ = std::make_unique<RemoveGate>();
+    for (std::size_t i = 0; i < regions.size(); ++i) {
+        Region r = make_region(regions[i]);
+        if (p->gate_) r.removed = std::make_unique<std::atomic<std::uint64_t>[]>((r.pages + 63) / 64);
+        p->total_pages_ += r.pages;
+        p->regions_.push_back(std::move(r));
+        p->guest_.push_back(regions[i]);
+        LZ_LOG(info, "pager_region_adopted", "region={} name={} host={} size={} page={}", i, regions[i].name,
+               regions[i].host, regions[i].size, regions[i].page_size);
+    }
+    LZ_LOG(info, "pager_adopt", "fd={} features={}", p->uffd_.fd(), uffd::feature_name(features));
+    p->make_placer();
     return p;
 }
 

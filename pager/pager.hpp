@@ -47,6 +47,7 @@ struct PagerStats {
     Counter faults, requests, zero, duplicate;
     Counter pushed_pages, demanded_pages;
     Histogram fault_latency;
+    Counter removed_pages;  // adopted uffd: pages the VMM discarded (UFFD_EVENT_REMOVE)
 };
 
 class Pager final : private PlaceObserver {
@@ -57,6 +58,13 @@ public:
     // registers them.
     [[nodiscard]] static Result<std::unique_ptr<Pager>> create(std::span<const GuestRegion> regions,
                                                                std::uint32_t prefetch_pages);
+    // Serves a userfaultfd another process (the VMM) created and registered for MISSING
+    // faults over `regions` (addresses in that process; anonymous memory: fd -1). Nothing
+    // is registered or emptied here: pages are placed with UFFDIO_COPY/ZEROPAGE into the
+    // VMM's mm. If the uffd has EVENT_REMOVE, a range the VMM discards (MADV_DONTNEED, a
+    // balloon) is served as zero pages from then on (RemoveGate).
+    [[nodiscard]] static Result<std::unique_ptr<Pager>> adopt(uffd::Uffd uffd, std::span<const GuestRegion> regions,
+                                                              std::uint32_t prefetch_pages);
     ~Pager();
     Pager(const Pager&) = delete;
     Pager& operator=(const Pager&) = delete;
@@ -120,6 +128,11 @@ public:
 
 private:
     Pager() = default;
+    static Region make_region(const GuestRegion& g);
+    void make_placer();
+    // Reads a batch of uffd messages; with a RemoveGate, under it, applying REMOVE events.
+    Result<std::size_t> read_batch();
+    void apply_remove(const uffd::Event& ev);
     void fault_thread();
     Result<void> handle_fault(const uffd::Event& ev);
     Result<void> post_request();
@@ -146,6 +159,7 @@ private:
     std::thread thread_;
     PagerStats stats_;
     std::unique_ptr<Blocktime> blocktime_;
+    std::unique_ptr<RemoveGate> gate_;  // adopted uffd with EVENT_REMOVE only
     std::unique_ptr<Placer> placer_;  // after regions_, zero_page_ and stats_, which it uses
     std::chrono::steady_clock::time_point epoch_ = std::chrono::steady_clock::now();
 };

@@ -6,6 +6,7 @@
 #include <sys/uio.h>
 
 #include <array>
+#include <chrono>
 #include <cstring>
 
 #include <fmt/format.h>
@@ -93,9 +94,11 @@ Result<PlaceOutcome> Placer::put(std::uint32_t ri, std::uint64_t first, std::uin
             const std::uint64_t run_first = first + i, run = j - i;
             // The vCPU resumes inside the ioctl: its wait ends now, not when we mark it.
             const std::uint32_t now = observer_.now_us();
+            std::unique_lock<std::mutex> gated;  // held until the run is present (RemoveGate)
+            if (gate_ && r.removed) gated = std::unique_lock(gate_->mu);
             auto p = failpoint::check("pager_before_place_run", ri, run_first, static_cast<std::uint32_t>(run))
                          ? Result<void>(sys_error("pager: failpoint pager_before_place_run", EIO))
-                         : map_run(r, run_first, run, z && !r.file_backed(), run_data);
+                         : map_run(r, run_first, run, z && !r.file_backed(), run_data, gated ? &gated : nullptr);
             if (!p) {
                 // Hand the unplaced claims back so a failure path can still poison them.
                 unclaim_from(i);
@@ -191,13 +194,30 @@ Result<void> Placer::write_file(Region& r, std::uint64_t page, std::span<iovec> 
     return {};
 }
 
-Result<void> Placer::map_run(Region& r, std::uint64_t first, std::uint64_t count, bool zero, const std::byte* data) {
+Result<void> Placer::map_run(Region& r, std::uint64_t first, std::uint64_t count, bool zero, const std::byte* data,
+                             std::unique_lock<std::mutex>* gated) {
     std::byte* dst = r.host(first);
     const std::size_t ps = r.guest.page_size, len = count * ps;
+    // Under the RemoveGate: pages the VMM removed get a zero page instead (the op stops
+    // at the first removed page and reports partial progress, EAGAIN with done > 0), and
+    // EAGAIN with nothing done (a REMOVE is pending) waits for the fault thread's next read.
+    auto zero_one = [&](std::size_t off) {
+        return ps == 4096 ? uffd_.zeropage(dst + off, ps) : uffd_.copy(dst + off, zero_page_.data(), ps);
+    };
     auto counted = [&](auto op) {
-        return [&, op](std::size_t off, std::size_t n) {
+        return [&, op](std::size_t off, std::size_t n) -> uffd::IoctlOutcome {
             counters_.map_calls.add();
-            return op(off, n);
+            if (!gated) return op(off, n);
+            const std::uint64_t p0 = first + off / ps, pages = n / ps;
+            std::uint64_t k = 0;
+            while (k < pages && !r.test_removed(p0 + k)) ++k;
+            const std::uint64_t seen = gate_->epoch;
+            uffd::IoctlOutcome o = k == 0 ? zero_one(off) : op(off, k * ps);
+            const std::size_t asked = k == 0 ? ps : k * ps;
+            if (o.ok() && asked < n) o = {asked, EAGAIN};
+            if (o.err == EAGAIN && o.done == 0)
+                gate_->cv.wait_for(*gated, std::chrono::milliseconds(1), [&] { return gate_->epoch != seen; });
+            return o;
         };
     };
     if (r.file_backed())

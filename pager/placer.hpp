@@ -33,9 +33,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <span>
 #include <vector>
 
@@ -66,12 +68,34 @@ struct Region {
     [[nodiscard]] std::byte* host(std::uint64_t page) const {
         return static_cast<std::byte*>(guest.host) + page * guest.page_size;
     }
+    // Adopted uffd with EVENT_REMOVE only: bit p set = the VMM discarded page p
+    // (MADV_DONTNEED, a balloon): from then on it is placed as a zero page, whatever arrives.
+    std::unique_ptr<std::atomic<std::uint64_t>[]> removed;
+    [[nodiscard]] bool test_removed(std::uint64_t p) const {
+        return removed && (removed[p / 64].load(std::memory_order_relaxed) >> (p % 64) & 1);
+    }
     [[nodiscard]] bool test_data_bit(std::uint64_t p) const {
         return may_hold_data[p / 64].load(std::memory_order_relaxed) >> (p % 64) & 1;
     }
     void set_data_bit(std::uint64_t p) {
         may_hold_data[p / 64].fetch_or(1ull << (p % 64), std::memory_order_relaxed);
     }
+};
+
+// Orders placement against UFFD_EVENT_REMOVE when the guest memory belongs to another
+// process that may discard pages (MADV_DONTNEED) at any time. The kernel zaps a removed
+// range only after the REMOVE message has been read, and a UFFDIO_COPY issued between
+// that read and the zap lands and is then zapped, but one issued after the zap maps the
+// old bytes into a page the VMM gave away. So the fault thread reads every batch of
+// messages and marks removed ranges while holding `mu`, and each placement checks the
+// removed bits and issues its ioctl (and sets its pages present) under `mu` too: a copy
+// either precedes the read (and is zapped after it, or fails with EAGAIN while the event
+// is pending) or sees the bits. `epoch` counts batches read; a placement that got EAGAIN
+// waits for it to move (bounded), since only the fault thread's read lets it go on.
+struct RemoveGate {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::uint64_t epoch = 0;
 };
 
 // Which pages of a run are zero: bit i (least significant first within byte i/8) for
@@ -120,6 +144,8 @@ public:
     // the largest page size of zero bytes and is populated.
     Placer(uffd::Uffd& uffd, std::span<Region> regions, PlaceObserver& observer, std::span<const std::byte> zero_page,
            std::uint32_t chunk = kDefaultChunk);
+    // Orders placement against REMOVE events (see RemoveGate). REQUIRES: before any placement.
+    void set_remove_gate(RemoveGate* gate) { gate_ = gate; }
 
     // Places pages [first, first+count) of region `ri`. `data` holds the non-zero pages
     // back to back, in order; zero pages are flagged in `zero`. On failure the claims of
@@ -148,7 +174,8 @@ private:
     Result<void> write_runs(Region& r, std::uint64_t first, std::uint32_t n, const bool* mine, ZeroBits zero,
                             std::uint32_t zero_base, const std::byte* data);
     Result<void> write_file(Region& r, std::uint64_t page, std::span<iovec> iov, std::size_t bytes);
-    Result<void> map_run(Region& r, std::uint64_t first, std::uint64_t count, bool zero, const std::byte* data);
+    Result<void> map_run(Region& r, std::uint64_t first, std::uint64_t count, bool zero, const std::byte* data,
+                         std::unique_lock<std::mutex>* gated = nullptr);
 
     uffd::Uffd& uffd_;
     std::span<Region> regions_;
@@ -156,6 +183,7 @@ private:
     std::span<const std::byte> zero_page_;
     std::uint32_t chunk_;
     PlacerCounters counters_;
+    RemoveGate* gate_ = nullptr;
 };
 
 }  // namespace lazymig::pager

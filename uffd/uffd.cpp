@@ -228,6 +228,39 @@ Result<Uffd> Uffd::open(std::uint64_t wanted_features) noexcept {
     return u;
 }
 
+Result<Uffd> Uffd::adopt(int fd) noexcept {
+    Uffd u(fd, Features{}, 0);  // owns the fd from here: error paths close it
+    const std::string path = "/proc/self/fdinfo/" + std::to_string(fd);
+    const int info = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (info < 0) return sys_error("userfaultfd adopt: open " + path);
+    char buf[1024];
+    const ssize_t n = ::read(info, buf, sizeof buf - 1);
+    const int read_errno = errno;
+    ::close(info);
+    if (n < 0) return sys_error("userfaultfd adopt: read " + path, read_errno);
+    const std::string_view text(buf, static_cast<std::size_t>(n));
+    const auto at = text.find("\nAPI:\t");
+    if (at == std::string_view::npos)
+        return logic_error("userfaultfd adopt: fd " + std::to_string(fd) + " is not a userfaultfd (" + path +
+                           " has no API line)");
+    // "API:\t<api hex>:<features hex>:<ioctls hex>"
+    const std::string_view api = text.substr(at + 6);
+    const auto c1 = api.find(':'), c2 = api.find(':', c1 + 1);
+    std::uint64_t features = 0, ioctls = 0;
+    if (c1 == std::string_view::npos || c2 == std::string_view::npos ||
+        std::from_chars(api.data() + c1 + 1, api.data() + c2, features, 16).ec != std::errc{} ||
+        std::from_chars(api.data() + c2 + 1, api.data() + api.size(), ioctls, 16).ec != std::errc{})
+        return logic_error("userfaultfd adopt: cannot parse the API line of " + path);
+    const int flags = ::fcntl(fd, F_GETFL);
+    if (flags < 0) return sys_error("userfaultfd adopt: fcntl(F_GETFL) fd " + std::to_string(fd));
+    if (!(flags & O_NONBLOCK) && ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) != 0)
+        return sys_error("userfaultfd adopt: fcntl(F_SETFL, O_NONBLOCK) fd " + std::to_string(fd));
+    features &= ~(1ull << 31);  // UFFD_FEATURE_INITIALIZED, the kernel's own bit (fs/userfaultfd.c)
+    u.features_ = Features{features, ioctls, false, false};
+    u.enabled_ = features;
+    return u;
+}
+
 Uffd::Uffd(Uffd&& other) noexcept
     : fd_(std::exchange(other.fd_, -1)), features_(other.features_),
       enabled_(std::exchange(other.enabled_, 0)) {}

@@ -143,6 +143,14 @@ public:
     // ("userfaultfd: kernel lacks MINOR_SHMEM, MOVE"), never a silent downgrade.
     [[nodiscard]] static Result<Uffd> open(std::uint64_t wanted_features) noexcept;
 
+    // Takes ownership of a userfaultfd another process created and handed over (SCM_RIGHTS):
+    // its API handshake is done and its ranges are registered in that process's mm, so
+    // placement ioctls act there. The features it was opened with are read from
+    // /proc/self/fdinfo (the kernel prints them as "API:\t<api>:<features>:<ioctls>");
+    // the fd is made non-blocking. An fd that is not a userfaultfd is refused naming it.
+    // On failure the fd is closed.
+    [[nodiscard]] static Result<Uffd> adopt(int fd) noexcept;
+
     Uffd() = default;
     Uffd(Uffd&& other) noexcept;
     Uffd& operator=(Uffd&& other) noexcept;

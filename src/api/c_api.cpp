@@ -1,4 +1,6 @@
 // The C ABI: thin adapters from lazymig.h to the C++ objects. No exception crosses it.
+#include <unistd.h>
+
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -202,6 +204,21 @@ int lazymig_destination_listen(const lazymig_region* regions, size_t count, cons
     return guarded([&] {
         auto d = lazymig::Destination::listen(
             {.regions = to_regions(regions, count), .hooks = to_hooks(*hooks), .uri = uri});
+        if (!d) return fail(d.error());
+        *out = new lazymig_destination{std::move(*d)};
+        return 0;
+    });
+}
+
+int lazymig_destination_listen_uffd(int uffd, const lazymig_region* regions, size_t count, const lazymig_hooks* hooks,
+                                    const char* uri, lazymig_destination** out) {
+    if (!regions || !hooks || !uri || !out) {
+        if (uffd >= 0) ::close(uffd);
+        return fail_text("lazymig_destination_listen_uffd: null argument");
+    }
+    return guarded([&] {
+        auto d = lazymig::Destination::listen(
+            {.regions = to_regions(regions, count), .hooks = to_hooks(*hooks), .uri = uri, .uffd = uffd});
         if (!d) return fail(d.error());
         *out = new lazymig_destination{std::move(*d)};
         return 0;

@@ -100,6 +100,7 @@ public:
         s.postcopy_ms = postcopy_ms_.load();
         if (s.postcopy_ms == 0 && resumed_) s.postcopy_ms = api::ms_since(resumed_at_);
         if (auto e = state_.error()) s.error = e->message();
+        s.pages_removed = ps.removed_pages.get();
         return s;
     }
 
@@ -342,10 +343,14 @@ private:
 }  // namespace
 
 Result<std::unique_ptr<Destination>> Destination::listen(DestinationConfig config) {
+    std::optional<Result<uffd::Uffd>> adopted;  // owned from here, whatever fails below
+    if (config.uffd >= 0) adopted = uffd::Uffd::adopt(std::exchange(config.uffd, -1));
     if (!config.hooks.pause_vcpus || !config.hooks.resume_vcpus)
         return logic_error("destination: hooks pause_vcpus and resume_vcpus are required");
     if (auto at = net::parse_uri(config.uri); !at) return std::unexpected(at.error().wrap("destination"));
-    auto pager = pager::Pager::create(config.regions, config.parameters.prefetch_pages);
+    if (adopted && !*adopted) return std::unexpected(adopted->error().wrap("destination"));
+    auto pager = adopted ? pager::Pager::adopt(std::move(**adopted), config.regions, config.parameters.prefetch_pages)
+                         : pager::Pager::create(config.regions, config.parameters.prefetch_pages);
     if (!pager) return std::unexpected(pager.error());
     auto stop = net::ShutdownEvent::create();
     if (!stop) return std::unexpected(stop.error());

@@ -118,6 +118,13 @@ LAZYMIG_API int lazymig_destination_stats(const lazymig_destination *dst, lazymi
 LAZYMIG_API int lazymig_destination_set_vcpu_threads(lazymig_destination *dst, const int *tids,
                                                      const char *const *names, size_t count);
 LAZYMIG_API void lazymig_destination_destroy(lazymig_destination *dst);
+/* As _listen, serving `uffd`, a userfaultfd another process (the VMM) created and
+ * registered for MISSING faults over `regions` (its addresses; fd -1): pages are placed
+ * with UFFDIO_COPY/ZEROPAGE into its memory (DestinationConfig::uffd in lazymig.hpp).
+ * lazymig owns `uffd` from the call on, also when it fails. */
+LAZYMIG_API int lazymig_destination_listen_uffd(int uffd, const lazymig_region *regions, size_t count,
+                                                const lazymig_hooks *hooks, const char *uri,
+                                                lazymig_destination **out);
 
 #ifdef __cplusplus
 }

@@ -201,6 +201,8 @@ struct Stats {
     std::vector<VcpuBlocktime> vcpu_blocktime;  // per faulting thread, named ones first
     std::uint32_t bulk_channels = 0;     // bulk channels in use
     std::string error;                   // the error that ended it, if any
+    std::uint64_t pages_removed = 0;     // destination with a handed-over uffd: pages the
+                                         // VMM discarded (UFFD_EVENT_REMOVE), served as zero
 };
 
 // Reads `dst.size()` bytes of guest RAM from `offset` bytes into region `region`, through
@@ -241,12 +243,22 @@ struct DestinationConfig {
     VmmHooks hooks;
     std::string uri;                      // "tcp:HOST:PORT" to listen on; port 0 picks one
     Parameters parameters{};
+    // A userfaultfd another process created and handed over (Firecracker's UFFD handler
+    // protocol, Cloud Hypervisor's handoff), or -1. With one, `regions` describe that
+    // process's memory: `host` is its address there, fd -1 (pages are placed with
+    // UFFDIO_COPY/ZEROPAGE into its mm; its file, if any, is not shared), and every
+    // range must already be registered for MISSING faults on this uffd. Nothing is
+    // registered or emptied here. With UFFD_FEATURE_EVENT_REMOVE on, a range the VMM
+    // discards (MADV_DONTNEED by a balloon) reads zero from then on. lazymig owns the fd
+    // from the call on, also when the call fails. The VMM's vCPUs keep running: the hooks
+    // pause_vcpus/resume_vcpus may do nothing.
+    int uffd = -1;
 };
 
 class LAZYMIG_API Destination {
 public:
-    // Prepares guest RAM (registers it with userfaultfd, populates memfd aliases) and
-    // listens. Errors name the missing kernel feature or permission.
+    // Prepares guest RAM (registers it with userfaultfd, populates memfd aliases; or
+    // adopts config.uffd) and listens. Errors name the missing kernel feature or permission.
     [[nodiscard]] static Result<std::unique_ptr<Destination>> listen(DestinationConfig config);
     virtual ~Destination() = default;
 
