@@ -210,21 +210,6 @@ int lazymig_destination_listen(const lazymig_region* regions, size_t count, cons
     });
 }
 
-int lazymig_destination_listen_uffd(int uffd, const lazymig_region* regions, size_t count, const lazymig_hooks* hooks,
-                                    const char* uri, lazymig_destination** out) {
-    if (!regions || !hooks || !uri || !out) {
-        if (uffd >= 0) ::close(uffd);
-        return fail_text("lazymig_destination_listen_uffd: null argument");
-    }
-    return guarded([&] {
-        auto d = lazymig::Destination::listen(
-            {.regions = to_regions(regions, count), .hooks = to_hooks(*hooks), .uri = uri, .uffd = uffd});
-        if (!d) return fail(d.error());
-        *out = new lazymig_destination{std::move(*d)};
-        return 0;
-    });
-}
-
 int lazymig_destination_local_uri(const lazymig_destination* dst, char* buf, size_t len) {
     return guarded([&] {
         const auto uri = dst->impl->local_uri();
@@ -251,5 +236,20 @@ int lazymig_destination_stats(const lazymig_destination* dst, lazymig_stats* out
 }
 
 void lazymig_destination_destroy(lazymig_destination* dst) { delete dst; }
+
+int lazymig_destination_listen_uffd(int uffd, const lazymig_region* regions, size_t count, const lazymig_hooks* hooks,
+                                    const char* uri, lazymig_destination** out) {
+    if (!regions || !hooks || !uri || !out) {
+        if (uffd >= 0) ::close(uffd);
+        return fail_text("lazymig_destination_listen_uffd: null argument");
+    }
+    return guarded([&] {
+        auto d = lazymig::Destination::listen(
+            {.regions = to_regions(regions, count), .hooks = to_hooks(*hooks), .uri = uri, .uffd = uffd});
+        if (!d) return fail(d.error());
+        *out = new lazymig_destination{std::move(*d)};
+        return 0;
+    });
+}
 
 }  // extern "C"

@@ -2,7 +2,15 @@
 // and where; nothing is registered, listened on or connected.
 #include <doctest/doctest.h>
 
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
 
 #include <string>
 
@@ -114,4 +122,34 @@ TEST_CASE("api/config/unsupported-mode-is-refused-not-downgraded") {
     REQUIRE_FALSE(m);
     CHECK(m.error().message() == "source: mode hybrid is not available yet; this build migrates postcopy");
     CHECK((*s)->stats().phase == Phase::idle);
+}
+
+TEST_CASE("api/config/handed-over-uffd") {
+    auto mem = GuestMemory::create("ram0", 1 << 20, Backing::anon, false);
+    REQUIRE(mem);
+    GuestRegion r = mem->region();
+    // Not a userfaultfd: refused naming it, and the fd is lazymig's (closed) either way.
+    const int efd = ::eventfd(0, EFD_CLOEXEC);
+    REQUIRE(efd >= 0);
+    lazymig_region cr{.name = "ram0", .host = r.host, .size = r.size, .page_size = 4096, .backing = 1, .fd = -1, .fd_offset = 0};
+    lazymig_hooks ch{};
+    ch.pause_vcpus = [](void*) {};
+    ch.resume_vcpus = [](void*) {};
+    lazymig_destination* dst = nullptr;
+    CHECK(lazymig_destination_listen_uffd(efd, &cr, 1, &ch, "tcp:127.0.0.1:0", &dst) == -EINVAL);
+    CHECK(std::string(lazymig_last_error()).find(fmt::format("destination: userfaultfd adopt: fd {} is not a userfaultfd", efd)) !=
+          std::string::npos);
+    CHECK(::fcntl(efd, F_GETFD) == -1);
+    // A file-backed region cannot be served in another process's memory.
+    const int ufd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+    REQUIRE(ufd >= 0);
+    uffdio_api api{.api = UFFD_API, .features = 0, .ioctls = 0};
+    REQUIRE(::ioctl(ufd, UFFDIO_API, &api) == 0);
+    r.fd = 0;
+    r.backing = Backing::memfd;
+    auto d = Destination::listen({.regions = {r}, .hooks = hooks(), .uri = "tcp:127.0.0.1:0", .uffd = ufd});
+    REQUIRE_FALSE(d);
+    CHECK(d.error().message().find("destination region 0 'ram0': a handed-over userfaultfd is served with UFFDIO_COPY") !=
+          std::string::npos);
+    CHECK(::fcntl(ufd, F_GETFD) == -1);
 }
