@@ -98,6 +98,8 @@ public:
         prefetch_max_.store(std::clamp<std::uint32_t>(pages, 1, proto::kMaxPagesPerFrame), std::memory_order_relaxed);
     }
     [[nodiscard]] std::uint64_t total_pages() const { return total_pages_; }
+    // Present, or discarded by the VMM (UFFD_EVENT_REMOVE: such a page reads zero, with a
+    // zero page placed at its next fault, or the kernel's once finish() unregistered it).
     [[nodiscard]] std::uint64_t present_pages() const { return present_.load(std::memory_order_acquire); }
     [[nodiscard]] bool complete() const { return present_pages() == total_pages_; }
     // Called once, by the thread whose placement made the last page present.
@@ -132,7 +134,7 @@ private:
     void make_placer();
     // Reads a batch of uffd messages; with a RemoveGate, under it, applying REMOVE events.
     Result<std::size_t> read_batch();
-    void apply_remove(const uffd::Event& ev);
+    std::uint64_t apply_remove(const uffd::Event& ev);
     void fault_thread();
     Result<void> handle_fault(const uffd::Event& ev);
     Result<void> post_request();

@@ -16,7 +16,7 @@ Result<std::uint64_t> Pager::place(std::uint32_t ri, std::uint64_t first, std::u
     stats_.zero.add(out->zeros);
     stats_.duplicate.add(out->duplicates);
     (demanded ? stats_.demanded_pages : stats_.pushed_pages).add(out->placed);
-    add_present(out->placed);
+    add_present(out->placed - out->removed);
     return out->placed;
 }
 

@@ -104,7 +104,10 @@ Result<PlaceOutcome> Placer::put(std::uint32_t ri, std::uint64_t first, std::uin
                 unclaim_from(i);
                 return std::unexpected(p.error());
             }
-            for (std::uint64_t k = run_first; k < run_first + run; ++k) r.state.set_present(k);
+            for (std::uint64_t k = run_first; k < run_first + run; ++k) {
+                r.state.set_present(k);
+                if (gated) out.removed += r.test_removed(k);  // the bits cannot change while gated
+            }
             observer_.placed(r, ri, run_first, run, now);
             for (std::uint32_t k = i; k < j; ++k) {
                 out.zeros += zero[k];

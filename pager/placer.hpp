@@ -110,6 +110,8 @@ struct PlaceOutcome {
     std::uint64_t placed = 0;      // pages this call made present (or staged, for stage())
     std::uint64_t duplicates = 0;  // pages someone else had placed or was placing
     std::uint64_t zeros = 0;       // of `placed`, zero pages
+    std::uint64_t removed = 0;     // of `placed`, pages the VMM had discarded (RemoveGate): zero
+                                   // pages, already counted as done when the REMOVE was read
 };
 
 // Counters for tests and benchmarks: what reached the kernel.

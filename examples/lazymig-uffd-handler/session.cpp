@@ -132,9 +132,14 @@ Summary serve(unsigned number, Handshake h, const SourceSpec& spec, int conn, st
         pollfd fds[4] = {{done, POLLIN, 0}, {conn, POLLRDHUP, 0}, {stop_fds[0], POLLIN, 0}, {stop_fds[1], POLLIN, 0}};
         const int n = ::poll(fds, 4, -1);
         if (n < 0 && errno == EINTR) continue;
-        if (n < 0 || fds[0].revents) break;
-        if (fds[1].revents) {
+        if (n < 0) break;
+        if (fds[1].revents) {  // before `done`: placement into an exited VMM fails (ESRCH)
             ended_by = "vmm-exited";
+            break;
+        }
+        if (fds[0].revents) {
+            pollfd c{conn, POLLRDHUP, 0};
+            if (::poll(&c, 1, 0) == 1) ended_by = "vmm-exited";
             break;
         }
         if (fds[2].revents || fds[3].revents) {
