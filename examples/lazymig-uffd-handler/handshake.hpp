@@ -44,7 +44,7 @@ struct Handshake {
     pid_t pid = 0;  // the VMM (SO_PEERCRED)
 };
 
-inline constexpr std::size_t kMaxMappings = 256;
+inline constexpr std::size_t kMaxMappings = 64;  // lazymig takes at most 64 guest regions
 inline constexpr std::size_t kMaxMessage = 1 << 20;
 
 // Reads one handshake from the accepted connection `conn` within `timeout`. A receive
