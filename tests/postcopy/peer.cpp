@@ -15,6 +15,7 @@
 #include <setjmp.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdio>
@@ -142,7 +143,7 @@ int run_dest(const Options& o) {
     s.o = &o;
     s.ram = reinterpret_cast<std::uint64_t*>(mem->data());
     s.units = size / kUnit;
-    s.written.assign(o.workers, std::vector<std::uint64_t>(s.units / o.workers + 1, 0));
+    s.written.assign(o.workers, std::vector<std::uint64_t>(s.units / std::max(o.workers, 1u) + 1, 0));
     struct sigaction sa {};
     sa.sa_handler = on_sigbus;
     sigemptyset(&sa.sa_mask);
@@ -187,7 +188,7 @@ int run_dest(const Options& o) {
     std::uint64_t wrong = 0, written = 0;
     for (std::size_t u = 0; u < s.units; ++u) {
         const std::uint64_t* w = s.ram + u * kWords;
-        const std::uint64_t mine = s.written[u % o.workers][u / o.workers];
+        const std::uint64_t mine = o.workers ? s.written[u % o.workers][u / o.workers] : 0;  // 0: no workers
         written += mine != 0;
         if (w[0] != (mine ? mine : content(o.seed, u, 0))) ++wrong;
         for (std::size_t k = 1; k < kWords; ++k)

@@ -28,6 +28,10 @@ while [ $# -gt 0 ]; do
 done
 [ $# -gt 0 ] || { echo "usage: guest.sh [--file PATH]... -- PROGRAM [ARGS...]" >&2; exit 2; }
 
+if [ -n "${LAZYMIG_SANITIZE:-}" ] && [ "${LAZYMIG_SANITIZE}" != none ] && [ -z "${LAZYMIG_RDMA_ADDR:-}" ]; then
+    echo "guest.sh: skipped under b_sanitize=$LAZYMIG_SANITIZE: the RDMA guest runs in the plain build only"
+    exit 77
+fi
 if [ -n "${LAZYMIG_RDMA_ADDR:-}" ]; then
     ulimit -l unlimited
     exec "$@"
