@@ -19,6 +19,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -176,6 +177,14 @@ int run_dest(const Options& o) {
     auto r = (*dst)->wait();
     const auto st = (*dst)->stats();
     release(false);
+    if (!r && r.error().message().find("stay blocked") != std::string::npos) {
+        // A kernel without userfaultfd POISON (e.g. 6.1) leaves workers blocked on pages
+        // that will never come: report and leave without joining them.
+        say(fmt_stats(st));
+        say("error: " + r.error().message());
+        std::fflush(stdout);
+        std::_Exit(s.zero_fill ? 4 : 3);
+    }
     for (auto& t : threads) t.join();
     say(fmt_stats(st));
     if (s.zero_fill) say("ZERO-FILL: " + std::to_string(s.zero_fill.load()) + " reads found zeroes");
