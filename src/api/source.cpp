@@ -90,7 +90,8 @@ public:
         s.phase = state_.phase();
         s.mode = cfg_.mode;
         s.total_pages = total_pages_;
-        s.pages_present = stats_.sent_pages.get();
+        // RDMA: the destination read the pages itself; its COMPLETE says they all arrived.
+        s.pages_present = rdma_mode_ && completed_ ? total_pages_ : stats_.sent_pages.get();
         s.pages_pushed = stats_.pushed_pages.get();
         s.pages_demanded = stats_.demanded_pages.get();
         s.zero_pages = stats_.zero_pages.get();
@@ -177,6 +178,7 @@ private:
             auto rs = source::RdmaServer::setup(cfg_.regions, ureader, *net::rdma_host(cfg_.uri), session_id, stop_.fd());
             if (!rs) return std::unexpected(rs.error());
             rdma_ = std::move(*rs);
+            rdma_mode_ = true;
         }
 
         // Everything the post-copy needs is allocated before the VM pauses: the serve
@@ -238,6 +240,7 @@ private:
     source::SourceStats stats_;
     std::unique_ptr<source::Pusher> pusher_;
     std::unique_ptr<source::RdmaServer> rdma_;  // rdma: URIs only
+    std::atomic<bool> rdma_mode_{false};
     std::atomic<std::uint64_t> bandwidth_{0};
     std::atomic<std::uint32_t> batch_{256};
     std::uint64_t total_pages_ = 0;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs one RDMA test program on a real RDMA stack and exits with its exit code.
 #
-#   tests/rdma/guest.sh [--file PATH]... -- PROGRAM [ARGS...]
+#   tests/rdma/guest.sh [--file PATH]... [--env NAME=VALUE]... -- PROGRAM [ARGS...]
 #
 # On a host with an RDMA device that rdma_cm can use, set LAZYMIG_RDMA_ADDR to an
 # address of that device's netdev and PROGRAM runs here, directly. Otherwise (this
@@ -19,9 +19,11 @@
 set -euo pipefail
 
 files=()
+envs=()
 while [ $# -gt 0 ]; do
     case $1 in
     --file) files+=("$2"); shift 2 ;;
+    --env) envs+=("$2"); shift 2 ;;
     --) shift; break ;;
     *) echo "guest.sh: unknown option $1" >&2; exit 2 ;;
     esac
@@ -34,7 +36,7 @@ if [ -n "${LAZYMIG_SANITIZE:-}" ] && [ "${LAZYMIG_SANITIZE}" != none ] && [ -z "
 fi
 if [ -n "${LAZYMIG_RDMA_ADDR:-}" ]; then
     ulimit -l unlimited
-    exec "$@"
+    exec env "${envs[@]}" "$@"
 fi
 
 dir=${LAZYMIG_GUEST_DIR:-${MESON_BUILD_ROOT:-$PWD/build}/rdma-guest}
@@ -99,7 +101,7 @@ done
 cp /etc/libibverbs.d/rxe.driver "$root/etc/libibverbs.d/"
 
 # The program's command line, quoted for the guest's shell.
-printf '%q ' "$program" "${@:2}" >"$root/command"
+printf '%q ' env "${envs[@]}" "$program" "${@:2}" >"$root/command"
 cat >"$root/init" <<'INIT'
 #!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
