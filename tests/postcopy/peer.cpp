@@ -246,7 +246,10 @@ std::string fmt_stats(const Stats& s) {
            " duplicates=" + std::to_string(s.duplicate_pages) + " faults=" + std::to_string(s.faults) +
            " missing=" + std::to_string(s.pages_missing) + " resumed=" + std::to_string(s.destination_resumed) +
            " downtime_ms=" + std::to_string(s.downtime_ms) + " bulk=" + std::to_string(s.bulk_channels) +
-           " fault_max_ms=" + std::to_string(static_cast<std::uint64_t>(s.fault_latency.max_us / 1000));
+           " fault_max_ms=" + std::to_string(static_cast<std::uint64_t>(s.fault_latency.max_us / 1000)) +
+           " fault_p50_us=" + std::to_string(static_cast<std::uint64_t>(s.fault_latency.p50_us)) +
+           " fault_p99_us=" + std::to_string(static_cast<std::uint64_t>(s.fault_latency.p99_us)) +
+           " postcopy_ms=" + std::to_string(static_cast<std::uint64_t>(s.postcopy_ms));
 }
 
 int main(int argc, char** argv) {
