@@ -475,7 +475,7 @@ private:
 };
 
 Result<std::string> tcp_uri_of(std::string_view uri) {
-    if (!is_rdma_uri(uri)) return logic_error(fmt::format("uri '{}': expected rdma:HOST:PORT", uri));
+    if (auto host = rdma_host(uri); !host) return std::unexpected(host.error());
     return "tcp:" + std::string(uri.substr(5));
 }
 

@@ -52,7 +52,11 @@ namespace lazymig::net {
 [[nodiscard]] inline Result<std::string> rdma_host(std::string_view uri) {
     if (!is_rdma_uri(uri)) return logic_error("uri '" + std::string(uri) + "': expected rdma:HOST:PORT");
     auto at = parse_uri("tcp:" + std::string(uri.substr(5)));
-    if (!at) return std::unexpected(at.error());
+    if (!at) {  // "uri 'tcp:H': missing :PORT" → said of the rdma: URI
+        const auto& c = at.error().context;
+        const auto why = c.find("': ");
+        return logic_error("uri '" + std::string(uri) + "': " + (why == std::string::npos ? c : c.substr(why + 3)));
+    }
     return at->host;
 }
 

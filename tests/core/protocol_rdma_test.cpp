@@ -71,7 +71,7 @@ TEST_CASE("rdma/uri") {
     CHECK(lazymig::net::is_rdma_uri("rdma:192.0.2.1:0"));
     CHECK(!lazymig::net::is_rdma_uri("tcp:192.0.2.1:0"));
     CHECK(*lazymig::net::rdma_host("rdma:192.0.2.1:4444") == "192.0.2.1");
-    CHECK(lazymig::net::rdma_host("rdma:192.0.2.1").error().context == "uri 'tcp:192.0.2.1': missing :PORT");
+    CHECK(lazymig::net::rdma_host("rdma:192.0.2.1").error().context == "uri 'rdma:192.0.2.1': missing :PORT");
     // The connect request's private data names the role and the session, little-endian.
     const auto p = lazymig::net::rdma::private_data(lazymig::net::rdma::Role::bulk, 0x0102030405060708ull);
     CHECK(p[0] == std::byte{'L'});
