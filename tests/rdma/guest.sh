@@ -35,7 +35,8 @@ if [ -n "${LAZYMIG_SANITIZE:-}" ] && [ "${LAZYMIG_SANITIZE}" != none ] && [ -z "
     exit 77
 fi
 if [ -n "${LAZYMIG_RDMA_ADDR:-}" ]; then
-    ulimit -l unlimited
+    # Registration pins guest RAM (without ODP): the locked-memory limit must allow it.
+    ulimit -l unlimited 2>/dev/null || echo "guest.sh: ulimit -l unlimited refused; locked memory is $(ulimit -l) KiB" >&2
     exec env "${envs[@]}" "$@"
 fi
 
