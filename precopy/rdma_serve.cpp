@@ -63,11 +63,6 @@ void RdmaServer::stop() {
     if (thread_.joinable()) thread_.join();
 }
 
-Result<void> RdmaServer::check_events() {
-    if (auto r = fault_qp_->check_events(); !r) return r;
-    return bulk_qp_->check_events();
-}
-
 RdmaServeReport RdmaServer::report() const { return {device_, on_demand_, zero_pages_.load(), samples_.load()}; }
 
 Result<void> RdmaServer::start_scan(net::Channel& bulk, PageReader& reader, std::function<void(const Error&)> on_error) {

@@ -43,8 +43,6 @@ public:
     [[nodiscard]] Result<void> start_scan(net::Channel& bulk, PageReader& reader,
                                           std::function<void(const Error&)> on_error);
     void stop();
-    // Ends a wait of the session thread when the peer's queue pairs disconnect.
-    [[nodiscard]] Result<void> check_events();
     [[nodiscard]] RdmaServeReport report() const;
 
     // One page in kSampleStride (of the non-zero ones) has its CRC32C sent.
