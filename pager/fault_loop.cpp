@@ -176,6 +176,7 @@ Result<void> Pager::handle_fault(const uffd::Event& ev) {
     while (count < r.window && page + count < r.pages && r.state.mark_requested(page + count)) ++count;
     stats_.requests.add();
     LZ_LOG(debug, "pager_request", "region={} page={} count={}", ri, page, count);
+    if (sink_) return sink_->request(ri, page, count);
     pending_ = proto::encode(proto::PageRequest{.region = ri, .count = count, .first = page});
     return post_request();
 }

@@ -50,6 +50,15 @@ struct PagerStats {
     Counter removed_pages;  // adopted uffd: pages the VMM discarded (UFFD_EVENT_REMOVE)
 };
 
+// Where the fault thread sends its requests when page bytes do not come as PAGES frames
+// (RDMA: the destination READs them). Called on the fault thread; must not block.
+// Pages [first, first+count) of region `ri` are REQUESTED.
+class RequestSink {
+public:
+    virtual ~RequestSink() = default;
+    [[nodiscard]] virtual Result<void> request(std::uint32_t ri, std::uint64_t first, std::uint32_t count) = 0;
+};
+
 class Pager final : private PlaceObserver {
 public:
     // Opens the uffd with the features the regions need (an error names a missing one) and
@@ -73,6 +82,16 @@ public:
     // on it) and drains `out` when it holds unsent bytes. `on_error` is called once if the
     // thread fails. REQUIRES: `out` outlives stop().
     [[nodiscard]] Result<void> start(net::Outbox& out, std::function<void(const Error&)> on_error);
+    // Requests go to `sink` instead of the outbox. REQUIRES: before start(); `sink`
+    // outlives stop().
+    void set_request_sink(RequestSink* sink) { sink_ = sink; }
+    // For a RequestSink: claims page p (MISSING/REQUESTED → PLACING) so that only the
+    // caller may write it, then Pager::map_claimed (Placer::map_claimed) maps it.
+    [[nodiscard]] bool claim(std::uint32_t ri, std::uint64_t p) { return regions_[ri].state.claim(p); }
+    void unclaim(std::uint32_t ri, std::uint64_t p) { regions_[ri].state.unclaim(p); }
+    [[nodiscard]] Result<std::uint64_t> map_claimed(std::uint32_t ri, std::uint64_t first, std::uint32_t count,
+                                                    ZeroBits zero, const std::byte* data, bool demanded);
+    [[nodiscard]] std::vector<Region>& mutable_regions() { return regions_; }
     // Stops and joins the fault thread (idempotent).
     void stop();
 
@@ -153,6 +172,7 @@ private:
     // Fault thread only: the outbox, a request it had no room for, and the fault
     // messages read after it that wait for it.
     net::Outbox* outbox_ = nullptr;
+    RequestSink* sink_ = nullptr;
     std::optional<proto::Frame> pending_;
     std::array<uffd::Event, 64> batch_;
     std::size_t batch_pos_ = 0, batch_len_ = 0;

@@ -20,6 +20,16 @@ Result<std::uint64_t> Pager::place(std::uint32_t ri, std::uint64_t first, std::u
     return out->placed;
 }
 
+Result<std::uint64_t> Pager::map_claimed(std::uint32_t ri, std::uint64_t first, std::uint32_t count, ZeroBits zero,
+                                         const std::byte* data, bool demanded) {
+    auto n = placer_->map_claimed(ri, first, count, zero, data);
+    if (!n) return std::unexpected(n.error());
+    for (std::uint32_t i = 0; i < count; ++i) stats_.zero.add(zero[i]);
+    (demanded ? stats_.demanded_pages : stats_.pushed_pages).add(*n);
+    add_present(*n);
+    return *n;
+}
+
 Result<std::uint64_t> Pager::stage(std::uint32_t ri, std::uint64_t first, std::uint32_t count, ZeroBits zero,
                                    const std::byte* data) {
     auto out = placer_->stage(ri, first, count, zero, data);

@@ -237,6 +237,28 @@ Result<void> Placer::map_run(Region& r, std::uint64_t first, std::uint64_t count
                                len, ps, "UFFDIO_COPY", dst);
 }
 
+Result<std::uint64_t> Placer::map_claimed(std::uint32_t ri, std::uint64_t first, std::uint32_t count, ZeroBits zero,
+                                          const std::byte* data) {
+    Region& r = regions_[ri];
+    const std::size_t ps = r.guest.page_size;
+    for (std::uint32_t i = 0; i < count;) {
+        const bool z = zero[i];
+        std::uint32_t j = i + 1;
+        while (j < count && (r.file_backed() || zero[j] == z)) ++j;
+        const std::uint32_t now = observer_.now_us();
+        if (r.file_backed())
+            for (std::uint32_t k = i; k < j; ++k) r.set_data_bit(first + k);
+        if (auto m = map_run(r, first + i, j - i, z && !r.file_backed(), data ? data + std::size_t(i) * ps : nullptr); !m) {
+            for (std::uint32_t k = i; k < count; ++k) r.state.unclaim(first + k);
+            return std::unexpected(m.error());
+        }
+        for (std::uint32_t k = i; k < j; ++k) r.state.set_present(first + k);
+        observer_.placed(r, ri, first + i, j - i, now);
+        i = j;
+    }
+    return count;
+}
+
 Result<std::uint64_t> Placer::map_staged(std::uint32_t ri, std::uint64_t first, std::uint64_t count) {
     if (ri >= regions_.size()) return logic_error(fmt::format("placer: region {} of {}", ri, regions_.size()));
     Region& r = regions_[ri];

@@ -160,6 +160,13 @@ public:
     // pre-copy data). A later place() of a page overwrites it; map_staged() maps it.
     [[nodiscard]] Result<PlaceOutcome> stage(std::uint32_t ri, std::uint64_t first, std::uint32_t count, ZeroBits zero,
                                              const std::byte* data);
+    // For a transport that writes page bytes itself (RDMA READ): pages [first,
+    // first+count), every one claimed (PLACING) by the caller, are mapped and set PRESENT.
+    // File-backed: their bytes are in the file already (one CONTINUE per run). Anonymous:
+    // page first+i is at data + i*page_size unless `zero` flags it (COPY / ZEROPAGE per
+    // run). On failure the pages not yet mapped are unclaimed (REQUESTED).
+    [[nodiscard]] Result<std::uint64_t> map_claimed(std::uint32_t ri, std::uint64_t first, std::uint32_t count,
+                                                    ZeroBits zero, const std::byte* data);
     // Maps the STAGED pages of [first, first+count) with one UFFDIO_CONTINUE per run;
     // other pages are left alone. Returns how many became present.
     [[nodiscard]] Result<std::uint64_t> map_staged(std::uint32_t ri, std::uint64_t first, std::uint64_t count);

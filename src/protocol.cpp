@@ -128,6 +128,13 @@ std::string_view to_string(Type t) noexcept {
     case Type::pages: return "PAGES";
     case Type::push_done: return "PUSH_DONE";
     case Type::complete: return "COMPLETE";
+    case Type::rdma_offer: return "RDMA_OFFER";
+    case Type::rdma_listen: return "RDMA_LISTEN";
+    case Type::rdma_regions: return "RDMA_REGIONS";
+    case Type::rdma_ready: return "RDMA_READY";
+    case Type::zero_bitmap: return "ZERO_BITMAP";
+    case Type::sample_crcs: return "SAMPLE_CRCS";
+    case Type::scan_done: return "SCAN_DONE";
     case Type::invalid: break;
     }
     return "INVALID";
@@ -148,7 +155,7 @@ Result<Header> parse_header(std::span<const std::byte, kHeaderSize> raw, std::st
         return peer_violation(fmt::format("{}: not a lazymig frame: magic {:#010x}, expected {:#010x}",
                                        where, magic, kMagic));
     const auto type = static_cast<std::uint8_t>(raw[4]);
-    if (type == 0 || type > kTypeLast)
+    if (type == 0 || (type > kTypeLast && (type < kRdmaTypeFirst || type > kRdmaTypeLast)))
         return peer_violation(fmt::format("{}: unknown message type {}", where, type));
     const auto flags = static_cast<std::uint8_t>(raw[5]);
     const auto reserved = get<std::uint16_t>(raw.data() + 6);
@@ -400,6 +407,86 @@ Result<void> check_pages_length(const PagesMeta& meta, std::uint32_t length, std
                                        "of {} bytes (expected {})", where, length, meta.count,
                                        meta.nonzero_pages(), page_size, want));
     return {};
+}
+
+}  // namespace lazymig::proto
+
+namespace lazymig::proto {
+
+Frame encode(const RdmaListen& m) { return Writer(Type::rdma_listen).num(m.port).finish(); }
+Frame encode(const RdmaRegions& m) {
+    Writer w(Type::rdma_regions);
+    w.num(static_cast<std::uint32_t>(m.regions.size()));
+    for (const auto& r : m.regions) w.num(r.addr).num(r.length).num(r.rkey);
+    return w.num(static_cast<std::uint8_t>(m.on_demand)).finish();
+}
+Frame encode(const ZeroBitmap& m) {
+    return Writer(Type::zero_bitmap).num(m.region).num(m.first).num(m.count)
+        .bytes(std::as_bytes(std::span(m.bits))).finish();
+}
+Frame encode(const SampleCrcs& m) {
+    Writer w(Type::sample_crcs);
+    w.num(m.region).num(static_cast<std::uint32_t>(m.samples.size()));
+    for (const auto& s : m.samples) w.num(s.page).num(s.crc);
+    return w.finish();
+}
+
+Result<RdmaListen> decode_rdma_listen(std::span<const std::byte> payload) {
+    Reader r(payload, Type::rdma_listen);
+    LZ_TRY(port, r.num<std::uint16_t>());
+    if (auto d = r.done(); !d) return std::unexpected(d.error());
+    if (port == 0) return peer_violation("RDMA_LISTEN: port 0");
+    return RdmaListen{port};
+}
+
+Result<RdmaRegions> decode_rdma_regions(std::span<const std::byte> payload) {
+    Reader r(payload, Type::rdma_regions);
+    LZ_TRY(n, r.num<std::uint32_t>());
+    if (n > 4096) return peer_violation(fmt::format("RDMA_REGIONS: {} regions", n));
+    RdmaRegions m;
+    for (std::uint32_t i = 0; i < n; ++i) {
+        LZ_TRY(addr, r.num<std::uint64_t>());
+        LZ_TRY(length, r.num<std::uint64_t>());
+        LZ_TRY(rkey, r.num<std::uint32_t>());
+        if (addr > UINT64_MAX - length)
+            return peer_violation(fmt::format("RDMA_REGIONS: region {} at {:#x} + {} wraps", i, addr, length));
+        m.regions.push_back({addr, length, rkey});
+    }
+    LZ_TRY(odp, r.num<std::uint8_t>());
+    if (odp > 1) return peer_violation(fmt::format("RDMA_REGIONS: on-demand flag {}", odp));
+    m.on_demand = odp;
+    if (auto d = r.done(); !d) return std::unexpected(d.error());
+    return m;
+}
+
+Result<ZeroBitmap> decode_zero_bitmap(std::span<const std::byte> payload) {
+    Reader r(payload, Type::zero_bitmap);
+    LZ_TRY(region, r.num<std::uint32_t>());
+    LZ_TRY(first, r.num<std::uint64_t>());
+    LZ_TRY(count, r.num<std::uint32_t>());
+    const std::size_t bytes = (std::size_t(count) + 7) / 8;
+    if (payload.size() - 16 != bytes)
+        return peer_violation(fmt::format("ZERO_BITMAP: {} pages need {} bitmap bytes, the frame has {}", count,
+                                          bytes, payload.size() - 16));
+    ZeroBitmap m{region, first, count, {}};
+    const auto* b = reinterpret_cast<const std::uint8_t*>(payload.data() + 16);
+    m.bits.assign(b, b + bytes);
+    return m;
+}
+
+Result<SampleCrcs> decode_sample_crcs(std::span<const std::byte> payload) {
+    Reader r(payload, Type::sample_crcs);
+    LZ_TRY(region, r.num<std::uint32_t>());
+    LZ_TRY(n, r.num<std::uint32_t>());
+    if (std::size_t(n) * 12 != payload.size() - 8)
+        return peer_violation(fmt::format("SAMPLE_CRCS: {} samples in {} bytes", n, payload.size() - 8));
+    SampleCrcs m{region, {}};
+    for (std::uint32_t i = 0; i < n; ++i) {
+        LZ_TRY(page, r.num<std::uint64_t>());
+        LZ_TRY(crc, r.num<std::uint32_t>());
+        m.samples.push_back({page, crc});
+    }
+    return m;
 }
 
 }  // namespace lazymig::proto

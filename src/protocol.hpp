@@ -72,8 +72,17 @@ enum class Type : std::uint8_t {
     pages = 9,
     push_done = 10,
     complete = 11,
+    // RDMA (60..69): the destination READs pages itself; these set it up (see RdmaRegions).
+    rdma_offer = 60,
+    rdma_listen = 61,
+    rdma_regions = 62,
+    rdma_ready = 63,
+    zero_bitmap = 64,
+    sample_crcs = 65,
+    scan_done = 66,
 };
 inline constexpr std::uint8_t kTypeLast = 11;
+inline constexpr std::uint8_t kRdmaTypeFirst = 60, kRdmaTypeLast = 66;
 [[nodiscard]] std::string_view to_string(Type t) noexcept;
 
 enum class Channel : std::uint8_t { invalid = 0, urgent = 1, bulk = 2 };
@@ -157,6 +166,53 @@ using Frame = std::vector<std::byte>;
 [[nodiscard]] Result<void> check_region_table(const RegionTable& theirs,
                                               std::span<const GuestRegion> ours);
 [[nodiscard]] RegionTable region_table_of(std::span<const GuestRegion> regions);
+
+// ─── RDMA data path (src/net/rdma.hpp) ──────────────────────────────────────────────
+// With an rdma: URI the channels above stay TCP and carry control only; page bytes move
+// by RDMA READ that the destination posts into the source's registered guest memory:
+//            ◄── REGION_ACK
+//   ─ urgent ─ RDMA_OFFER ───────────────►  (a TCP destination refuses it: no silent TCP)
+//            ◄── RDMA_LISTEN{port}         the destination's rdma_cm listener
+//   source connects two RC queue pairs there (faults, bulk), private data = session
+//   ─ urgent ─ RDMA_REGIONS{addr, length, rkey per region, odp} ─►
+//            ◄── RDMA_READY                   QPs up, memory registered on both sides
+//   ... DEVICE_STATE, RESUMED as above; PAGE_REQUEST and PAGES are not used ...
+//   ─ bulk 0 ─ ZERO_BITMAP{r, first, n, bits}..., SAMPLE_CRCS{r, (page, crc)...}...,
+//              SCAN_DONE ─►               the destination's bulk pull starts
+//            ◄── COMPLETE
+struct RdmaListen {
+    std::uint16_t port = 0;
+};
+struct RdmaRegion {
+    std::uint64_t addr = 0, length = 0;
+    std::uint32_t rkey = 0;
+};
+struct RdmaRegions {
+    std::vector<RdmaRegion> regions;
+    bool on_demand = false;  // registered with IBV_ACCESS_ON_DEMAND (nothing pinned)
+};
+struct ZeroBitmap {
+    std::uint32_t region = 0;
+    std::uint64_t first = 0;
+    std::uint32_t count = 0;
+    std::vector<std::uint8_t> bits;  // bit i (LSB first): page first+i is all zeroes
+};
+struct SampleCrc {
+    std::uint64_t page = 0;
+    std::uint32_t crc = 0;  // CRC32C of the page as the source holds it
+};
+struct SampleCrcs {
+    std::uint32_t region = 0;
+    std::vector<SampleCrc> samples;
+};
+[[nodiscard]] Frame encode(const RdmaListen&);
+[[nodiscard]] Frame encode(const RdmaRegions&);
+[[nodiscard]] Frame encode(const ZeroBitmap&);
+[[nodiscard]] Frame encode(const SampleCrcs&);
+[[nodiscard]] Result<RdmaListen> decode_rdma_listen(std::span<const std::byte> payload);
+[[nodiscard]] Result<RdmaRegions> decode_rdma_regions(std::span<const std::byte> payload);
+[[nodiscard]] Result<ZeroBitmap> decode_zero_bitmap(std::span<const std::byte> payload);
+[[nodiscard]] Result<SampleCrcs> decode_sample_crcs(std::span<const std::byte> payload);
 
 // The last page of a range, for messages: a hostile `first` near 2^64 must not wrap.
 [[nodiscard]] inline std::string last_page(std::uint64_t first, std::uint32_t count) {

@@ -44,7 +44,7 @@ int main(int argc, char** argv) {
                                   "[pattern 200000, bank 100000, dirty 20000]");
     r->add_option("--pattern", pattern, "dirty: seq, random or zipf")->capture_default_str();
     r->add_option("--working-set", working_set, "dirty: share of RAM written (25%)")->capture_default_str();
-    r->add_option("--incoming", incoming, "wait for a migration on tcp:HOST:PORT (port 0: any)");
+    r->add_option("--incoming", incoming, "wait for a migration on tcp:HOST:PORT or rdma:HOST:PORT (port 0: any)");
     r->add_option("--qmp", run.qmp, "management socket path")->required();
     r->add_option("--kv-port", kv_port, "kv: TCP port of the service (0: any)")->capture_default_str();
 
@@ -52,7 +52,7 @@ int main(int argc, char** argv) {
     std::string mode = "postcopy";
     auto* m = app.add_subcommand("migrate", "drive a migration between two VMs through their management sockets");
     m->add_option("--from", mig.from, "source management socket")->required();
-    m->add_option("--to", mig.to, "destination uri tcp:HOST:PORT (default: asked from --dest-qmp)");
+    m->add_option("--to", mig.to, "destination uri tcp:HOST:PORT or rdma:HOST:PORT (default: asked from --dest-qmp)");
     m->add_option("--dest-qmp", mig.dest_qmp, "destination management socket: progress, check-workload");
     m->add_option("--mode", mode, "postcopy, precopy or hybrid")->capture_default_str();
     m->add_option("--timeout", mig.timeout_s, "seconds before the migration is cancelled")->capture_default_str();

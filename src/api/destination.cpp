@@ -12,10 +12,12 @@
 #include <fmt/format.h>
 
 #include "pager/pager.hpp"
+#include "pager/rdma_pull.hpp"
 #include "src/api/session.hpp"
 #include "src/net/channel.hpp"
 #include "src/net/frames.hpp"
 #include "src/net/outbox.hpp"
+#include "src/net/rdma.hpp"
 #include "src/net/socket.hpp"
 
 namespace lazymig {
@@ -149,6 +151,12 @@ private:
         stop_.signal();  // the bulk receivers end on EOF after success; make sure either way
         for (auto& t : bulk_threads_)
             if (t.joinable()) t.join();
+        if (rdma_) {
+            rdma_->stop();
+            const auto rep = rdma_->report();
+            LZ_LOG(info, "destination_rdma", "device={} source_on_demand={} fault_reads={} bulk_reads={} samples_checked={}",
+                   rep.device, rep.source_on_demand, rep.fault_reads, rep.bulk_reads, rep.samples_checked);
+        }
         if (pager_->complete()) {
             // Every page arrived verified: the VM is whole here whatever else happened.
             state_.forget_error();
@@ -205,6 +213,15 @@ private:
         if (!table) return refuse(table.error().wrap(uwhere));
         if (auto c = proto::check_region_table(*table, pager_->guest_regions()); !c) return refuse(c.error());
         if (auto r = send_small(proto::encode_empty(proto::Type::region_ack), "REGION_ACK"); !r) return r;
+        if (transport_->name() == "rdma") {
+            auto p = pager::RdmaPuller::setup(
+                *pager_, ureader, [&](const proto::Frame& f) { return send_small(f, "RDMA set-up"); },
+                *net::rdma_host(local_uri_), session_id_, stop_.fd(), [this](const Error& e) { fail(e); });
+            if (!p) return refuse(p.error());
+            rdma_ = std::move(*p);
+            pager_->set_request_sink(rdma_.get());
+            rdma_ready_.store(rdma_.get(), std::memory_order_release);
+        }
         // The fault thread starts now, outside the downtime: spawning a thread while the
         // VM is paused cost up to 15 ms on a loaded 2-core host. Its requests can only
         // reach the source after REGION_ACK, which the source reads last before it
@@ -212,6 +229,7 @@ private:
         if (auto s = pager_->start(*outbox_, [this](const Error& e) { fail(e); }); !s) return s;
 
         auto dev = ureader.expect(proto::Type::device_state);
+        if (!dev && dev.error().kind == ErrorClass::peer_violation) return refuse(dev.error());  // e.g. an RDMA_OFFER
         if (!dev) return std::unexpected(dev.error());
         state_.set_phase(Phase::switchover);
         device_bytes_ = dev->size();
@@ -308,6 +326,8 @@ private:
     Result<void> receive_bulk(net::FrameReader& reader) {
         auto r = pager::receive_loop(reader, *pager_, false, [&](const proto::Header& h, std::vector<std::byte> p) -> Result<bool> {
             if (h.type == proto::Type::push_done) return true;
+            if (auto* rd = rdma_ready_.load(std::memory_order_acquire))
+                if (auto took = rd->on_frame(h, p, reader.where()); !took || *took) return took ? Result<bool>(true) : took;
             if (h.type == proto::Type::error) return std::unexpected(net::peer_error(p, reader.where()));
             return peer_violation(fmt::format("{}: unexpected {}", reader.where(), proto::to_string(h.type)));
         });
@@ -327,6 +347,8 @@ private:
     std::unique_ptr<net::Channel> urgent_;
     std::vector<std::unique_ptr<net::Channel>> bulk_;
     std::optional<net::Outbox> outbox_;
+    std::unique_ptr<pager::RdmaPuller> rdma_;  // rdma: URIs only; threads joined in session()
+    std::atomic<pager::RdmaPuller*> rdma_ready_{nullptr};
     std::atomic<bool> channels_ready_{false};
     std::atomic<std::uint32_t> bulk_count_{0};
     std::mutex join_mu_;
@@ -347,14 +369,17 @@ Result<std::unique_ptr<Destination>> Destination::listen(DestinationConfig confi
     if (config.uffd >= 0) adopted = uffd::Uffd::adopt(std::exchange(config.uffd, -1));
     if (!config.hooks.pause_vcpus || !config.hooks.resume_vcpus)
         return logic_error("destination: hooks pause_vcpus and resume_vcpus are required");
-    if (auto at = net::parse_uri(config.uri); !at) return std::unexpected(at.error().wrap("destination"));
+    const bool rdma = net::is_rdma_uri(config.uri);
+    if (!rdma)
+        if (auto at = net::parse_uri(config.uri); !at) return std::unexpected(at.error().wrap("destination"));
     if (adopted && !*adopted) return std::unexpected(adopted->error().wrap("destination"));
     auto pager = adopted ? pager::Pager::adopt(std::move(**adopted), config.regions, config.parameters.prefetch_pages)
                          : pager::Pager::create(config.regions, config.parameters.prefetch_pages);
     if (!pager) return std::unexpected(pager.error());
     auto stop = net::ShutdownEvent::create();
     if (!stop) return std::unexpected(stop.error());
-    auto transport = net::tcp_listener(config.uri, stop->fd());
+    // An rdma: URI gets RDMA or an error that says why, never TCP instead.
+    auto transport = rdma ? net::rdma_listener(config.uri, stop->fd()) : net::tcp_listener(config.uri, stop->fd());
     if (!transport) return std::unexpected(transport.error().wrap("destination"));
     auto d = std::make_unique<DestinationImpl>(std::move(config), std::move(*pager), std::move(*transport),
                                                std::move(*stop));

@@ -8,10 +8,12 @@
 
 #include <fmt/format.h>
 
+#include "precopy/rdma_serve.hpp"
 #include "precopy/source.hpp"
 #include "src/api/session.hpp"
 #include "src/net/channel.hpp"
 #include "src/net/frames.hpp"
+#include "src/net/rdma.hpp"
 #include "src/net/socket.hpp"
 #include "src/region.hpp"
 
@@ -88,7 +90,8 @@ public:
         s.phase = state_.phase();
         s.mode = cfg_.mode;
         s.total_pages = total_pages_;
-        s.pages_present = stats_.sent_pages.get();
+        // RDMA: the destination read the pages itself; its COMPLETE says they all arrived.
+        s.pages_present = rdma_mode_ && completed_ ? total_pages_ : stats_.sent_pages.get();
         s.pages_pushed = stats_.pushed_pages.get();
         s.pages_demanded = stats_.demanded_pages.get();
         s.zero_pages = stats_.zero_pages.get();
@@ -129,6 +132,12 @@ private:
             pusher_->stop();  // ends a sender's wait at the demand gate
             pusher_->join();
         }
+        if (rdma_) {
+            const auto rep = rdma_->report();
+            LZ_LOG(info, "source_rdma", "device={} on_demand={} zero_pages={} samples={}", rep.device, rep.on_demand,
+                   rep.zero_pages, rep.samples);
+            rdma_.reset();  // joins the scan thread, deregisters guest RAM
+        }
         urgent_.reset();
         bulk_.clear();
         if (auto e = state_.error()) {
@@ -165,6 +174,12 @@ private:
         auto table = proto::encode(proto::region_table_of(cfg_.regions));
         if (auto r = net::send_frame(*urgent_, table); !r) return r;
         if (auto r = ureader.expect(proto::Type::region_ack); !r) return std::unexpected(r.error());
+        if (transport_->name() == "rdma") {
+            auto rs = source::RdmaServer::setup(cfg_.regions, ureader, *net::rdma_host(cfg_.uri), session_id, stop_.fd());
+            if (!rs) return std::unexpected(rs.error());
+            rdma_ = std::move(*rs);
+            rdma_mode_ = true;
+        }
 
         // Everything the post-copy needs is allocated before the VM pauses: the serve
         // thread's staging buffer and the senders'. Populating them inside the downtime
@@ -195,6 +210,8 @@ private:
             downtime_ms_ = api::ms_since(paused_at);
             state_.set_phase(Phase::postcopy, fmt::format("destination resumed after {:.2f} ms", downtime_ms_.load()),
                              Event{.downtime_ms = downtime_ms_.load()});
+            // RDMA: the destination reads the pages itself; the source sends the zero bitmap.
+            if (rdma_) return rdma_->start_scan(*bulk_[0], *reader_, [this](const Error& e) { fail(e); });
             std::vector<net::Channel*> bulk;
             for (auto& c : bulk_) bulk.push_back(c.get());
             return pusher_->start(std::move(bulk), [this](const Error& e) { fail(e.wrap("source: pusher")); });
@@ -222,6 +239,8 @@ private:
     source::DemandGate gate_;  // raised by the serve loop while a demand request is in service
     source::SourceStats stats_;
     std::unique_ptr<source::Pusher> pusher_;
+    std::unique_ptr<source::RdmaServer> rdma_;  // rdma: URIs only
+    std::atomic<bool> rdma_mode_{false};
     std::atomic<std::uint64_t> bandwidth_{0};
     std::atomic<std::uint32_t> batch_{256};
     std::uint64_t total_pages_ = 0;
@@ -249,7 +268,12 @@ Result<std::unique_ptr<Source>> Source::create(SourceConfig config) {
                                        config.parameters.bulk_channels, proto::kMaxBulkChannels));
     auto stop = net::ShutdownEvent::create();
     if (!stop) return std::unexpected(stop.error());
-    auto transport = net::tcp_connector(config.uri, stop->fd(), config.connect_timeout);
+    // An rdma: URI gets RDMA or an error that says why, never TCP instead. Its one TCP
+    // bulk channel carries the zero bitmap; the pages move by RDMA READ.
+    const bool rdma = net::is_rdma_uri(config.uri);
+    if (rdma) config.parameters.bulk_channels = 1;
+    auto transport = rdma ? net::rdma_connector(config.uri, stop->fd(), config.connect_timeout)
+                          : net::tcp_connector(config.uri, stop->fd(), config.connect_timeout);
     if (!transport) return std::unexpected(transport.error().wrap("source"));
     // Probes each region's read method now, so a refusal names the region before migrate().
     auto reader = source::make_page_reader(config.regions, config.read_pages);

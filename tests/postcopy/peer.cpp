@@ -15,9 +15,11 @@
 #include <setjmp.h>
 #include <signal.h>
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -142,7 +144,7 @@ int run_dest(const Options& o) {
     s.o = &o;
     s.ram = reinterpret_cast<std::uint64_t*>(mem->data());
     s.units = size / kUnit;
-    s.written.assign(o.workers, std::vector<std::uint64_t>(s.units / o.workers + 1, 0));
+    s.written.assign(o.workers, std::vector<std::uint64_t>(s.units / std::max(o.workers, 1u) + 1, 0));
     struct sigaction sa {};
     sa.sa_handler = on_sigbus;
     sigemptyset(&sa.sa_mask);
@@ -175,6 +177,14 @@ int run_dest(const Options& o) {
     auto r = (*dst)->wait();
     const auto st = (*dst)->stats();
     release(false);
+    if (!r && r.error().message().find("stay blocked") != std::string::npos) {
+        // A kernel without userfaultfd POISON (e.g. 6.1) leaves workers blocked on pages
+        // that will never come: report and leave without joining them.
+        say(fmt_stats(st));
+        say("error: " + r.error().message());
+        std::fflush(stdout);
+        std::_Exit(s.zero_fill ? 4 : 3);
+    }
     for (auto& t : threads) t.join();
     say(fmt_stats(st));
     if (s.zero_fill) say("ZERO-FILL: " + std::to_string(s.zero_fill.load()) + " reads found zeroes");
@@ -187,7 +197,7 @@ int run_dest(const Options& o) {
     std::uint64_t wrong = 0, written = 0;
     for (std::size_t u = 0; u < s.units; ++u) {
         const std::uint64_t* w = s.ram + u * kWords;
-        const std::uint64_t mine = s.written[u % o.workers][u / o.workers];
+        const std::uint64_t mine = o.workers ? s.written[u % o.workers][u / o.workers] : 0;  // 0: no workers
         written += mine != 0;
         if (w[0] != (mine ? mine : content(o.seed, u, 0))) ++wrong;
         for (std::size_t k = 1; k < kWords; ++k)
@@ -236,7 +246,10 @@ std::string fmt_stats(const Stats& s) {
            " duplicates=" + std::to_string(s.duplicate_pages) + " faults=" + std::to_string(s.faults) +
            " missing=" + std::to_string(s.pages_missing) + " resumed=" + std::to_string(s.destination_resumed) +
            " downtime_ms=" + std::to_string(s.downtime_ms) + " bulk=" + std::to_string(s.bulk_channels) +
-           " fault_max_ms=" + std::to_string(static_cast<std::uint64_t>(s.fault_latency.max_us / 1000));
+           " fault_max_ms=" + std::to_string(static_cast<std::uint64_t>(s.fault_latency.max_us / 1000)) +
+           " fault_p50_us=" + std::to_string(static_cast<std::uint64_t>(s.fault_latency.p50_us)) +
+           " fault_p99_us=" + std::to_string(static_cast<std::uint64_t>(s.fault_latency.p99_us)) +
+           " postcopy_ms=" + std::to_string(static_cast<std::uint64_t>(s.postcopy_ms));
 }
 
 int main(int argc, char** argv) {
