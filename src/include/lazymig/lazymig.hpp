@@ -208,6 +208,22 @@ struct Stats {
 // several sender threads, each with its own buffer. 0 bytes short is the only success.
 using PageReadFn = std::function<Result<void>(std::uint32_t region, std::uint64_t offset, std::span<std::byte> dst)>;
 
+// How the source learns which pages the running guest wrote (pre-copy, hybrid).
+//   automatic  vmm when SourceConfig::dirty_log is set, else wp_async, else wp_sync
+//   wp_async   userfaultfd write-protect, WP_ASYNC + PAGEMAP_SCAN (Linux 6.7+): no fault
+//              reaches user space
+//   wp_sync    userfaultfd write-protect; each first write after a scan is a fault that a
+//              lazymig thread resolves
+//   vmm        the VMM's own log (SourceConfig::dirty_log), e.g. a KVM dirty bitmap
+enum class DirtyTracking : std::uint8_t { invalid = 0, automatic, wp_async, wp_sync, vmm };
+[[nodiscard]] LAZYMIG_API std::string_view to_string(DirtyTracking) noexcept;
+
+// The VMM's dirty log for one region: ORs into `bitmap` (bit p of word p/64 = page p of
+// `region`) every page written since the previous call for that region, and clears its
+// own record of them. The first call for a region (when tracking starts) must clear the
+// log and may report every page. Called from lazymig's pre-copy thread.
+using DirtyLogFn = std::function<Result<void>(std::uint32_t region, std::span<std::uint64_t> bitmap)>;
+
 struct SourceConfig {
     std::vector<GuestRegion> regions;
     VmmHooks hooks;
@@ -217,6 +233,8 @@ struct SourceConfig {
     Mode mode = Mode::postcopy;
     Parameters parameters{};
     std::chrono::milliseconds connect_timeout{10'000};
+    DirtyTracking dirty_tracking = DirtyTracking::automatic;  // pre-copy and hybrid only
+    DirtyLogFn dirty_log;                 // the VMM's dirty log (DirtyTracking::vmm)
 };
 
 class LAZYMIG_API Source {
