@@ -38,8 +38,12 @@ private:
 };
 
 Result<void> receive_pages(net::FrameReader& reader, Pager& pager, const proto::Header& h, Staging& staging,
-                           std::vector<std::uint32_t>& crcs, std::vector<const std::byte*>& ptrs, bool demanded) {
+                           std::vector<std::uint32_t>& crcs, std::vector<const std::byte*>& ptrs, bool demanded,
+                           const bool* precopy_open) {
     const std::string& where = reader.where();
+    if (h.type == proto::Type::precopy_pages && !(precopy_open && *precopy_open))
+        return peer_violation(fmt::format("{}: PRECOPY_PAGES {}", where,
+                                          precopy_open ? "after PRECOPY_END" : "on a channel that carries no pre-copy"));
     auto truncated = [&](const Error& e) -> Error {
         if (e.code == ECONNRESET)
             return Error{0, fmt::format("{}: truncated PAGES frame: the peer closed the connection inside it", where)};
@@ -89,14 +93,17 @@ Result<void> receive_pages(net::FrameReader& reader, Pager& pager, const proto::
                                  meta->first, meta->count))
         return sys_error(fmt::format("{}: failpoint before placing", where), e);
     const ZeroBits zero{std::span<const std::uint8_t>(meta->zero.data(), meta->bitmap_bytes())};
-    auto placed = pager.place(meta->region, meta->first, meta->count, zero, staging.data(), demanded);
+    auto placed = h.type == proto::Type::precopy_pages
+                      ? pager.precopy(meta->region, meta->first, meta->count, zero, staging.data())
+                      : pager.place(meta->region, meta->first, meta->count, zero, staging.data(), demanded);
     if (!placed) return std::unexpected(placed.error());
     return {};
 }
 
 }  // namespace
 
-Result<void> receive_loop(net::FrameReader& reader, Pager& pager, bool demanded, const ControlHandler& on_control) {
+Result<void> receive_loop(net::FrameReader& reader, Pager& pager, bool demanded, const ControlHandler& on_control,
+                          const bool* precopy_open) {
     std::size_t largest = 4096;
     for (const auto& r : pager.regions()) largest = std::max(largest, r.guest.page_size);
     const std::size_t bytes = std::min(proto::kMaxPagesPayload, largest * proto::kMaxPagesPerFrame);
@@ -108,8 +115,8 @@ Result<void> receive_loop(net::FrameReader& reader, Pager& pager, bool demanded,
         auto h = reader.next();
         if (!h) return std::unexpected(h.error());
         if (!*h) return {};  // closed between frames; the caller decides if that was expected
-        if ((*h)->type == proto::Type::pages) {
-            if (auto r = receive_pages(reader, pager, **h, *staging, crcs, ptrs, demanded); !r)
+        if ((*h)->type == proto::Type::pages || (*h)->type == proto::Type::precopy_pages) {
+            if (auto r = receive_pages(reader, pager, **h, *staging, crcs, ptrs, demanded, precopy_open); !r)
                 return std::unexpected(r.error());
             continue;
         }

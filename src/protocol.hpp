@@ -22,6 +22,21 @@
 //            ◄── COMPLETE                 every page present; both sides close
 //   Either side may send ERROR{code, text} before closing on a fatal problem.
 //
+// Pre-copy (modes precopy and hybrid), between REGION_ACK and DEVICE_STATE:
+//   ─ bulk i ─ PRECOPY_PAGES ... ─►    rounds while the VM runs at the source: the same
+//                                      payload as PAGES; the destination writes them to
+//                                      their final place without mapping them (file:
+//                                      STAGED; anonymous: UFFDIO_COPY). A page always
+//                                      travels on the channel whose share holds it, so
+//                                      its copies arrive in the order they were read.
+//   [source pauses vCPUs, final dirty scan]
+//   ─ bulk i ─ (precopy mode: the last dirty pages as PRECOPY_PAGES), PRECOPY_END ─►
+//   ─ urgent ─ STALE{runs} ... ─►      hybrid: pages written after they were sent; the
+//                                      destination applies them once every bulk channel
+//                                      has delivered PRECOPY_END: they go back to MISSING
+//   ─ urgent ─ DEVICE_STATE ─►         then as above (post-copy of what is missing)
+//   The destination resumes only after PRECOPY_END on every bulk channel.
+//
 // Frame: a 16-byte header, little-endian, then `length` payload bytes.
 //   u32 magic "LZMG" | u8 type | u8 flags (0) | u16 reserved (0) | u32 length | u32 checksum
 // checksum = CRC32C over header bytes 0..11, then the payload. For PAGES the page data
@@ -72,8 +87,12 @@ enum class Type : std::uint8_t {
     pages = 9,
     push_done = 10,
     complete = 11,
+    precopy_pages = 50,  // pre-copy: PAGES payload, placed without mapping
+    precopy_end = 51,    // bulk channel: no more pre-copy frames on this channel
+    stale = 52,          // urgent: runs of pages dirtied after they were sent
 };
 inline constexpr std::uint8_t kTypeLast = 11;
+inline constexpr std::uint8_t kPrecopyTypeFirst = 50, kPrecopyTypeLast = 52;
 [[nodiscard]] std::string_view to_string(Type t) noexcept;
 
 enum class Channel : std::uint8_t { invalid = 0, urgent = 1, bulk = 2 };
@@ -134,6 +153,17 @@ struct PageRequest {
     std::uint32_t count = 0;
     std::uint64_t first = 0;
 };
+// STALE payload: u32 n | n × (u32 region | u32 count | u64 first). At most kMaxStaleRuns
+// runs per frame; a larger set goes as several frames.
+struct StaleRun {
+    std::uint32_t region = 0;
+    std::uint32_t count = 0;
+    std::uint64_t first = 0;
+};
+inline constexpr std::size_t kMaxStaleRuns = (kMaxControlPayload - 4) / 16;
+struct StaleSet {
+    std::vector<StaleRun> runs;
+};
 
 // A whole control frame (header + payload, checksum set), ready to send.
 using Frame = std::vector<std::byte>;
@@ -143,6 +173,7 @@ using Frame = std::vector<std::byte>;
 [[nodiscard]] Frame encode(const RegionTable&);
 [[nodiscard]] Frame encode(const DeviceState&);
 [[nodiscard]] Frame encode(const PageRequest&);
+[[nodiscard]] Frame encode(const StaleSet&);  // REQUIRES: runs.size() <= kMaxStaleRuns
 [[nodiscard]] Frame encode_empty(Type type);  // region_ack, resumed, push_done, complete
 
 // Decoders take the payload of a frame whose header and checksum were verified.
@@ -151,6 +182,7 @@ using Frame = std::vector<std::byte>;
 [[nodiscard]] Result<ErrorMsg> decode_error(std::span<const std::byte> payload);
 [[nodiscard]] Result<RegionTable> decode_region_table(std::span<const std::byte> payload);
 [[nodiscard]] Result<PageRequest> decode_page_request(std::span<const std::byte> payload);
+[[nodiscard]] Result<StaleSet> decode_stale(std::span<const std::byte> payload);
 
 // Compares the source's table with the destination's regions; the error names the
 // first mismatch ("region 0 'ram0': size 1073741824 here, 536870912 from the source").
@@ -184,7 +216,8 @@ struct PagesMeta {
 // non-zero page in order.
 [[nodiscard]] std::size_t encode_pages_head(std::byte* out, const PagesMeta& meta,
                                             std::size_t page_size,
-                                            std::span<const std::uint32_t> page_crcs) noexcept;
+                                            std::span<const std::uint32_t> page_crcs,
+                                            Type type = Type::pages) noexcept;  // or precopy_pages
 // Parses the fixed part (16 bytes) of a PAGES payload; `bitmap` is read separately.
 [[nodiscard]] Result<PagesMeta> decode_pages_fixed(std::span<const std::byte, kPagesMetaFixed> raw,
                                                    std::string_view where) noexcept;

@@ -8,6 +8,7 @@
 
 #include <fmt/format.h>
 
+#include "precopy/precopy.hpp"
 #include "precopy/source.hpp"
 #include "src/api/session.hpp"
 #include "src/net/channel.hpp"
@@ -27,6 +28,7 @@ public:
         : cfg_(std::move(config)), transport_(std::move(transport)), stop_(std::move(stop)),
           state_(cfg_.hooks, "source"), sent_(cfg_.regions), reader_(std::move(reader)) {
         bandwidth_ = cfg_.parameters.max_bandwidth;
+        params_ = cfg_.parameters;
         batch_ = cfg_.parameters.push_batch_pages;
         bulk_count_ = cfg_.parameters.bulk_channels ? cfg_.parameters.bulk_channels : default_bulk_channels();
         for (const auto& r : cfg_.regions) total_pages_ += r.size / r.page_size;
@@ -39,9 +41,14 @@ public:
     Result<void> migrate() override {
         std::lock_guard lock(mu_);
         if (started_) return logic_error("source: migrate() was already called for this migration");
-        if (cfg_.mode != Mode::postcopy)
-            return logic_error(fmt::format("source: mode {} is not available yet; this build migrates postcopy",
-                                           to_string(cfg_.mode)));
+        if (cfg_.mode != Mode::postcopy) {
+            precopy_ = std::make_unique<source::Precopy>(
+                cfg_.regions, *reader_, sent_, stats_,
+                source::PrecopyConfig{.mode = cfg_.mode, .max_bandwidth = &bandwidth_, .parameters = [this] {
+                                          std::lock_guard lock(params_mu_);
+                                          return params_;
+                                      }});
+        }
         start_ = Clock::now();
         try {
             thread_ = std::thread([this] {
@@ -76,6 +83,10 @@ public:
 
     // bulk_channels takes effect only before migrate() (0 leaves it as it is).
     void set_parameters(const Parameters& p) override {
+        {
+            std::lock_guard lock(params_mu_);
+            params_ = p;
+        }
         bandwidth_ = p.max_bandwidth;
         batch_ = std::clamp<std::uint32_t>(p.push_batch_pages, 1, proto::kMaxPagesPerFrame);
         std::lock_guard lock(mu_);
@@ -100,6 +111,18 @@ public:
         s.elapsed_ms = started_ ? state_.elapsed_ms(start_) : 0;
         s.destination_resumed = handed_over_;
         if (auto e = state_.error()) s.error = e->message();
+        if (precopy_) {
+            s.rounds = precopy_->rounds();
+            s.pages_resent = precopy_->pages_resent();
+            s.stale_pages = precopy_->stale_pages();
+            s.dirty_tracking = precopy_->method();
+            // A stale page is counted again when it is sent again.
+            s.pages_present -= std::min(s.pages_present, s.stale_pages);
+        }
+        {
+            std::lock_guard lock(params_mu_);
+            s.switchover = switchover_why_;
+        }
         return s;
     }
 
@@ -115,6 +138,7 @@ private:
             LZ_LOG(debug, "session_error_after_complete", "side=source {}", e.message());
             return;
         }
+        stopping_ = true;
         if (state_.record(e)) stop_.signal();
     }
 
@@ -131,6 +155,7 @@ private:
         }
         urgent_.reset();
         bulk_.clear();
+        if (precopy_) precopy_->stop_tracking();  // before the guest may run here again
         if (auto e = state_.error()) {
             // Before the destination resumed the VM runs here again; after, it cannot.
             if (paused_ && !handed_over_ && cfg_.hooks.resume_vcpus) cfg_.hooks.resume_vcpus();
@@ -175,10 +200,16 @@ private:
                                                    source::PushConfig{&bandwidth_, &batch_, &gate_, 0});
         if (auto p = pusher_->prepare(bulk_.size()); !p) return p;
 
+        if (precopy_)
+            if (auto p = run_precopy(); !p) return p;
+
         state_.set_phase(Phase::switchover);
         const auto paused_at = Clock::now();
         cfg_.hooks.pause_vcpus();
         paused_ = true;
+        // The stale set (or stop-and-copy's last pages) goes before the device state.
+        if (precopy_)
+            if (auto p = precopy_->switchover(*urgent_); !p) return p;
         auto blob = cfg_.hooks.save_device_state();
         if (!blob) return std::unexpected(blob.error().wrap("source: save_device_state"));
         device_bytes_ = blob->size();
@@ -199,6 +230,31 @@ private:
             for (auto& c : bulk_) bulk.push_back(c.get());
             return pusher_->start(std::move(bulk), [this](const Error& e) { fail(e.wrap("source: pusher")); });
         });
+    }
+
+    // Rounds while the VM runs here, until the policy decides (precopy/precopy.hpp). A
+    // pre-copy that cannot converge within its bound ends the migration, VM still here.
+    Result<void> run_precopy() {
+        state_.set_phase(Phase::precopy);
+        auto tracker = source::make_dirty_tracker(cfg_.regions, cfg_.dirty_tracking, cfg_.dirty_log);
+        if (!tracker) return std::unexpected(tracker.error().wrap("source"));
+        std::vector<net::Channel*> bulk;
+        for (auto& c : bulk_) bulk.push_back(c.get());
+        if (auto s = precopy_->start(std::move(*tracker), std::move(bulk)); !s) return std::unexpected(s.error().wrap("source"));
+        auto v = precopy_->run_rounds(stopping_);
+        if (!v) return std::unexpected(v.error().wrap("source"));
+        {
+            std::lock_guard lock(params_mu_);
+            switchover_why_ = v->why;
+        }
+        state_.emit(Event{.kind = Event::Kind::info, .phase = Phase::precopy, .message = v->why});
+        if (cfg_.mode == Mode::precopy && v->decision != source::Decision::converged) {
+            precopy_->stop_tracking();
+            const std::string text = fmt::format("pre-copy did not converge: {}; the VM keeps running on the source", v->why);
+            (void)net::send_frame(*urgent_, proto::encode(proto::ErrorMsg{ETIMEDOUT, text}));
+            return std::unexpected(Error{ETIMEDOUT, "source: " + text});
+        }
+        return {};
     }
 
     Result<void> handshake(net::FrameReader& reader, proto::Channel ch, std::uint32_t index, std::uint64_t id) {
@@ -222,6 +278,11 @@ private:
     source::DemandGate gate_;  // raised by the serve loop while a demand request is in service
     source::SourceStats stats_;
     std::unique_ptr<source::Pusher> pusher_;
+    std::unique_ptr<source::Precopy> precopy_;  // modes precopy and hybrid; made by migrate()
+    mutable std::mutex params_mu_;
+    Parameters params_;
+    std::string switchover_why_;
+    std::atomic<bool> stopping_{false};
     std::atomic<std::uint64_t> bandwidth_{0};
     std::atomic<std::uint32_t> batch_{256};
     std::uint64_t total_pages_ = 0;

@@ -141,6 +141,16 @@ struct Parameters {
     std::uint32_t push_batch_pages = 256; // pages per bulk frame (1 MiB of 4 KiB pages)
     std::uint32_t prefetch_pages = 16;    // most pages requested around one fault
                                           // (destination; applies to the next fault)
+    // Pre-copy (modes precopy and hybrid), read at every round:
+    double downtime_limit_ms = 300;       // stop-and-copy when the dirty pages left would
+                                          // take at most this long at the measured bandwidth
+    std::uint32_t max_rounds = 30;        // 0 = no bound
+    std::uint64_t max_precopy_bytes = 0;  // bytes sent in pre-copy; 0 = no bound
+    std::uint32_t max_precopy_ms = 0;     // pre-copy time; 0 = no bound
+    // At a bound, precopy gives up (the VM keeps running at the source) and hybrid
+    // switches to post-copy; hybrid also switches early when pre-copy diverges: the dirty
+    // rate at or above the bandwidth over the last two rounds, or the dirty set not
+    // shrinking over the last three.
 };
 
 // The number of bulk channels used when Parameters::bulk_channels is 0: one per two
@@ -201,6 +211,23 @@ struct Stats {
     std::vector<VcpuBlocktime> vcpu_blocktime;  // per faulting thread, named ones first
     std::uint32_t bulk_channels = 0;     // bulk channels in use
     std::string error;                   // the error that ended it, if any
+    // Pre-copy (source), one entry per finished round, and how it ended:
+    struct Round {
+        std::uint32_t round = 0;          // 1 = the first pass over all of RAM
+        std::uint64_t pages_sent = 0, zero_pages = 0, bytes_sent = 0;
+        std::uint64_t dirty_pages = 0;    // written during the round: the next round's set
+        double ms = 0;
+        double bandwidth = 0;             // bytes/s on the wire during the round
+        double dirty_rate = 0;            // pages/s written during the round
+    };
+    std::vector<Round> rounds;
+    std::uint64_t pages_resent = 0;       // sent again after a dirtying (source)
+    std::uint64_t stale_pages = 0;        // hybrid: dirtied after their last send; fetched
+                                          // again after switchover (source: sent, dest: got)
+    std::string switchover;               // the decision and why ("converged: ...")
+    double discard_ms = 0;                // destination: making stale pages missing again
+                                          // (inside the downtime)
+    std::string dirty_tracking;           // source: the method in use ("wp-async", ...)
 };
 
 // Reads `dst.size()` bytes of guest RAM from `offset` bytes into region `region`, through
