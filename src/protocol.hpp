@@ -1,4 +1,4 @@
-// protocol.hpp — the lazymig wire protocol, version 2. The only file that knows bytes.
+// protocol.hpp — the lazymig wire protocol, version 3. The only file that knows bytes.
 //
 // 1 + N channels per migration, all opened by the source (the Transport, src/net/channel.hpp):
 //   urgent: handshake, region table, switchover, demand requests and their replies,
@@ -65,7 +65,7 @@
 namespace lazymig::proto {
 
 inline constexpr std::uint32_t kMagic = 0x474D5A4C;  // "LZMG" as little-endian bytes
-inline constexpr std::uint32_t kVersion = 2;  // 2: HELLO carries the bulk channel index and count
+inline constexpr std::uint32_t kVersion = 3;  // 2: HELLO carries the bulk channel index and count; 3: pre-copy frames
 inline constexpr std::uint8_t kMaxBulkChannels = 16;
 inline constexpr std::size_t kHeaderSize = 16;
 inline constexpr std::size_t kMaxControlPayload = 1u << 20;       // all but DEVICE_STATE, PAGES
