@@ -308,6 +308,13 @@ Result<std::unique_ptr<Source>> Source::create(SourceConfig config) {
     if (config.parameters.bulk_channels > proto::kMaxBulkChannels)
         return logic_error(fmt::format("source: bulk_channels {} is more than the {} this build supports",
                                        config.parameters.bulk_channels, proto::kMaxBulkChannels));
+    if (config.mode != Mode::postcopy) {
+        // The dirty tracking pre-copy needs, probed now: a refusal names what is missing.
+        if (config.dirty_tracking == DirtyTracking::vmm && !config.dirty_log)
+            return logic_error("source: dirty tracking vmm needs SourceConfig::dirty_log");
+        if (auto p = source::probe_dirty_tracking(config.regions, config.dirty_tracking); !p)
+            return std::unexpected(p.error().wrap("source"));
+    }
     auto stop = net::ShutdownEvent::create();
     if (!stop) return std::unexpected(stop.error());
     auto transport = net::tcp_connector(config.uri, stop->fd(), config.connect_timeout);
