@@ -187,7 +187,7 @@ std::string QmpCommands::handle(std::string_view line, QmpServer::Session& sessi
              return json{{"max-bandwidth", p.max_bandwidth}, {"push-batch-pages", p.push_batch_pages},
                          {"prefetch-pages", p.prefetch_pages},
                          {"bulk-channels", p.bulk_channels ? p.bulk_channels : lazymig::default_bulk_channels()},
-                         {"downtime-limit", p.downtime_limit_ms}, {"max-rounds", p.max_rounds},
+                         {"downtime-limit", static_cast<std::uint64_t>(p.downtime_limit_ms)}, {"max-rounds", p.max_rounds},
                          {"max-precopy-bytes", p.max_precopy_bytes}, {"max-precopy-ms", p.max_precopy_ms}};
          }},
         {"migrate-cancel", [&](Args& a) -> Reply {

@@ -251,7 +251,11 @@ private:
         if (cfg_.mode == Mode::precopy && v->decision != source::Decision::converged) {
             precopy_->stop_tracking();
             const std::string text = fmt::format("pre-copy did not converge: {}; the VM keeps running on the source", v->why);
-            (void)net::send_frame(*urgent_, proto::encode(proto::ErrorMsg{ETIMEDOUT, text}));
+            // On every channel, ahead of its close: whichever the destination reads first
+            // says why.
+            const auto err = proto::encode(proto::ErrorMsg{ETIMEDOUT, text});
+            for (auto& c : bulk_) (void)net::send_frame(*c, err);
+            (void)net::send_frame(*urgent_, err);
             return std::unexpected(Error{ETIMEDOUT, "source: " + text});
         }
         return {};
