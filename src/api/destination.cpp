@@ -406,7 +406,7 @@ private:
             }
             if (h.type == proto::Type::error) return std::unexpected(net::peer_error(p, reader.where()));
             return peer_violation(fmt::format("{}: unexpected {}", reader.where(), proto::to_string(h.type)));
-        }, &precopy_open);
+        }, mode_ != Mode::postcopy ? &precopy_open : nullptr);
         if (!r) return r;
         if (!pager_->complete())
             return transport_error(fmt::format("{}: the source closed the connection", reader.where()), ECONNRESET);
