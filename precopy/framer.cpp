@@ -99,6 +99,7 @@ Result<BuiltFrame> PageFramer::build(std::uint32_t region, std::uint64_t first, 
             iov_[niov++] = iovec{p, ps};
     }
     crc32c_pages(ptrs_.data(), nonzero, ps, crcs_.data());
+    nonzero_ = nonzero;
     const std::size_t head = proto::encode_pages_head(head_.data(), meta, ps, std::span(crcs_.data(), nonzero), type);
     iov_[0] = iovec{head_.data(), head};
     return BuiltFrame{std::span<const iovec>(iov_.data(), niov), count - nonzero, head + nonzero * ps};

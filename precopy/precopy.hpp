@@ -27,6 +27,7 @@
 #include <chrono>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -55,6 +56,30 @@ struct PrecopyConfig {
     std::function<Parameters()> parameters;     // the current ones, read every round
 };
 
+// Adaptive lz4 for pre-copy frames (Parameters::compression). pack() turns a built
+// PRECOPY_PAGES frame into a PRECOPY_LZ4 frame of the same pages (one LZ4 block per
+// non-zero page; a page that does not shrink goes as it is). wanted() says whether the
+// next frame should be packed: always (on), never (off), or (automatic) while the
+// running ratio is >= 1.5 and packing is fast enough that it saves more link time than
+// it costs CPU time — a sender that compresses at C bytes/s onto a link of L bytes/s
+// gains only if C > L × r / (r − 1) for ratio r; one frame in kProbeEvery is packed
+// regardless, to keep both samples fresh. Its buffer is allocated once, up front.
+class Packer {
+public:
+    static constexpr std::uint32_t kProbeEvery = 32;
+    [[nodiscard]] static Result<Packer> create(std::size_t largest_page);
+    [[nodiscard]] bool wanted(Compression mode, double link_bytes_per_s);
+    // REQUIRES: `frame` was built by `framer` just now, as PRECOPY_PAGES of pages of `ps` bytes.
+    [[nodiscard]] BuiltFrame pack(const BuiltFrame& frame, const PageFramer& framer, std::size_t ps);
+    [[nodiscard]] double ratio() const { return ratio_; }
+
+private:
+    StagingBuffer buf_;
+    iovec iov_{};
+    double ratio_ = 0, pack_rate_ = 0;  // running: raw/stored, raw bytes per second of packing
+    std::uint32_t since_probe_ = 0;
+};
+
 class Precopy {
 public:
     Precopy(std::span<const GuestRegion> regions, PageReader& reader, SentMap& sent, SourceStats& stats,
@@ -63,8 +88,10 @@ public:
     // Creates the framer and arms `tracker` (which this object then owns).
     [[nodiscard]] Result<void> start(std::unique_ptr<DirtyTracker> tracker, std::vector<net::Channel*> bulk);
     // Runs rounds until decide() says anything but next_round, or `stop` is set
-    // (ECANCELED). The VM runs at the source throughout.
-    [[nodiscard]] Result<Verdict> run_rounds(const std::atomic<bool>& stop);
+    // (ECANCELED). The VM runs at the source throughout. Each round ends with ROUND_END
+    // on every bulk channel and waits for its ROUND_ACK on `urgent` (which ends with the
+    // channel: an answer, the link's loss, or the transport's shutdown on cancel()).
+    [[nodiscard]] Result<Verdict> run_rounds(const std::atomic<bool>& stop, net::FrameReader& urgent);
     // With the vCPUs paused: the final dirty scan, then (precopy) those pages sent now,
     // or (hybrid) their runs as STALE on `urgent`, marked unsent for the post-copy;
     // PRECOPY_END on every bulk channel. Stops the tracker.
@@ -81,6 +108,7 @@ private:
     // Sends every page set in `pages` as PRECOPY_PAGES, each run on its share's channel.
     Result<void> send_set(const DirtySet& pages, Stats::Round& round);
     Result<void> send_run(std::uint32_t region, std::uint64_t first, std::uint64_t count, Stats::Round& round);
+    Result<void> end_round(std::uint32_t n, net::FrameReader& urgent);
 
     std::span<const GuestRegion> regions_;
     PageReader& reader_;
@@ -97,6 +125,17 @@ private:
     mutable std::mutex mu_;
     std::vector<Stats::Round> rounds_;
     std::string method_;
+    std::optional<Packer> packer_;
+    double link_rate_ = 0;  // wire bytes per second of send(), running
+    std::uint64_t round_packed_wire_ = 0, round_ram_bytes_ = 0;
+    std::atomic<std::uint64_t> packed_pages_{0}, packed_raw_{0}, packed_wire_{0};
+
+public:
+    [[nodiscard]] std::uint64_t compressed_pages() const { return packed_pages_.load(); }
+    [[nodiscard]] double compression_ratio() const {
+        const auto w = packed_wire_.load();
+        return w ? double(packed_raw_.load()) / double(w) : 0;
+    }
 };
 
 }  // namespace lazymig::source

@@ -117,6 +117,8 @@ public:
                                            proto::Type type = proto::Type::pages);
     // The snapshot the last build() read (for tests).
     [[nodiscard]] const std::byte* staging() const { return staging_.data(); }
+    // The CRC32C of each non-zero page of the last build(), in order.
+    [[nodiscard]] std::span<const std::uint32_t> page_crcs() const { return {crcs_.data(), nonzero_}; }
 
 private:
     PageFramer(std::span<const GuestRegion> regions, PageReader& reader, StagingBuffer staging)
@@ -129,6 +131,7 @@ private:
     std::array<iovec, proto::kMaxPagesPerFrame + 1> iov_{};
     std::array<std::uint32_t, proto::kMaxPagesPerFrame> crcs_{};
     std::array<const std::byte*, proto::kMaxPagesPerFrame> ptrs_{};
+    std::size_t nonzero_ = 0;
 };
 
 // Pages near a recent fault, handed from the urgent thread to a sender. Bounded: when

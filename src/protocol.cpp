@@ -103,7 +103,8 @@ std::size_t max_payload(Type t) noexcept {
     switch (t) {
     case Type::device_state: return kMaxDeviceState;
     case Type::pages:
-    case Type::precopy_pages: return kMaxPagesPayload;
+    case Type::precopy_pages:
+    case Type::precopy_lz4: return kMaxPagesPayload;
     default: return kMaxControlPayload;
     }
 }
@@ -132,6 +133,9 @@ std::string_view to_string(Type t) noexcept {
     case Type::precopy_pages: return "PRECOPY_PAGES";
     case Type::precopy_end: return "PRECOPY_END";
     case Type::stale: return "STALE";
+    case Type::precopy_lz4: return "PRECOPY_LZ4";
+    case Type::round_end: return "ROUND_END";
+    case Type::round_ack: return "ROUND_ACK";
     case Type::invalid: break;
     }
     return "INVALID";
@@ -261,6 +265,7 @@ Frame encode(const StaleSet& m) {
     for (const auto& r : m.runs) w.num(r.region).num(r.count).num(r.first);
     return w.finish();
 }
+Frame encode(Type type, const RoundMark& m) { return Writer(type).num(m.round).finish(); }
 Frame encode_empty(Type type) { return Writer(type).finish(); }
 
 Result<Hello> decode_hello(std::span<const std::byte> payload) {
@@ -354,6 +359,14 @@ Result<StaleSet> decode_stale(std::span<const std::byte> payload) {
     return s;
 }
 
+Result<RoundMark> decode_round(Type type, std::span<const std::byte> payload) {
+    Reader r(payload, type);
+    LZ_TRY(round, r.num<std::uint32_t>());
+    if (auto d = r.done(); !d) return std::unexpected(d.error());
+    if (round == 0) return peer_violation(fmt::format("{}: round 0 (rounds count from 1)", to_string(type)));
+    return RoundMark{round};
+}
+
 RegionTable region_table_of(std::span<const GuestRegion> regions) {
     RegionTable t;
     for (const auto& r : regions)
@@ -416,12 +429,20 @@ Result<PagesMeta> decode_pages_fixed(std::span<const std::byte, kPagesMetaFixed>
 }
 
 Result<void> check_pages_length(const PagesMeta& meta, std::uint32_t length, std::size_t page_size,
-                                std::string_view where) noexcept {
+                                std::string_view where, bool packed) noexcept {
     // Bits past `count` in the bitmap's last byte are padding and must be zero: a frame
     // that sets them means something this version does not understand.
     if (meta.count % 8 && (meta.zero[meta.count / 8] >> (meta.count % 8)) != 0)
         return peer_violation(fmt::format("{}: PAGES frame for {} pages sets zero-bitmap padding bits ({:#04x} in its "
                                        "last bitmap byte)", where, meta.count, meta.zero[meta.count / 8]));
+    if (packed) {  // PRECOPY_LZ4: a u32 and 1..page_size bytes per non-zero page
+        const std::size_t least = meta.meta_bytes() + std::size_t(meta.nonzero_pages()) * 5;
+        const std::size_t most = meta.meta_bytes() + std::size_t(meta.nonzero_pages()) * (4 + page_size);
+        if (length < least || length > most)
+            return peer_violation(fmt::format("{}: PRECOPY_LZ4 frame length {} is outside {}..{} for {} non-zero pages "
+                                           "of {} bytes", where, length, least, most, meta.nonzero_pages(), page_size));
+        return {};
+    }
     const std::size_t want = meta.meta_bytes() + std::size_t(meta.nonzero_pages()) * page_size;
     if (want != length)
         return peer_violation(fmt::format("{}: PAGES frame length {} does not match {} pages ({} non-zero) "

@@ -65,6 +65,8 @@ int main(int argc, char** argv) {
     m->add_option("--max-rounds", mig.max_rounds, "pre-copy rounds at most (0: no bound; default 30)");
     m->add_option("--max-precopy-bytes", mig.max_precopy_bytes, "bytes pre-copy may send (0: no bound)");
     m->add_option("--max-precopy-ms", mig.max_precopy_ms, "ms pre-copy may last (0: no bound)");
+    m->add_option("--compression", mig.compression, "lz4 for pre-copy pages: off, on or auto (default auto)")
+        ->check(CLI::IsMember({"off", "on", "auto"}));
 
     vmm::KvClientOptions kv;
     auto* k = app.add_subcommand("kv-client", "write sequence-numbered keys to a kv VM, or verify them");

@@ -76,11 +76,14 @@ void print_summary(const MigrateOptions& o, const json& src, const std::optional
         row("pre-copy rounds", fmt::format("{}", p["rounds"].size()));
         for (const auto& r : p["rounds"])
             row(fmt::format("  round {}", r.value("round", 0u)),
-                fmt::format("{} pages ({} zero), {:.1f} MB in {:.1f} ms, {:.1f} MB/s, {} dirtied ({:.0f} pages/s)",
-                            r.value("pages-sent", 0ull), r.value("zero-pages", 0ull), r.value("bytes-sent", 0ull) / 1e6,
+                fmt::format("{} pages ({} zero, {} lz4 {:.2f}x), {:.1f} MB in {:.1f} ms, {:.1f} MB/s, {} dirtied ({:.0f} pages/s)",
+                            r.value("pages-sent", 0ull), r.value("zero-pages", 0ull), r.value("compressed-pages", 0ull),
+                            r.value("compression-ratio", 0.0), r.value("bytes-sent", 0ull) / 1e6,
                             r.value("ms", 0.0), r.value("bandwidth-mbps", 0.0), r.value("dirty-pages", 0ull),
                             r.value("dirty-rate-pps", 0.0)));
         row("pages sent again", fmt::format("{}", p.value("pages-resent", 0ull)));
+        row("lz4 compressed", fmt::format("{} pages, ratio {:.2f}", p.value("compressed-pages", 0ull),
+                                          p.value("compression-ratio", 0.0)));
         row("stale pages", fmt::format("{}", p.value("stale-pages", 0ull)));
         if (dst && d.contains("precopy")) row("stale discard", fmt::format("{:.2f} ms", d["precopy"].value("discard-ms", 0.0)));
         row("switchover", p.value("switchover", ""));
@@ -157,6 +160,7 @@ int run_migrate(const MigrateOptions& o) {
     if (o.max_rounds) params["max-rounds"] = *o.max_rounds;
     if (o.max_precopy_bytes) params["max-precopy-bytes"] = *o.max_precopy_bytes;
     if (o.max_precopy_ms) params["max-precopy-ms"] = *o.max_precopy_ms;
+    if (!o.compression.empty()) params["compression"] = o.compression;
     if (!params.empty())
         if (auto ok = src->execute("migrate-set-parameters", params); !ok)
             return fmt::print(stderr, "lazymig-vmm migrate: {}\n", ok.error().message()), 1;

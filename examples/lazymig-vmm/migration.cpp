@@ -231,6 +231,7 @@ lazymig::Result<void> Migration::set_parameters(const ParameterUpdate& u) {
         if (u.max_rounds) params_.max_rounds = *u.max_rounds;
         if (u.max_precopy_ms) params_.max_precopy_ms = *u.max_precopy_ms;
         if (u.max_precopy_bytes) params_.max_precopy_bytes = *u.max_precopy_bytes;
+        if (u.compression) params_.compression = *u.compression;
         if (u.bulk_channels) {
             if (source_ && !finished_)
                 return lazymig::logic_error("bulk-channels cannot change while a migration runs");
@@ -313,10 +314,12 @@ nlohmann::json Migration::query() const {
         for (const auto& r : s.rounds)
             rounds.push_back({{"round", r.round}, {"pages-sent", r.pages_sent}, {"zero-pages", r.zero_pages},
                               {"bytes-sent", r.bytes_sent}, {"dirty-pages", r.dirty_pages}, {"ms", r.ms},
-                              {"bandwidth-mbps", r.bandwidth / 1e6}, {"dirty-rate-pps", r.dirty_rate}});
+                              {"bandwidth-mbps", r.bandwidth / 1e6}, {"dirty-rate-pps", r.dirty_rate},
+                              {"compressed-pages", r.compressed_pages}, {"compression-ratio", r.compression_ratio}});
         j["precopy"] = {{"rounds", std::move(rounds)}, {"pages-resent", s.pages_resent}, {"stale-pages", s.stale_pages},
                         {"switchover", s.switchover}, {"dirty-tracking", s.dirty_tracking},
-                        {"discard-ms", s.discard_ms}};
+                        {"discard-ms", s.discard_ms}, {"compressed-pages", s.compressed_pages},
+                        {"compression-ratio", s.compression_ratio}};
     }
     if (!s.error.empty() && !j.contains("error")) j["error"] = s.error;
     return j;

@@ -29,6 +29,7 @@ struct MigrateOptions {
     // nullopt: as they are.
     std::optional<std::uint64_t> max_bandwidth, max_precopy_bytes;
     std::optional<std::uint32_t> downtime_limit_ms, max_rounds, max_precopy_ms;
+    std::string compression;              // off|on|auto; empty: as it is
 };
 
 struct KvClientOptions {

@@ -181,7 +181,8 @@ int lazymig_source_get_precopy(const lazymig_source* src, lazymig_precopy_params
     std::lock_guard lock(s.mu);
     *out = lazymig_precopy_params{.downtime_limit_ms = s.params.downtime_limit_ms, .max_rounds = s.params.max_rounds,
                                   .max_precopy_bytes = s.params.max_precopy_bytes,
-                                  .max_precopy_ms = s.params.max_precopy_ms};
+                                  .max_precopy_ms = s.params.max_precopy_ms,
+                                  .compression = static_cast<int>(s.params.compression)};
     return 0;
 }
 
@@ -189,11 +190,14 @@ int lazymig_source_set_precopy(lazymig_source* src, const lazymig_precopy_params
     if (!src || !p) return fail_text("lazymig_source_set_precopy: null argument");
     if (!std::isfinite(p->downtime_limit_ms) || p->downtime_limit_ms < 0)
         return fail_text("lazymig_source_set_precopy: downtime_limit_ms must be a finite number >= 0");
+    if (p->compression < LAZYMIG_COMPRESSION_OFF || p->compression > LAZYMIG_COMPRESSION_AUTO)
+        return fail_text("lazymig_source_set_precopy: compression must be LAZYMIG_COMPRESSION_OFF, _ON or _AUTO");
     std::lock_guard lock(src->mu);
     src->params.downtime_limit_ms = p->downtime_limit_ms;
     src->params.max_rounds = p->max_rounds;
     src->params.max_precopy_bytes = p->max_precopy_bytes;
     src->params.max_precopy_ms = p->max_precopy_ms;
+    src->params.compression = static_cast<lazymig::Compression>(p->compression);
     src->impl->set_parameters(src->params);
     return 0;
 }

@@ -291,6 +291,27 @@ private:
         return {};
     }
 
+    // A bulk channel delivered ROUND_END{n}: everything it carried of round n is placed.
+    // Once every channel did, ROUND_ACK{n}. One round at a time: the source waits for
+    // the ack before it starts the next.
+    Result<void> round_ended(std::uint32_t n, const std::string& where) {
+        bool ack = false;
+        {
+            std::lock_guard lock(precopy_mu_);
+            // Every channel ends its rounds in order (receive_bulk); a channel a round ahead
+            // of another means the source did not wait for the ack.
+            if (n != round_ && !(n == round_ + 1 && (round_ == 0 || round_ends_ == bulk_count_.load())))
+                return peer_violation(fmt::format("{}: ROUND_END {} before every channel ended round {}", where, n, round_));
+            if (n != round_) {
+                round_ = n;
+                round_ends_ = 0;
+            }
+            ack = ++round_ends_ == bulk_count_.load();
+        }
+        if (ack) return send_small(proto::encode(proto::Type::round_ack, proto::RoundMark{n}), "ROUND_ACK");
+        return {};
+    }
+
     Result<void> await_precopy_end() {
         std::unique_lock lock(precopy_mu_);
         const bool done = precopy_cv_.wait_for(lock, kChannelTimeout, [&] {
@@ -395,8 +416,19 @@ private:
 
     Result<void> receive_bulk(net::FrameReader& reader) {
         bool precopy_open = mode_ != Mode::postcopy;
+        std::uint32_t last_round = 0;  // each channel ends rounds 1, 2, 3... in order
         auto r = pager::receive_loop(reader, *pager_, false, [&](const proto::Header& h, std::vector<std::byte> p) -> Result<bool> {
             if (h.type == proto::Type::push_done) return true;
+            if (h.type == proto::Type::round_end && precopy_open) {
+                auto mark = proto::decode_round(h.type, p);
+                if (!mark) return std::unexpected(mark.error().wrap(reader.where()));
+                if (mark->round != last_round + 1)
+                    return peer_violation(fmt::format("{}: ROUND_END {} after round {}", reader.where(), mark->round,
+                                                      last_round));
+                last_round = mark->round;
+                if (auto a = round_ended(mark->round, reader.where()); !a) return std::unexpected(a.error());
+                return true;
+            }
             if (h.type == proto::Type::precopy_end && precopy_open) {
                 precopy_open = false;
                 std::lock_guard lock(precopy_mu_);
@@ -436,6 +468,7 @@ private:
     std::mutex precopy_mu_;
     std::condition_variable precopy_cv_;
     std::uint32_t precopy_ends_ = 0;  // bulk channels that delivered PRECOPY_END
+    std::uint32_t round_ = 0, round_ends_ = 0;  // the pre-copy round ending; channels that ended it
     std::atomic<bool> accepted_{false}, resumed_{false}, resumed_sent_{false}, complete_sent_{false};
     Clock::time_point accepted_at_{}, resumed_at_{};
 };

@@ -116,6 +116,8 @@ public:
             s.pages_resent = precopy_->pages_resent();
             s.stale_pages = precopy_->stale_pages();
             s.dirty_tracking = precopy_->method();
+            s.compressed_pages = precopy_->compressed_pages();
+            s.compression_ratio = precopy_->compression_ratio();
             // A stale page is counted again when it is sent again.
             s.pages_present -= std::min(s.pages_present, s.stale_pages);
         }
@@ -201,7 +203,7 @@ private:
         if (auto p = pusher_->prepare(bulk_.size()); !p) return p;
 
         if (precopy_)
-            if (auto p = run_precopy(); !p) return p;
+            if (auto p = run_precopy(ureader); !p) return p;
 
         state_.set_phase(Phase::switchover);
         const auto paused_at = Clock::now();
@@ -234,14 +236,14 @@ private:
 
     // Rounds while the VM runs here, until the policy decides (precopy/precopy.hpp). A
     // pre-copy that cannot converge within its bound ends the migration, VM still here.
-    Result<void> run_precopy() {
+    Result<void> run_precopy(net::FrameReader& ureader) {
         state_.set_phase(Phase::precopy);
         auto tracker = source::make_dirty_tracker(cfg_.regions, cfg_.dirty_tracking, cfg_.dirty_log);
         if (!tracker) return std::unexpected(tracker.error().wrap("source"));
         std::vector<net::Channel*> bulk;
         for (auto& c : bulk_) bulk.push_back(c.get());
         if (auto s = precopy_->start(std::move(*tracker), std::move(bulk)); !s) return std::unexpected(s.error().wrap("source"));
-        auto v = precopy_->run_rounds(stopping_);
+        auto v = precopy_->run_rounds(stopping_, ureader);
         if (!v) return std::unexpected(v.error().wrap("source"));
         {
             std::lock_guard lock(params_mu_);

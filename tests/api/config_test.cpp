@@ -134,7 +134,9 @@ TEST_CASE("api/config/c-abi-precopy-parameters") {
     REQUIRE(lazymig_source_get_precopy(src, &p) == 0);
     CHECK(p.downtime_limit_ms == 300);
     CHECK(p.max_rounds == 30);
-    p = {.downtime_limit_ms = 50, .max_rounds = 4, .max_precopy_bytes = 1 << 30, .max_precopy_ms = 2000};
+    CHECK(p.compression == LAZYMIG_COMPRESSION_AUTO);
+    p = {.downtime_limit_ms = 50, .max_rounds = 4, .max_precopy_bytes = 1 << 30, .max_precopy_ms = 2000,
+         .compression = LAZYMIG_COMPRESSION_OFF};
     CHECK(lazymig_source_set_precopy(src, &p) == 0);
     CHECK(lazymig_source_set_max_bandwidth(src, 1000000) == 0);  // leaves the pre-copy fields alone
     lazymig_precopy_params back{};
@@ -143,6 +145,9 @@ TEST_CASE("api/config/c-abi-precopy-parameters") {
     CHECK(back.max_rounds == 4);
     CHECK(back.max_precopy_bytes == (1u << 30));
     CHECK(back.max_precopy_ms == 2000);
+    CHECK(back.compression == LAZYMIG_COMPRESSION_OFF);
+    back.compression = 7;
+    CHECK(lazymig_source_set_precopy(src, &back) == -EINVAL);
     p.downtime_limit_ms = -1;
     CHECK(lazymig_source_set_precopy(src, &p) == -EINVAL);
     CHECK(std::string(lazymig_last_error()) == "lazymig_source_set_precopy: downtime_limit_ms must be a finite number >= 0");

@@ -81,7 +81,7 @@ TEST_CASE("protocol/rejects-unknown-type") {
     CHECK(header_error(raw_header(49, 0)) == "urgent channel: unknown message type 49");
     for (unsigned t = proto::kPrecopyTypeFirst; t <= proto::kPrecopyTypeLast; ++t)
         CHECK(header_error(raw_header(t, 0)) == "(accepted)");
-    CHECK(header_error(raw_header(53, 0)) == "urgent channel: unknown message type 53");
+    CHECK(header_error(raw_header(56, 0)) == "urgent channel: unknown message type 56");
 }
 
 TEST_CASE("protocol/rejects-reserved-bits") {

@@ -142,6 +142,19 @@ TEST_CASE("protocol/roundtrip-stale") {
     CHECK(got->runs.size() == proto::kMaxStaleRuns);
 }
 
+TEST_CASE("protocol/roundtrip-round-marks") {
+    for (auto t : {proto::Type::round_end, proto::Type::round_ack}) {
+        const auto f = proto::encode(t, proto::RoundMark{7});
+        parse_verified(f, t);
+        auto out = proto::decode_round(t, payload_of(f));
+        REQUIRE_MESSAGE(out.has_value(), err_of(out));
+        CHECK(out->round == 7);
+    }
+    auto zero = proto::decode_round(proto::Type::round_ack, payload_of(proto::encode(proto::Type::round_ack, {0})));
+    REQUIRE(!zero.has_value());
+    CHECK(zero.error().message() == "ROUND_ACK: round 0 (rounds count from 1)");
+}
+
 TEST_CASE("protocol/rejects-bad-stale") {
     auto empty = proto::decode_stale(payload_of(proto::encode(proto::StaleSet{})));
     REQUIRE(!empty.has_value());
@@ -174,6 +187,8 @@ TEST_CASE("protocol/type-names") {
     CHECK(proto::to_string(proto::Type::precopy_pages) == "PRECOPY_PAGES");
     CHECK(proto::to_string(proto::Type::precopy_end) == "PRECOPY_END");
     CHECK(proto::to_string(proto::Type::stale) == "STALE");
+    CHECK(proto::to_string(proto::Type::precopy_lz4) == "PRECOPY_LZ4");
+    CHECK(proto::to_string(proto::Type::round_ack) == "ROUND_ACK");
     CHECK(proto::to_string(proto::Type{200}) == "INVALID");
     CHECK(proto::to_string(proto::Channel::urgent) == "urgent");
     CHECK(proto::to_string(proto::Channel::bulk) == "bulk");

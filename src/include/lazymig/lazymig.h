@@ -121,11 +121,15 @@ LAZYMIG_API void lazymig_destination_destroy(lazymig_destination *dst);
 
 /* Pre-copy (modes LAZYMIG_MODE_PRECOPY and _HYBRID), as lazymig::Parameters: read at
  * every round. 0 in a max_* field means no bound. */
+#define LAZYMIG_COMPRESSION_OFF 1
+#define LAZYMIG_COMPRESSION_ON 2
+#define LAZYMIG_COMPRESSION_AUTO 3  /* while pages pack >= 1.5x and the CPU keeps up */
 typedef struct lazymig_precopy_params {
     double downtime_limit_ms;    /* stop-and-copy when the rest fits; lazymig's default 300 */
     uint32_t max_rounds;         /* default 30 */
     uint64_t max_precopy_bytes;
     uint32_t max_precopy_ms;
+    int compression;             /* LAZYMIG_COMPRESSION_*; default AUTO */
 } lazymig_precopy_params;
 /* The current values into *out (the defaults before any _set_precopy). */
 LAZYMIG_API int lazymig_source_get_precopy(const lazymig_source *src, lazymig_precopy_params *out);

@@ -57,6 +57,10 @@ namespace lazymig {
 // Value 0 of every enum is invalid, as on the wire.
 enum class Backing : std::uint8_t { invalid = 0, anon, memfd, hugetlbfs };
 enum class Mode : std::uint8_t { invalid = 0, postcopy, precopy, hybrid };
+// lz4 for pre-copy pages: automatic compresses while a running sample of pages packs to
+// at most 2/3 of their size (>= 1.5x) and compressing costs less time than the bytes it
+// saves on the link (the sender's CPU is not the bottleneck).
+enum class Compression : std::uint8_t { invalid = 0, off, on, automatic };
 enum class Phase : std::uint8_t {
     invalid = 0,
     idle,        // created, migrate() not called / destination listening
@@ -151,6 +155,7 @@ struct Parameters {
     // switches to post-copy; hybrid also switches early when pre-copy diverges: the dirty
     // rate at or above the bandwidth over the last two rounds, or the dirty set not
     // shrinking over the last three.
+    Compression compression = Compression::automatic;  // pre-copy pages (source)
 };
 
 // The number of bulk channels used when Parameters::bulk_channels is 0: one per two
@@ -217,8 +222,12 @@ struct Stats {
         std::uint64_t pages_sent = 0, zero_pages = 0, bytes_sent = 0;
         std::uint64_t dirty_pages = 0;    // written during the round: the next round's set
         double ms = 0;
-        double bandwidth = 0;             // bytes/s on the wire during the round
+        double bandwidth = 0;             // bytes/s on the wire, the round end to end (sent,
+                                          // received and placed: ROUND_ACK)
+        double ram_rate = 0;              // bytes/s of guest pages moved (before zero flags, lz4)
         double dirty_rate = 0;            // pages/s written during the round
+        std::uint64_t compressed_pages = 0;  // sent lz4-compressed
+        double compression_ratio = 0;     // their bytes / what they took on the wire; 0: none
     };
     std::vector<Round> rounds;
     std::uint64_t pages_resent = 0;       // sent again after a dirtying (source)
@@ -228,6 +237,8 @@ struct Stats {
     double discard_ms = 0;                // destination: making stale pages missing again
                                           // (inside the downtime)
     std::string dirty_tracking;           // source: the method in use ("wp-async", ...)
+    std::uint64_t compressed_pages = 0;   // source: pre-copy pages sent lz4-compressed
+    double compression_ratio = 0;         // their bytes / their bytes on the wire; 0: none
 };
 
 // Reads `dst.size()` bytes of guest RAM from `offset` bytes into region `region`, through
