@@ -106,13 +106,20 @@ void exercise(const GuestRegion& g, DirtyTracking method, SoftwareLog* log = nul
         });
     }
     std::vector<DirtySet> got;
+    // Writes counted before an epoch began; every writer then has kBudget writes of the
+    // new epoch to make, so base + 64 is always reached.
+    std::uint64_t base = 0;
     for (int round = 0; round < kRounds; ++round) {
-        // Let writes happen: wait (bounded by a count, not a time) for a few of them.
-        const std::uint64_t target = writes.load() + 64;
-        while (writes.load() < target) std::this_thread::yield();
+        // Let writes happen: wait for a few of them (a deadline only to fail, not to pace).
+        const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+        while (writes.load() < base + 64) {
+            REQUIRE_MESSAGE(std::chrono::steady_clock::now() < deadline, "writers made no progress for 60 s");
+            std::this_thread::yield();
+        }
         got.emplace_back(std::span(&g, 1));
         auto c = tracker.collect(got.back());
         REQUIRE_MESSAGE(c.has_value(), err_of(c));
+        base = writes.load();
         epoch.store(round + 1, std::memory_order_release);
     }
     stop = true;
