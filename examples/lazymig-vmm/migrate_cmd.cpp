@@ -237,8 +237,10 @@ int run_migrate(const MigrateOptions& o) {
         auto now = Clock::now();
         if (now >= next_draw) {
             if (!draw()) return 1;
-            next_draw += tick;
             now = Clock::now();
+            // The next sample a tick after this one was taken: on a loaded host a query
+            // can take tens of ms, and a fixed schedule would then put samples close.
+            next_draw = now + tick;
         }
         if (now > deadline) {
             fmt::print("\nlazymig-vmm migrate: no completion within {} s: cancelling\n", o.timeout_s);
