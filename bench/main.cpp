@@ -2,7 +2,8 @@
 //
 //   lazymig-bench [--quick] [--sizes 1g,4g] [--backing memfd|anon|both] [--touchers N]
 //                 [--samples N] [--throttle MBPS] [--iterations N]
-//                 [--variants push,fault,throttled,sweep,downtime,busy] [--raw]
+//                 [--variants push,fault,throttled,sweep,downtime,busy,modes] [--raw]
+//                 [--mode-size 4g] [--mode-rates 0,10000,50000,200000]
 //
 // Floors first (loopback TCP round trip and stream, local uffd fault, memcpy), then for
 // each backing and size one source process holding filled guest RAM serves three
@@ -13,7 +14,8 @@
 //                    dominate (the limit is lifted when the touchers stop)
 // At the largest size a push sweep over Parameters::bulk_channels = 1, 2, 4 follows.
 // Then: the switchover downtime over many small migrations (series.hpp), and a busy
-// guest — lazymig-vmm running `pattern` unpaced — migrated post-copy (busy_guest.hpp).
+// guest — lazymig-vmm running `pattern` unpaced — migrated post-copy (busy_guest.hpp),
+// and the three modes on a guest dirtying at set rates (modes.hpp).
 // The human table comes first; the last line is one JSON object with every figure.
 // Exit code: 0 if every migration completed with correct memory, 1 otherwise.
 #include <sys/utsname.h>
@@ -31,6 +33,7 @@
 #include "bench/common.hpp"
 #include "bench/floors.hpp"
 #include "bench/migration.hpp"
+#include "bench/modes.hpp"
 #include "bench/report.hpp"
 #include "bench/results.hpp"
 #include "bench/series.hpp"
@@ -54,6 +57,9 @@ struct Options {
     bool quick = false;
     bool push = true, fault = true, throttled = true;  // --variants
     bool sweep = true, downtime = true, busy = true;   // --variants
+    bool modes = true;                                 // --variants
+    std::vector<std::uint64_t> mode_rates{0, 10000, 50000, 200000};  // --mode-rates
+    std::size_t mode_size = 4ull << 30;                // --mode-size
     bool raw = false;                                  // --raw: every field of every run
 };
 
@@ -74,7 +80,8 @@ std::string size_tag(std::size_t bytes) {
     std::fprintf(stderr,
                  "lazymig-bench: %s\nusage: lazymig-bench [--quick] [--sizes 1g,4g] [--backing memfd|anon|both]\n"
                  "                     [--touchers N] [--samples N] [--throttle MBPS] [--iterations N]\n"
-                 "                     [--variants push,fault,throttled,sweep,downtime,busy] [--raw]\n",
+                 "                     [--variants push,fault,throttled,sweep,downtime,busy,modes] [--raw]\n"
+                 "                     [--mode-size 4g] [--mode-rates 0,10000,50000,200000]\n",
                  why);
     std::exit(2);
 }
@@ -90,6 +97,8 @@ Options parse(int argc, char** argv) {
         if (a == "--quick") {
             o.quick = true;
             o.sizes = {256ull << 20};
+            o.mode_size = 256ull << 20;
+            o.mode_rates = {0, 10000, 50000};
         } else if (a == "--sizes") {
             o.sizes.clear();
             std::string v = value();
@@ -118,8 +127,20 @@ Options parse(int argc, char** argv) {
             o.sweep = v.find(",sweep,") != std::string::npos;
             o.downtime = v.find(",downtime,") != std::string::npos;
             o.busy = v.find(",busy,") != std::string::npos;
-            if (!o.push && !o.fault && !o.throttled && !o.sweep && !o.downtime && !o.busy && v != ",floors,")
-                usage("--variants takes push,fault,throttled,sweep,downtime,busy (or floors: the floors alone)");
+            o.modes = v.find(",modes,") != std::string::npos;
+            if (!o.push && !o.fault && !o.throttled && !o.sweep && !o.downtime && !o.busy && !o.modes && v != ",floors,")
+                usage("--variants takes push,fault,throttled,sweep,downtime,busy,modes (or floors: the floors alone)");
+        } else if (a == "--mode-rates") {
+            o.mode_rates.clear();
+            std::string v = value();
+            for (std::size_t p = 0; p <= v.size();) {
+                const auto c = std::min(v.find(',', p), v.size());
+                o.mode_rates.push_back(std::strtoull(v.substr(p, c - p).c_str(), nullptr, 10));
+                p = c + 1;
+            }
+        } else if (a == "--mode-size") {
+            o.mode_size = parse_size(value());
+            if (o.mode_size == 0) usage("--mode-size needs a size such as 256m or 4g");
         } else if (a == "--raw") {
             o.raw = true;
         } else if (a == "--iterations") {
@@ -351,6 +372,7 @@ int main(int argc, char** argv) {
     }
     if (o.downtime) all_ok = downtime_series(rep, (o.quick ? 32ull : 64ull) << 20, o.quick ? 10 : 20) && all_ok;
     if (o.busy) all_ok = report_busy_guest(rep, o.quick ? 256ull << 20 : 4ull << 30) && all_ok;
+    if (o.modes) all_ok = report_modes(rep, o.mode_size, o.mode_rates) && all_ok;
 
     j.num("downtime_ms", max_downtime);
     j.num("mem_overhead_bytes", max_dst_overhead);

@@ -46,6 +46,7 @@ namespace lazymig::pager {
 struct PagerStats {
     Counter faults, requests, zero, duplicate;
     Counter pushed_pages, demanded_pages;
+    Counter precopy_pages;  // placed or staged from PRECOPY_PAGES
     Histogram fault_latency;
     Counter removed_pages;  // adopted uffd: pages the VMM discarded (UFFD_EVENT_REMOVE)
 };
@@ -103,6 +104,10 @@ public:
     // File-backed regions: writes pages into the file and leaves them STAGED (Placer::stage).
     [[nodiscard]] Result<std::uint64_t> stage(std::uint32_t ri, std::uint64_t first, std::uint32_t count, ZeroBits zero,
                                               const std::byte* data);
+    // Pre-copy data (the VM runs at the source): file-backed → stage(); anonymous →
+    // UFFDIO_COPY, replacing a copy of an earlier round. REQUIRES: the VM does not run here.
+    [[nodiscard]] Result<std::uint64_t> precopy(std::uint32_t ri, std::uint64_t first, std::uint32_t count, ZeroBits zero,
+                                                const std::byte* data);
     // Maps the STAGED pages of the range (one CONTINUE per run); returns how many.
     [[nodiscard]] Result<std::uint64_t> map_staged(std::uint32_t ri, std::uint64_t first, std::uint64_t count);
     // Stale pages (dirtied on the source after they were sent): PRESENT and STAGED pages of
@@ -187,11 +192,13 @@ private:
 };
 
 // Receives frames on one channel until it closes or fails. PAGES frames are verified
-// (checksum, bounds) and placed; every other frame goes to `on_control`, which returns
+// (checksum, bounds) and placed, PRECOPY_PAGES alike and given to Pager::precopy(); every other frame goes to `on_control`, which returns
 // false to stop. A frame that fails verification ends the loop with an error and none
 // of its pages is placed.
 using ControlHandler = std::function<Result<bool>(const proto::Header&, std::vector<std::byte>)>;
+// PRECOPY_PAGES are accepted only while *precopy_open (a flag of the receiving thread,
+// cleared by on_control at PRECOPY_END); null: never.
 [[nodiscard]] Result<void> receive_loop(net::FrameReader& reader, Pager& pager, bool demanded,
-                                        const ControlHandler& on_control);
+                                        const ControlHandler& on_control, const bool* precopy_open = nullptr);
 
 }  // namespace lazymig::pager

@@ -36,6 +36,23 @@ Result<std::uint64_t> Pager::stage(std::uint32_t ri, std::uint64_t first, std::u
     if (!out) return std::unexpected(out.error());
     stats_.zero.add(out->zeros);
     stats_.duplicate.add(out->duplicates);
+    stats_.precopy_pages.add(out->placed);
+    return out->placed;
+}
+
+Result<std::uint64_t> Pager::precopy(std::uint32_t ri, std::uint64_t first, std::uint32_t count, ZeroBits zero,
+                                     const std::byte* data) {
+    if (ri >= regions_.size()) return logic_error(fmt::format("pager: pre-copy pages for region {} of {}", ri, regions_.size()));
+    if (regions_[ri].file_backed()) return stage(ri, first, count, zero, data);
+    // Anonymous: a page sent again replaces the copy placed in an earlier round, which
+    // UFFDIO_COPY cannot overwrite: drop that one first. Nothing runs on this memory yet.
+    if (auto m = make_missing(ri, first, count); !m) return m;
+    auto out = placer_->place(ri, first, count, zero, data);
+    if (!out) return std::unexpected(out.error());
+    stats_.zero.add(out->zeros);
+    stats_.duplicate.add(out->duplicates);
+    stats_.precopy_pages.add(out->placed);
+    add_present(out->placed);
     return out->placed;
 }
 
@@ -71,8 +88,12 @@ Result<std::uint64_t> Pager::make_missing(std::uint32_t ri, std::uint64_t first,
         return logic_error(fmt::format("pager: make_missing of pages {}+{} of region {} '{}' ({} pages)", first, count,
                                        ri, r.guest.name, r.pages));
     // Zap first: a page marked MISSING while still mapped could be read stale, and an
-    // anonymous UFFDIO_COPY over it would fail with EEXIST and count it as placed.
-    if (::madvise(r.host(first), count * r.guest.page_size, MADV_DONTNEED) != 0) {
+    // anonymous UFFDIO_COPY over it would fail with EEXIST and count it as placed. A
+    // file's STAGED pages were never mapped: a range without PRESENT pages needs no zap
+    // (the hybrid switchover's stale pages of a memfd guest: no stop-the-world discard).
+    bool mapped = false;
+    for (std::uint64_t p = first; p < first + count && !mapped; ++p) mapped = r.state.get(p) == PageState::present;
+    if (mapped && ::madvise(r.host(first), count * r.guest.page_size, MADV_DONTNEED) != 0) {
         const int e = errno;
         return sys_error(fmt::format("pager: madvise(MADV_DONTNEED) pages {}+{} of region {} '{}'", first, count, ri,
                                      r.guest.name),

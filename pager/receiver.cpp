@@ -1,6 +1,8 @@
 // Receiving pages: verify a PAGES frame whole, then place it.
 #include <sys/mman.h>
 
+#include <lz4.h>
+
 #include <fmt/format.h>
 
 #include "pager/pager.hpp"
@@ -37,9 +39,49 @@ private:
     std::size_t size_ = 0;
 };
 
-Result<void> receive_pages(net::FrameReader& reader, Pager& pager, const proto::Header& h, Staging& staging,
-                           std::vector<std::uint32_t>& crcs, std::vector<const std::byte*>& ptrs, bool demanded) {
+// A PRECOPY_LZ4 payload after its meta: `bytes` of (u32 stored, stored bytes) per
+// non-zero page, each unpacked to one page of `dst`. Every length is checked against
+// what is left before it is used; a block must decompress to exactly one page.
+Result<void> unpack(net::FrameReader& reader, std::size_t bytes, std::uint32_t pages, std::size_t ps, std::byte* dst,
+                    std::vector<std::byte>& buf) {
     const std::string& where = reader.where();
+    if (buf.size() < bytes) buf.resize(bytes);
+    if (auto r = reader.read(buf.data(), bytes); !r) return r;
+    std::size_t at = 0;
+    for (std::uint32_t i = 0; i < pages; ++i) {
+        std::uint32_t stored = 0;
+        if (bytes - at < 4) return peer_violation(fmt::format("{}: PRECOPY_LZ4 frame ends before page {}", where, i));
+        std::memcpy(&stored, buf.data() + at, 4);  // little-endian hosts only, as the rest of the wire code
+        at += 4;
+        if (stored == 0 || stored > ps || stored > bytes - at)
+            return peer_violation(fmt::format("{}: PRECOPY_LZ4 page {} stores {} bytes ({} left, pages of {})", where, i,
+                                              stored, bytes - at, ps));
+        std::byte* page = dst + std::size_t(i) * ps;
+        if (stored == ps) {
+            std::memcpy(page, buf.data() + at, ps);
+        } else {
+            const int got = LZ4_decompress_safe(reinterpret_cast<const char*>(buf.data() + at), reinterpret_cast<char*>(page),
+                                                static_cast<int>(stored), static_cast<int>(ps));
+            if (got != static_cast<int>(ps))
+                return peer_violation(fmt::format("{}: PRECOPY_LZ4 page {} does not decompress to one page ({})", where,
+                                                  i, got));
+        }
+        at += stored;
+    }
+    if (at != bytes)
+        return peer_violation(fmt::format("{}: PRECOPY_LZ4 frame has {} bytes after its last page", where, bytes - at));
+    return {};
+}
+
+Result<void> receive_pages(net::FrameReader& reader, Pager& pager, const proto::Header& h, Staging& staging,
+                           std::vector<std::uint32_t>& crcs, std::vector<const std::byte*>& ptrs, bool demanded,
+                           const bool* precopy_open, std::vector<std::byte>& packed_buf) {
+    const std::string& where = reader.where();
+    const bool precopy = h.type == proto::Type::precopy_pages || h.type == proto::Type::precopy_lz4;
+    const bool packed = h.type == proto::Type::precopy_lz4;
+    if (precopy && !(precopy_open && *precopy_open))
+        return peer_violation(fmt::format("{}: {} {}", where, proto::to_string(h.type),
+                                          precopy_open ? "after PRECOPY_END" : "on a channel that carries no pre-copy"));
     auto truncated = [&](const Error& e) -> Error {
         if (e.code == ECONNRESET)
             return Error{0, fmt::format("{}: truncated PAGES frame: the peer closed the connection inside it", where)};
@@ -65,13 +107,17 @@ Result<void> receive_pages(net::FrameReader& reader, Pager& pager, const proto::
     if (auto r = reader.read(reinterpret_cast<std::byte*>(meta->zero.data()), meta->bitmap_bytes()); !r)
         return std::unexpected(truncated(r.error()));
     const std::size_t ps = region.guest.page_size;
-    if (auto r = proto::check_pages_length(*meta, h.length, ps, where); !r) return std::unexpected(r.error());
+    if (auto r = proto::check_pages_length(*meta, h.length, ps, where, packed); !r) return std::unexpected(r.error());
     const std::uint32_t nonzero = meta->nonzero_pages();
     if (std::size_t(nonzero) * ps > staging.size())
         return logic_error(fmt::format("{}: PAGES frame carries {} bytes, more than the {} byte receive buffer",
                                        where, std::size_t(nonzero) * ps, staging.size()));
-    if (auto r = reader.read(staging.data(), std::size_t(nonzero) * ps); !r)
+    if (packed) {
+        if (auto r = unpack(reader, h.length - meta->meta_bytes(), nonzero, ps, staging.data(), packed_buf); !r)
+            return std::unexpected(truncated(r.error()));
+    } else if (auto r = reader.read(staging.data(), std::size_t(nonzero) * ps); !r) {
         return std::unexpected(truncated(r.error()));
+    }
 
     // Verify before a single byte reaches the guest.
     for (std::uint32_t i = 0; i < nonzero; ++i) ptrs[i] = staging.data() + std::size_t(i) * ps;
@@ -89,14 +135,17 @@ Result<void> receive_pages(net::FrameReader& reader, Pager& pager, const proto::
                                  meta->first, meta->count))
         return sys_error(fmt::format("{}: failpoint before placing", where), e);
     const ZeroBits zero{std::span<const std::uint8_t>(meta->zero.data(), meta->bitmap_bytes())};
-    auto placed = pager.place(meta->region, meta->first, meta->count, zero, staging.data(), demanded);
+    auto placed = precopy
+                      ? pager.precopy(meta->region, meta->first, meta->count, zero, staging.data())
+                      : pager.place(meta->region, meta->first, meta->count, zero, staging.data(), demanded);
     if (!placed) return std::unexpected(placed.error());
     return {};
 }
 
 }  // namespace
 
-Result<void> receive_loop(net::FrameReader& reader, Pager& pager, bool demanded, const ControlHandler& on_control) {
+Result<void> receive_loop(net::FrameReader& reader, Pager& pager, bool demanded, const ControlHandler& on_control,
+                          const bool* precopy_open) {
     std::size_t largest = 4096;
     for (const auto& r : pager.regions()) largest = std::max(largest, r.guest.page_size);
     const std::size_t bytes = std::min(proto::kMaxPagesPayload, largest * proto::kMaxPagesPerFrame);
@@ -104,12 +153,14 @@ Result<void> receive_loop(net::FrameReader& reader, Pager& pager, bool demanded,
     if (!staging) return std::unexpected(staging.error());
     std::vector<std::uint32_t> crcs(proto::kMaxPagesPerFrame);
     std::vector<const std::byte*> ptrs(proto::kMaxPagesPerFrame);
+    std::vector<std::byte> packed;  // PRECOPY_LZ4 payloads, grown to the largest seen
     for (;;) {
         auto h = reader.next();
         if (!h) return std::unexpected(h.error());
         if (!*h) return {};  // closed between frames; the caller decides if that was expected
-        if ((*h)->type == proto::Type::pages) {
-            if (auto r = receive_pages(reader, pager, **h, *staging, crcs, ptrs, demanded); !r)
+        const auto type = (*h)->type;
+        if (type == proto::Type::pages || type == proto::Type::precopy_pages || type == proto::Type::precopy_lz4) {
+            if (auto r = receive_pages(reader, pager, **h, *staging, crcs, ptrs, demanded, precopy_open, packed); !r)
                 return std::unexpected(r.error());
             continue;
         }

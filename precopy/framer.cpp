@@ -74,7 +74,7 @@ std::uint32_t PageFramer::max_pages(std::uint32_t region) const {
     return static_cast<std::uint32_t>(std::min<std::size_t>(by_staging, proto::kMaxPagesPerFrame));
 }
 
-Result<BuiltFrame> PageFramer::build(std::uint32_t region, std::uint64_t first, std::uint32_t count) {
+Result<BuiltFrame> PageFramer::build(std::uint32_t region, std::uint64_t first, std::uint32_t count, proto::Type type) {
     if (region >= regions_.size() || count == 0 || count > max_pages(region))
         return logic_error(fmt::format("page framer: {} pages of region {} do not fit one frame", count, region));
     // The snapshot: from here on the guest's RAM is not looked at again for this frame.
@@ -99,7 +99,8 @@ Result<BuiltFrame> PageFramer::build(std::uint32_t region, std::uint64_t first, 
             iov_[niov++] = iovec{p, ps};
     }
     crc32c_pages(ptrs_.data(), nonzero, ps, crcs_.data());
-    const std::size_t head = proto::encode_pages_head(head_.data(), meta, ps, std::span(crcs_.data(), nonzero));
+    nonzero_ = nonzero;
+    const std::size_t head = proto::encode_pages_head(head_.data(), meta, ps, std::span(crcs_.data(), nonzero), type);
     iov_[0] = iovec{head_.data(), head};
     return BuiltFrame{std::span<const iovec>(iov_.data(), niov), count - nonzero, head + nonzero * ps};
 }

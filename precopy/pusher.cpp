@@ -49,11 +49,6 @@ void Pusher::join() {
         if (l->thread.joinable()) l->thread.join();
 }
 
-// Share i of a region with `pages` pages is [pages*i/n, pages*(i+1)/n).
-static std::uint64_t share_start(std::uint64_t pages, std::size_t i, std::size_t n) {
-    return static_cast<std::uint64_t>((static_cast<unsigned __int128>(pages) * i) / n);
-}
-
 std::size_t Pusher::owner(std::uint32_t region, std::uint64_t page, std::size_t lanes) const {
     const std::uint64_t pages = regions_[region].size / regions_[region].page_size;
     std::size_t i = static_cast<std::size_t>((static_cast<unsigned __int128>(page) * lanes) / pages);

@@ -44,6 +44,13 @@ struct SourceStats {
     Counter pushed_pages, demanded_pages, zero_pages, requests, bytes_sent, sent_pages, push_yields;
 };
 
+// The pages a bulk channel owns: share i of n of a region with `pages` pages is
+// [share_start(pages, i, n), share_start(pages, i + 1, n)). The pusher and the pre-copy
+// rounds split alike, so every copy of a page travels on the same channel, in order.
+[[nodiscard]] inline std::uint64_t share_start(std::uint64_t pages, std::size_t i, std::size_t n) {
+    return static_cast<std::uint64_t>((static_cast<unsigned __int128>(pages) * i) / n);
+}
+
 // Which pages have been sent at least once (a byte per page, set by any thread).
 class SentMap {
 public:
@@ -52,6 +59,8 @@ public:
     bool mark(std::uint32_t region, std::uint64_t page) {
         return sent_[region][page].exchange(1, std::memory_order_relaxed) == 0;
     }
+    // The page must be sent again (dirtied after it was sent: hybrid's stale pages).
+    void unmark(std::uint32_t region, std::uint64_t page) { sent_[region][page].store(0, std::memory_order_relaxed); }
     [[nodiscard]] bool sent(std::uint32_t region, std::uint64_t page) const {
         return sent_[region][page].load(std::memory_order_relaxed) != 0;
     }
@@ -103,9 +112,13 @@ public:
     [[nodiscard]] std::uint32_t max_pages(std::uint32_t region) const;
     // Reads pages [first, first+count) of `region` into the staging buffer, then frames
     // them. REQUIRES: 1 <= count <= max_pages(region); the reader checks the range.
-    [[nodiscard]] Result<BuiltFrame> build(std::uint32_t region, std::uint64_t first, std::uint32_t count);
+    // `type` is PAGES or PRECOPY_PAGES (the same payload).
+    [[nodiscard]] Result<BuiltFrame> build(std::uint32_t region, std::uint64_t first, std::uint32_t count,
+                                           proto::Type type = proto::Type::pages);
     // The snapshot the last build() read (for tests).
     [[nodiscard]] const std::byte* staging() const { return staging_.data(); }
+    // The CRC32C of each non-zero page of the last build(), in order.
+    [[nodiscard]] std::span<const std::uint32_t> page_crcs() const { return {crcs_.data(), nonzero_}; }
 
 private:
     PageFramer(std::span<const GuestRegion> regions, PageReader& reader, StagingBuffer staging)
@@ -118,6 +131,7 @@ private:
     std::array<iovec, proto::kMaxPagesPerFrame + 1> iov_{};
     std::array<std::uint32_t, proto::kMaxPagesPerFrame> crcs_{};
     std::array<const std::byte*, proto::kMaxPagesPerFrame> ptrs_{};
+    std::size_t nonzero_ = 0;
 };
 
 // Pages near a recent fault, handed from the urgent thread to a sender. Bounded: when

@@ -102,7 +102,9 @@ private:
 std::size_t max_payload(Type t) noexcept {
     switch (t) {
     case Type::device_state: return kMaxDeviceState;
-    case Type::pages: return kMaxPagesPayload;
+    case Type::pages:
+    case Type::precopy_pages:
+    case Type::precopy_lz4: return kMaxPagesPayload;
     default: return kMaxControlPayload;
     }
 }
@@ -128,6 +130,12 @@ std::string_view to_string(Type t) noexcept {
     case Type::pages: return "PAGES";
     case Type::push_done: return "PUSH_DONE";
     case Type::complete: return "COMPLETE";
+    case Type::precopy_pages: return "PRECOPY_PAGES";
+    case Type::precopy_end: return "PRECOPY_END";
+    case Type::stale: return "STALE";
+    case Type::precopy_lz4: return "PRECOPY_LZ4";
+    case Type::round_end: return "ROUND_END";
+    case Type::round_ack: return "ROUND_ACK";
     case Type::rdma_offer: return "RDMA_OFFER";
     case Type::rdma_listen: return "RDMA_LISTEN";
     case Type::rdma_regions: return "RDMA_REGIONS";
@@ -155,7 +163,7 @@ Result<Header> parse_header(std::span<const std::byte, kHeaderSize> raw, std::st
         return peer_violation(fmt::format("{}: not a lazymig frame: magic {:#010x}, expected {:#010x}",
                                        where, magic, kMagic));
     const auto type = static_cast<std::uint8_t>(raw[4]);
-    if (type == 0 || (type > kTypeLast && (type < kRdmaTypeFirst || type > kRdmaTypeLast)))
+    if (type == 0 || to_string(static_cast<Type>(type)) == "INVALID")
         return peer_violation(fmt::format("{}: unknown message type {}", where, type));
     const auto flags = static_cast<std::uint8_t>(raw[5]);
     const auto reserved = get<std::uint16_t>(raw.data() + 6);
@@ -258,6 +266,13 @@ Frame encode(const RegionTable& m) {
         w.str(r.name).num(r.size).num(r.page_size).num(wire_backing(r.backing));
     return w.finish();
 }
+Frame encode(const StaleSet& m) {
+    Writer w(Type::stale);
+    w.num(static_cast<std::uint32_t>(m.runs.size()));
+    for (const auto& r : m.runs) w.num(r.region).num(r.count).num(r.first);
+    return w.finish();
+}
+Frame encode(Type type, const RoundMark& m) { return Writer(type).num(m.round).finish(); }
 Frame encode_empty(Type type) { return Writer(type).finish(); }
 
 Result<Hello> decode_hello(std::span<const std::byte> payload) {
@@ -333,6 +348,32 @@ Result<PageRequest> decode_page_request(std::span<const std::byte> payload) {
     return PageRequest{region, count, first};
 }
 
+Result<StaleSet> decode_stale(std::span<const std::byte> payload) {
+    Reader r(payload, Type::stale);
+    LZ_TRY(n, r.num<std::uint32_t>());
+    if (n == 0 || n > kMaxStaleRuns)
+        return peer_violation(fmt::format("STALE: {} runs (expected 1 to {})", n, kMaxStaleRuns));
+    StaleSet s;
+    s.runs.reserve(n);
+    for (std::uint32_t i = 0; i < n; ++i) {
+        LZ_TRY(region, r.num<std::uint32_t>());
+        LZ_TRY(count, r.num<std::uint32_t>());
+        LZ_TRY(first, r.num<std::uint64_t>());
+        if (count == 0) return peer_violation(fmt::format("STALE: run {} of region {} has no pages", i, region));
+        s.runs.push_back({region, count, first});
+    }
+    if (auto d = r.done(); !d) return std::unexpected(d.error());
+    return s;
+}
+
+Result<RoundMark> decode_round(Type type, std::span<const std::byte> payload) {
+    Reader r(payload, type);
+    LZ_TRY(round, r.num<std::uint32_t>());
+    if (auto d = r.done(); !d) return std::unexpected(d.error());
+    if (round == 0) return peer_violation(fmt::format("{}: round 0 (rounds count from 1)", to_string(type)));
+    return RoundMark{round};
+}
+
 RegionTable region_table_of(std::span<const GuestRegion> regions) {
     RegionTable t;
     for (const auto& r : regions)
@@ -368,11 +409,11 @@ std::uint32_t PagesMeta::nonzero_pages() const {
 }
 
 std::size_t encode_pages_head(std::byte* out, const PagesMeta& meta, std::size_t page_size,
-                              std::span<const std::uint32_t> page_crcs) noexcept {
+                              std::span<const std::uint32_t> page_crcs, Type type) noexcept {
     const std::size_t meta_len = meta.meta_bytes();
     const auto length = static_cast<std::uint32_t>(meta_len + std::size_t(meta.nonzero_pages()) * page_size);
     auto head = std::span<std::byte, kHeaderSize>(out, kHeaderSize);
-    write_header(head, Type::pages, length);
+    write_header(head, type, length);
     std::byte* m = out + kHeaderSize;
     put(m, meta.region);
     put(m + 4, meta.count);
@@ -395,12 +436,20 @@ Result<PagesMeta> decode_pages_fixed(std::span<const std::byte, kPagesMetaFixed>
 }
 
 Result<void> check_pages_length(const PagesMeta& meta, std::uint32_t length, std::size_t page_size,
-                                std::string_view where) noexcept {
+                                std::string_view where, bool packed) noexcept {
     // Bits past `count` in the bitmap's last byte are padding and must be zero: a frame
     // that sets them means something this version does not understand.
     if (meta.count % 8 && (meta.zero[meta.count / 8] >> (meta.count % 8)) != 0)
         return peer_violation(fmt::format("{}: PAGES frame for {} pages sets zero-bitmap padding bits ({:#04x} in its "
                                        "last bitmap byte)", where, meta.count, meta.zero[meta.count / 8]));
+    if (packed) {  // PRECOPY_LZ4: a u32 and 1..page_size bytes per non-zero page
+        const std::size_t least = meta.meta_bytes() + std::size_t(meta.nonzero_pages()) * 5;
+        const std::size_t most = meta.meta_bytes() + std::size_t(meta.nonzero_pages()) * (4 + page_size);
+        if (length < least || length > most)
+            return peer_violation(fmt::format("{}: PRECOPY_LZ4 frame length {} is outside {}..{} for {} non-zero pages "
+                                           "of {} bytes", where, length, least, most, meta.nonzero_pages(), page_size));
+        return {};
+    }
     const std::size_t want = meta.meta_bytes() + std::size_t(meta.nonzero_pages()) * page_size;
     if (want != length)
         return peer_violation(fmt::format("{}: PAGES frame length {} does not match {} pages ({} non-zero) "

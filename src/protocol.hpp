@@ -1,4 +1,4 @@
-// protocol.hpp — the lazymig wire protocol, version 2. The only file that knows bytes.
+// protocol.hpp — the lazymig wire protocol, version 3. The only file that knows bytes.
 //
 // 1 + N channels per migration, all opened by the source (the Transport, src/net/channel.hpp):
 //   urgent: handshake, region table, switchover, demand requests and their replies,
@@ -21,6 +21,31 @@
 //   ─ bulk i ─ PAGES ... PAGES, PUSH_DONE ─►
 //            ◄── COMPLETE                 every page present; both sides close
 //   Either side may send ERROR{code, text} before closing on a fatal problem.
+//
+// Pre-copy (modes precopy and hybrid), between REGION_ACK and DEVICE_STATE:
+//   ─ bulk i ─ PRECOPY_PAGES ... ─►    rounds while the VM runs at the source: the same
+//                                      payload as PAGES; the destination writes them to
+//                                      their final place without mapping them (file:
+//                                      STAGED; anonymous: UFFDIO_COPY). A page always
+//                                      travels on the channel whose share holds it, so
+//                                      its copies arrive in the order they were read.
+//   ─ bulk i ─ ROUND_END{n} ─►          after round n's frames on every channel
+//            ◄── ROUND_ACK{n}           (urgent) every channel's round n is placed: the
+//                                      source times the round end to end and starts n+1,
+//                                      so at most one round is ever in flight
+//   [source pauses vCPUs, final dirty scan]
+//   ─ bulk i ─ (precopy mode: the last dirty pages as PRECOPY_PAGES), PRECOPY_END ─►
+//   ─ urgent ─ STALE{runs} ... ─►      hybrid: pages written after they were sent; the
+//                                      destination applies them once every bulk channel
+//                                      has delivered PRECOPY_END: they go back to MISSING
+//   ─ urgent ─ DEVICE_STATE ─►         then as above (post-copy of what is missing)
+//   The destination resumes only after PRECOPY_END on every bulk channel.
+//
+// PRECOPY_LZ4 payload: the PAGES meta (region, count, first, zero bitmap), then for each
+// non-zero page u32 stored | `stored` bytes: stored == page size is the page as it is,
+// less is an LZ4 block that decompresses to exactly one page. The checksum is that of the
+// PAGES frame the pages make (each decompressed page's CRC32C), so a page that does not
+// decompress to what was read at the source is refused with its frame.
 //
 // Frame: a 16-byte header, little-endian, then `length` payload bytes.
 //   u32 magic "LZMG" | u8 type | u8 flags (0) | u16 reserved (0) | u32 length | u32 checksum
@@ -50,7 +75,7 @@
 namespace lazymig::proto {
 
 inline constexpr std::uint32_t kMagic = 0x474D5A4C;  // "LZMG" as little-endian bytes
-inline constexpr std::uint32_t kVersion = 2;  // 2: HELLO carries the bulk channel index and count
+inline constexpr std::uint32_t kVersion = 3;  // 2: HELLO carries the bulk channel index and count; 3: pre-copy frames
 inline constexpr std::uint8_t kMaxBulkChannels = 16;
 inline constexpr std::size_t kHeaderSize = 16;
 inline constexpr std::size_t kMaxControlPayload = 1u << 20;       // all but DEVICE_STATE, PAGES
@@ -72,6 +97,12 @@ enum class Type : std::uint8_t {
     pages = 9,
     push_done = 10,
     complete = 11,
+    precopy_pages = 50,  // pre-copy: PAGES payload, placed without mapping
+    precopy_end = 51,    // bulk channel: no more pre-copy frames on this channel
+    stale = 52,          // urgent: runs of pages dirtied after they were sent
+    precopy_lz4 = 53,    // pre-copy, each non-zero page lz4-compressed (below)
+    round_end = 54,      // bulk: u32 round — the round's last frame on this channel
+    round_ack = 55,      // urgent, to the source: u32 round — placed from every channel
     // RDMA (60..69): the destination READs pages itself; these set it up (see RdmaRegions).
     rdma_offer = 60,
     rdma_listen = 61,
@@ -82,6 +113,7 @@ enum class Type : std::uint8_t {
     scan_done = 66,
 };
 inline constexpr std::uint8_t kTypeLast = 11;
+inline constexpr std::uint8_t kPrecopyTypeFirst = 50, kPrecopyTypeLast = 55;
 inline constexpr std::uint8_t kRdmaTypeFirst = 60, kRdmaTypeLast = 66;
 [[nodiscard]] std::string_view to_string(Type t) noexcept;
 
@@ -143,6 +175,21 @@ struct PageRequest {
     std::uint32_t count = 0;
     std::uint64_t first = 0;
 };
+// ROUND_END and ROUND_ACK payload: u32 round (1 = the first pass).
+struct RoundMark {
+    std::uint32_t round = 0;
+};
+// STALE payload: u32 n | n × (u32 region | u32 count | u64 first). At most kMaxStaleRuns
+// runs per frame; a larger set goes as several frames.
+struct StaleRun {
+    std::uint32_t region = 0;
+    std::uint32_t count = 0;
+    std::uint64_t first = 0;
+};
+inline constexpr std::size_t kMaxStaleRuns = (kMaxControlPayload - 4) / 16;
+struct StaleSet {
+    std::vector<StaleRun> runs;
+};
 
 // A whole control frame (header + payload, checksum set), ready to send.
 using Frame = std::vector<std::byte>;
@@ -152,6 +199,8 @@ using Frame = std::vector<std::byte>;
 [[nodiscard]] Frame encode(const RegionTable&);
 [[nodiscard]] Frame encode(const DeviceState&);
 [[nodiscard]] Frame encode(const PageRequest&);
+[[nodiscard]] Frame encode(const StaleSet&);  // REQUIRES: runs.size() <= kMaxStaleRuns
+[[nodiscard]] Frame encode(Type round_end_or_ack, const RoundMark&);
 [[nodiscard]] Frame encode_empty(Type type);  // region_ack, resumed, push_done, complete
 
 // Decoders take the payload of a frame whose header and checksum were verified.
@@ -160,6 +209,8 @@ using Frame = std::vector<std::byte>;
 [[nodiscard]] Result<ErrorMsg> decode_error(std::span<const std::byte> payload);
 [[nodiscard]] Result<RegionTable> decode_region_table(std::span<const std::byte> payload);
 [[nodiscard]] Result<PageRequest> decode_page_request(std::span<const std::byte> payload);
+[[nodiscard]] Result<StaleSet> decode_stale(std::span<const std::byte> payload);
+[[nodiscard]] Result<RoundMark> decode_round(Type type, std::span<const std::byte> payload);
 
 // Compares the source's table with the destination's regions; the error names the
 // first mismatch ("region 0 'ram0': size 1073741824 here, 536870912 from the source").
@@ -240,13 +291,15 @@ struct PagesMeta {
 // non-zero page in order.
 [[nodiscard]] std::size_t encode_pages_head(std::byte* out, const PagesMeta& meta,
                                             std::size_t page_size,
-                                            std::span<const std::uint32_t> page_crcs) noexcept;
+                                            std::span<const std::uint32_t> page_crcs,
+                                            Type type = Type::pages) noexcept;  // or precopy_pages
 // Parses the fixed part (16 bytes) of a PAGES payload; `bitmap` is read separately.
 [[nodiscard]] Result<PagesMeta> decode_pages_fixed(std::span<const std::byte, kPagesMetaFixed> raw,
                                                    std::string_view where) noexcept;
-// Checks that `length` matches meta + (non-zero pages × page_size).
+// Checks that `length` matches meta + (non-zero pages × page_size); `packed`
+// (PRECOPY_LZ4): that it lies between meta + 5 and meta + 4 + page_size bytes per page.
 [[nodiscard]] Result<void> check_pages_length(const PagesMeta& meta, std::uint32_t length,
                                               std::size_t page_size,
-                                              std::string_view where) noexcept;
+                                              std::string_view where, bool packed = false) noexcept;
 
 }  // namespace lazymig::proto

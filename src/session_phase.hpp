@@ -21,8 +21,9 @@
 //               sides keep every page and all state and wait for recover()
 //   recovering  reconnecting and re-requesting what was in flight; back to postcopy
 //   completed, failed, cancelled: terminal
-// precopy, paused and recovering are reached only once the hybrid and recoverability
-// issues land; the transitions are here now so those plug in without reshaping this.
+// precopy is reached in modes precopy and hybrid (precopy/precopy.hpp); a precopy that
+// cannot converge goes precopy → failed with the VM still at the source. paused and
+// recovering are reached once the recoverability issue lands.
 #pragma once
 
 #include "lazymig/lazymig.hpp"

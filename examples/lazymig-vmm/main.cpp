@@ -60,6 +60,13 @@ int main(int argc, char** argv) {
                                                         "(1-16; default: from the source's CPU count)")
         ->check(CLI::Range(1u, 16u));
     m->add_option("--report", mig.report, "write the progress timeline (one sample per 100 ms) to this JSON file");
+    m->add_option("--max-bandwidth", mig.max_bandwidth, "bytes/s for pre-copy rounds and the pusher (0: unlimited)");
+    m->add_option("--downtime-limit", mig.downtime_limit_ms, "ms: pre-copy stops and copies when the rest fits (default 300)");
+    m->add_option("--max-rounds", mig.max_rounds, "pre-copy rounds at most (0: no bound; default 30)");
+    m->add_option("--max-precopy-bytes", mig.max_precopy_bytes, "bytes pre-copy may send (0: no bound)");
+    m->add_option("--max-precopy-ms", mig.max_precopy_ms, "ms pre-copy may last (0: no bound)");
+    m->add_option("--compression", mig.compression, "lz4 for pre-copy pages: off, on or auto (default auto)")
+        ->check(CLI::IsMember({"off", "on", "auto"}));
 
     vmm::KvClientOptions kv;
     auto* k = app.add_subcommand("kv-client", "write sequence-numbered keys to a kv VM, or verify them");

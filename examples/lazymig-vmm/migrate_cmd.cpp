@@ -70,6 +70,24 @@ void print_summary(const MigrateOptions& o, const json& src, const std::optional
     row("bytes sent", fmt::format("{:.1f} MB", static_cast<double>(bytes) / 1e6));
     row("throughput", fmt::format("{:.1f} MB/s", secs > 0 ? static_cast<double>(bytes) / 1e6 / secs : 0.0));
     row("bulk channels", fmt::format("{}", u64(src, "bulk-channels")));
+    if (src.contains("precopy")) {
+        const json& p = src["precopy"];
+        row("dirty tracking", p.value("dirty-tracking", "?"));
+        row("pre-copy rounds", fmt::format("{}", p["rounds"].size()));
+        for (const auto& r : p["rounds"])
+            row(fmt::format("  round {}", r.value("round", 0u)),
+                fmt::format("{} pages ({} zero, {} lz4 {:.2f}x), {:.1f} MB in {:.1f} ms, {:.1f} MB/s, {} dirtied ({:.0f} pages/s)",
+                            r.value("pages-sent", 0ull), r.value("zero-pages", 0ull), r.value("compressed-pages", 0ull),
+                            r.value("compression-ratio", 0.0), r.value("bytes-sent", 0ull) / 1e6,
+                            r.value("ms", 0.0), r.value("bandwidth-mbps", 0.0), r.value("dirty-pages", 0ull),
+                            r.value("dirty-rate-pps", 0.0)));
+        row("pages sent again", fmt::format("{}", p.value("pages-resent", 0ull)));
+        row("lz4 compressed", fmt::format("{} pages, ratio {:.2f}", p.value("compressed-pages", 0ull),
+                                          p.value("compression-ratio", 0.0)));
+        row("stale pages", fmt::format("{}", p.value("stale-pages", 0ull)));
+        if (dst && d.contains("precopy")) row("stale discard", fmt::format("{:.2f} ms", d["precopy"].value("discard-ms", 0.0)));
+        row("switchover", p.value("switchover", ""));
+    }
     if (dst) {
         row("faults (destination)", fmt::format("{}", u64(d, "faults")));
         row("fault latency p50", fmt::format("{:.1f} us", num(d, "fault-latency-us", "p50")));
@@ -135,8 +153,16 @@ int run_migrate(const MigrateOptions& o) {
     // Events (every negotiated client gets them) tell when each side is done; the
     // progress line is sampled and redrawn at a display rate between them (4/s on a
     // terminal, one line a second otherwise).
-    if (o.bulk_channels)
-        if (auto ok = src->execute("migrate-set-parameters", {{"bulk-channels", o.bulk_channels}}); !ok)
+    json params = json::object();
+    if (o.bulk_channels) params["bulk-channels"] = o.bulk_channels;
+    if (o.max_bandwidth) params["max-bandwidth"] = *o.max_bandwidth;
+    if (o.downtime_limit_ms) params["downtime-limit"] = *o.downtime_limit_ms;
+    if (o.max_rounds) params["max-rounds"] = *o.max_rounds;
+    if (o.max_precopy_bytes) params["max-precopy-bytes"] = *o.max_precopy_bytes;
+    if (o.max_precopy_ms) params["max-precopy-ms"] = *o.max_precopy_ms;
+    if (!o.compression.empty()) params["compression"] = o.compression;
+    if (!params.empty())
+        if (auto ok = src->execute("migrate-set-parameters", params); !ok)
             return fmt::print(stderr, "lazymig-vmm migrate: {}\n", ok.error().message()), 1;
     const auto start = Clock::now();
     if (auto ok = src->execute("migrate", {{"uri", uri}, {"mode", lazymig::to_string(o.mode)}}); !ok)
@@ -192,9 +218,14 @@ int run_migrate(const MigrateOptions& o) {
         const double mbps = dt > 0 ? static_cast<double>(cur.bytes - std::min(cur.bytes, last.bytes)) / 1e6 / dt : 0;
         const double fps = dt > 0 ? static_cast<double>(cur.faults - std::min(cur.faults, last.faults)) / dt : 0;
         last = cur;
-        const std::string line = fmt::format("{:<10} {:6.1f}% present  {:8.1f} MB/s  {:8.0f} faults/s  {}/{} pages",
-                                             view.value("phase", "?"), num(view, "percent-present"), mbps, fps,
-                                             u64(view, "pages", "present"), u64(view, "pages", "total"));
+        std::string line = fmt::format("{:<10} {:6.1f}% present  {:8.1f} MB/s  {:8.0f} faults/s  {}/{} pages",
+                                       view.value("phase", "?"), num(view, "percent-present"), mbps, fps,
+                                       u64(view, "pages", "present"), u64(view, "pages", "total"));
+        if (s.contains("precopy") && !s["precopy"]["rounds"].empty()) {
+            const json& r = s["precopy"]["rounds"].back();
+            line += fmt::format("  round {} dirty {} ({:.0f} pages/s)", r.value("round", 0u), r.value("dirty-pages", 0ull),
+                                r.value("dirty-rate-pps", 0.0));
+        }
         if (tty) fmt::print("\r{:<100}", line);
         else fmt::print("{}\n", line);
         std::fflush(stdout);
@@ -206,8 +237,10 @@ int run_migrate(const MigrateOptions& o) {
         auto now = Clock::now();
         if (now >= next_draw) {
             if (!draw()) return 1;
-            next_draw += tick;
             now = Clock::now();
+            // The next sample a tick after this one was taken: on a loaded host a query
+            // can take tens of ms, and a fixed schedule would then put samples close.
+            next_draw = now + tick;
         }
         if (now > deadline) {
             fmt::print("\nlazymig-vmm migrate: no completion within {} s: cancelling\n", o.timeout_s);

@@ -227,6 +227,11 @@ lazymig::Result<void> Migration::set_parameters(const ParameterUpdate& u) {
         if (u.max_bandwidth) params_.max_bandwidth = *u.max_bandwidth;
         if (u.push_batch_pages) params_.push_batch_pages = *u.push_batch_pages;
         if (u.prefetch_pages) params_.prefetch_pages = *u.prefetch_pages;
+        if (u.downtime_limit_ms) params_.downtime_limit_ms = *u.downtime_limit_ms;
+        if (u.max_rounds) params_.max_rounds = *u.max_rounds;
+        if (u.max_precopy_ms) params_.max_precopy_ms = *u.max_precopy_ms;
+        if (u.max_precopy_bytes) params_.max_precopy_bytes = *u.max_precopy_bytes;
+        if (u.compression) params_.compression = *u.compression;
         if (u.bulk_channels) {
             if (source_ && !finished_)
                 return lazymig::logic_error("bulk-channels cannot change while a migration runs");
@@ -238,8 +243,11 @@ lazymig::Result<void> Migration::set_parameters(const ParameterUpdate& u) {
     }
     if (src) src->set_parameters(p);
     if (dst) dst->set_parameters(p);
-    log_event("migration_parameters", "max_bandwidth={} push_batch_pages={} prefetch_pages={} bulk_channels={}",
-              p.max_bandwidth, p.push_batch_pages, p.prefetch_pages, p.bulk_channels);
+    log_event("migration_parameters",
+              "max_bandwidth={} push_batch_pages={} prefetch_pages={} bulk_channels={} downtime_limit_ms={} max_rounds={} "
+              "max_precopy_bytes={} max_precopy_ms={}",
+              p.max_bandwidth, p.push_batch_pages, p.prefetch_pages, p.bulk_channels, p.downtime_limit_ms, p.max_rounds,
+              p.max_precopy_bytes, p.max_precopy_ms);
     return {};
 }
 
@@ -298,6 +306,20 @@ nlohmann::json Migration::query() const {
         for (const auto& v : s.vcpu_blocktime)
             vcpus.push_back({{"name", v.name}, {"tid", v.tid}, {"faults", v.faults}, {"blocktime-ms", v.blocktime_ms}});
         j["vcpu-blocktime"] = std::move(vcpus);
+    }
+    if (s.mode == lazymig::Mode::precopy || s.mode == lazymig::Mode::hybrid) {
+        // Per pre-copy round (source): what it sent, the bandwidth it measured, what the
+        // guest dirtied meanwhile; then the decision and why.
+        auto rounds = nlohmann::json::array();
+        for (const auto& r : s.rounds)
+            rounds.push_back({{"round", r.round}, {"pages-sent", r.pages_sent}, {"zero-pages", r.zero_pages},
+                              {"bytes-sent", r.bytes_sent}, {"dirty-pages", r.dirty_pages}, {"ms", r.ms},
+                              {"bandwidth-mbps", r.bandwidth / 1e6}, {"dirty-rate-pps", r.dirty_rate},
+                              {"compressed-pages", r.compressed_pages}, {"compression-ratio", r.compression_ratio}});
+        j["precopy"] = {{"rounds", std::move(rounds)}, {"pages-resent", s.pages_resent}, {"stale-pages", s.stale_pages},
+                        {"switchover", s.switchover}, {"dirty-tracking", s.dirty_tracking},
+                        {"discard-ms", s.discard_ms}, {"compressed-pages", s.compressed_pages},
+                        {"compression-ratio", s.compression_ratio}};
     }
     if (!s.error.empty() && !j.contains("error")) j["error"] = s.error;
     return j;

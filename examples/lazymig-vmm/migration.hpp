@@ -38,6 +38,9 @@ struct ParameterUpdate {
     std::optional<std::uint32_t> push_batch_pages;
     std::optional<std::uint32_t> prefetch_pages;
     std::optional<std::uint32_t> bulk_channels;  // before migrate only
+    std::optional<std::uint32_t> downtime_limit_ms, max_rounds, max_precopy_ms;
+    std::optional<std::uint64_t> max_precopy_bytes;
+    std::optional<lazymig::Compression> compression;
 };
 
 // QEMU's MigrationStatus string for a lazymig phase ("postcopy-active" for postcopy...),

@@ -25,6 +25,11 @@ struct MigrateOptions {
     double timeout_s = 600;
     unsigned bulk_channels = 0;           // 0: the source's parameter as it is
     std::string report;                   // JSON timeline file (--report); empty: none
+    // Pre-copy parameters set on the source before it migrates (migrate-set-parameters);
+    // nullopt: as they are.
+    std::optional<std::uint64_t> max_bandwidth, max_precopy_bytes;
+    std::optional<std::uint32_t> downtime_limit_ms, max_rounds, max_precopy_ms;
+    std::string compression;              // off|on|auto; empty: as it is
 };
 
 struct KvClientOptions {

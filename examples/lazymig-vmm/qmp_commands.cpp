@@ -166,13 +166,29 @@ std::string QmpCommands::handle(std::string_view line, QmpServer::Session& sessi
              auto batch = a.opt_uint("push-batch-pages", UINT32_MAX);
              auto prefetch = a.opt_uint("prefetch-pages", UINT32_MAX);
              auto channels = a.opt_uint("bulk-channels", 16);
-             for (auto* r : {&bw, &batch, &prefetch, &channels})
+             auto downtime = a.opt_uint("downtime-limit", 3'600'000);
+             auto rounds = a.opt_uint("max-rounds", 1'000'000);
+             auto pre_bytes = a.opt_uint("max-precopy-bytes", UINT64_MAX);
+             auto pre_ms = a.opt_uint("max-precopy-ms", 86'400'000);
+             auto compression = a.opt_str("compression");
+             if (!compression) return std::unexpected(compression.error());
+             for (auto* r : {&bw, &batch, &prefetch, &channels, &downtime, &rounds, &pre_bytes, &pre_ms})
                  if (!*r) return std::unexpected(r->error());
+             std::optional<lazymig::Compression> comp;
+             if (*compression) {
+                 const std::string& c = **compression;
+                 if (c == "off") comp = lazymig::Compression::off;
+                 else if (c == "on") comp = lazymig::Compression::on;
+                 else if (c == "auto") comp = lazymig::Compression::automatic;
+                 else return generic("compression must be off, on or auto, not '" + c + "'");
+             }
              if (auto ok = a.done(); !ok) return std::unexpected(ok.error());
-             if (!*bw && !*batch && !*prefetch && !*channels)
-                 return generic("give at least one of max-bandwidth, push-batch-pages, prefetch-pages, bulk-channels");
+             if (!*bw && !*batch && !*prefetch && !*channels && !*downtime && !*rounds && !*pre_bytes && !*pre_ms && !comp)
+                 return generic("give at least one of max-bandwidth, push-batch-pages, prefetch-pages, bulk-channels, "
+                                "downtime-limit, max-rounds, max-precopy-bytes, max-precopy-ms, compression");
              auto u32 = [](const auto& v) { return v ? std::optional<std::uint32_t>(*v) : std::nullopt; };
-             ParameterUpdate u{*bw, u32(*batch), u32(*prefetch), u32(*channels)};
+             ParameterUpdate u{*bw, u32(*batch), u32(*prefetch), u32(*channels), u32(*downtime), u32(*rounds), u32(*pre_ms),
+                               *pre_bytes, comp};
              return from(migration_.set_parameters(u));
          }},
         {"query-migrate-parameters", [&](Args& a) -> Reply {
@@ -180,7 +196,11 @@ std::string QmpCommands::handle(std::string_view line, QmpServer::Session& sessi
              const auto p = migration_.parameters();
              return json{{"max-bandwidth", p.max_bandwidth}, {"push-batch-pages", p.push_batch_pages},
                          {"prefetch-pages", p.prefetch_pages},
-                         {"bulk-channels", p.bulk_channels ? p.bulk_channels : lazymig::default_bulk_channels()}};
+                         {"bulk-channels", p.bulk_channels ? p.bulk_channels : lazymig::default_bulk_channels()},
+                         {"downtime-limit", static_cast<std::uint64_t>(p.downtime_limit_ms)}, {"max-rounds", p.max_rounds},
+                         {"max-precopy-bytes", p.max_precopy_bytes}, {"max-precopy-ms", p.max_precopy_ms},
+                         {"compression", p.compression == lazymig::Compression::off ? "off"
+                                         : p.compression == lazymig::Compression::on ? "on" : "auto"}};
          }},
         {"migrate-cancel", [&](Args& a) -> Reply {
              if (auto ok = a.done(); !ok) return std::unexpected(ok.error());

@@ -1,8 +1,11 @@
 // The C ABI: thin adapters from lazymig.h to the C++ objects. No exception crosses it.
 #include <unistd.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 
 #include "lazymig/lazymig.h"
@@ -10,6 +13,9 @@
 
 struct lazymig_source {
     std::unique_ptr<lazymig::Source> impl;
+    // What the setters last gave: each setter changes its own fields only.
+    std::mutex mu;
+    lazymig::Parameters params;
 };
 struct lazymig_destination {
     std::unique_ptr<lazymig::Destination> impl;
@@ -165,10 +171,53 @@ int lazymig_last_error_class(void) { return g_last_class; }
 
 int lazymig_source_set_bulk_channels(lazymig_source* src, unsigned channels) {
     if (channels == 0 || channels > 16) return fail_text("lazymig_source_set_bulk_channels: channels must be 1 to 16");
-    lazymig::Parameters p;
-    p.bulk_channels = channels;
-    src->impl->set_parameters(p);
+    std::lock_guard lock(src->mu);
+    src->params.bulk_channels = channels;
+    src->impl->set_parameters(src->params);
     return 0;
+}
+
+int lazymig_source_get_precopy(const lazymig_source* src, lazymig_precopy_params* out) {
+    if (!src || !out) return fail_text("lazymig_source_get_precopy: null argument");
+    auto& s = const_cast<lazymig_source&>(*src);
+    std::lock_guard lock(s.mu);
+    *out = lazymig_precopy_params{.downtime_limit_ms = s.params.downtime_limit_ms, .max_rounds = s.params.max_rounds,
+                                  .max_precopy_bytes = s.params.max_precopy_bytes,
+                                  .max_precopy_ms = s.params.max_precopy_ms,
+                                  .compression = static_cast<int>(s.params.compression)};
+    return 0;
+}
+
+int lazymig_source_set_precopy(lazymig_source* src, const lazymig_precopy_params* p) {
+    if (!src || !p) return fail_text("lazymig_source_set_precopy: null argument");
+    if (!std::isfinite(p->downtime_limit_ms) || p->downtime_limit_ms < 0)
+        return fail_text("lazymig_source_set_precopy: downtime_limit_ms must be a finite number >= 0");
+    if (p->compression < LAZYMIG_COMPRESSION_OFF || p->compression > LAZYMIG_COMPRESSION_AUTO)
+        return fail_text("lazymig_source_set_precopy: compression must be LAZYMIG_COMPRESSION_OFF, _ON or _AUTO");
+    std::lock_guard lock(src->mu);
+    src->params.downtime_limit_ms = p->downtime_limit_ms;
+    src->params.max_rounds = p->max_rounds;
+    src->params.max_precopy_bytes = p->max_precopy_bytes;
+    src->params.max_precopy_ms = p->max_precopy_ms;
+    src->params.compression = static_cast<lazymig::Compression>(p->compression);
+    src->impl->set_parameters(src->params);
+    return 0;
+}
+
+int lazymig_source_precopy_stats(const lazymig_source* src, uint32_t* rounds, uint64_t* pages_resent,
+                                 uint64_t* stale_pages, char* why, size_t len) {
+    return guarded([&] {
+        const auto s = src->impl->stats();
+        if (rounds) *rounds = static_cast<uint32_t>(s.rounds.size());
+        if (pages_resent) *pages_resent = s.pages_resent;
+        if (stale_pages) *stale_pages = s.stale_pages;
+        if (why && len) {
+            const std::size_t n = std::min(len - 1, s.switchover.size());
+            std::memcpy(why, s.switchover.data(), n);
+            why[n] = '\0';
+        }
+        return 0;
+    });
 }
 
 int lazymig_destination_set_vcpu_threads(lazymig_destination* dst, const int* tids, const char* const* names,
@@ -183,9 +232,9 @@ int lazymig_destination_set_vcpu_threads(lazymig_destination* dst, const int* ti
 }
 
 int lazymig_source_set_max_bandwidth(lazymig_source* src, uint64_t bps) {
-    lazymig::Parameters p;
-    p.max_bandwidth = bps;
-    src->impl->set_parameters(p);
+    std::lock_guard lock(src->mu);
+    src->params.max_bandwidth = bps;
+    src->impl->set_parameters(src->params);
     return 0;
 }
 

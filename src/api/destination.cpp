@@ -9,6 +9,8 @@
 // (src/net/outbox.hpp): PAGE_REQUEST from the fault thread never blocks there; acks,
 // RESUMED and COMPLETE from the other threads wait (with a deadline) until sent.
 
+#include <condition_variable>
+
 #include <fmt/format.h>
 
 #include "pager/pager.hpp"
@@ -103,6 +105,8 @@ public:
         if (s.postcopy_ms == 0 && resumed_) s.postcopy_ms = api::ms_since(resumed_at_);
         if (auto e = state_.error()) s.error = e->message();
         s.pages_removed = ps.removed_pages.get();
+        s.stale_pages = stale_pages_.load();
+        s.discard_ms = discard_ms_.load();
         return s;
     }
 
@@ -129,6 +133,8 @@ private:
             return;
         }
         if (state_.record(e)) stop_.signal();
+        std::lock_guard lock(precopy_mu_);  // ends a wait for PRECOPY_END
+        precopy_cv_.notify_all();
     }
 
     Result<void> send_small(const proto::Frame& f, std::string_view what) {
@@ -228,10 +234,9 @@ private:
         // sends the device state and starts serving.
         if (auto s = pager_->start(*outbox_, [this](const Error& e) { fail(e); }); !s) return s;
 
-        auto dev = ureader.expect(proto::Type::device_state);
-        if (!dev && dev.error().kind == ErrorClass::peer_violation) return refuse(dev.error());  // e.g. an RDMA_OFFER
+        if (mode_ != Mode::postcopy) state_.set_phase(Phase::precopy);
+        auto dev = switchover_frames(ureader);
         if (!dev) return std::unexpected(dev.error());
-        state_.set_phase(Phase::switchover);
         device_bytes_ = dev->size();
         if (cfg_.hooks.load_device_state)
             if (auto l = cfg_.hooks.load_device_state(*dev); !l) return refuse(l.error().wrap("load_device_state"));
@@ -241,6 +246,7 @@ private:
         if (auto r = send_small(proto::encode_empty(proto::Type::resumed), "RESUMED"); !r) return r;
         resumed_sent_ = true;
         state_.set_phase(Phase::postcopy);
+        if (auto m = map_staged(); !m) return m;
         maybe_send_complete();
 
         auto r = pager::receive_loop(ureader, *pager_, true, [&](const proto::Header& h, std::vector<std::byte> p) -> Result<bool> {
@@ -252,6 +258,109 @@ private:
             return transport_error(fmt::format("{}: the source closed the connection", uwhere), ECONNRESET);
         return {};
     }
+
+    // From REGION_ACK to DEVICE_STATE on the urgent channel: nothing in post-copy mode;
+    // in pre-copy modes any number of STALE frames. Each STALE and the DEVICE_STATE wait
+    // until every bulk channel delivered PRECOPY_END: a pre-copy copy still in flight
+    // would otherwise land after its page was made missing, or be mapped stale.
+    // Returns the device state.
+    Result<std::vector<std::byte>> switchover_frames(net::FrameReader& ureader) {
+        const std::string& where = ureader.where();
+        for (;;) {
+            auto h = ureader.next();
+            if (!h) return std::unexpected(h.error());
+            if (!*h) return transport_error(fmt::format("{}: the source closed the connection before the device state", where), ECONNRESET);
+            auto payload = ureader.read_control(**h);
+            if (!payload) return std::unexpected(payload.error());
+            const auto type = (*h)->type;
+            if (type == proto::Type::error) return std::unexpected(net::peer_error(*payload, where));
+            const bool precopy = mode_ != Mode::postcopy;
+            if (type != proto::Type::device_state && !(type == proto::Type::stale && precopy))
+                return refuse(Error{0, fmt::format("{}: unexpected {} before the device state", where, proto::to_string(type)),
+                                    ErrorClass::peer_violation});
+            if (state_.phase() != Phase::switchover) state_.set_phase(Phase::switchover);
+            if (precopy)
+                if (auto w = await_precopy_end(); !w) return std::unexpected(w.error());
+            if (type == proto::Type::device_state) return std::move(*payload);
+            auto set = proto::decode_stale(*payload);
+            if (!set) return refuse(set.error().wrap(where));
+            if (auto a = apply_stale(*set, where); !a) return std::unexpected(a.error());
+        }
+    }
+
+    // Pages dirtied on the source after they were sent go back to MISSING. memfd: their
+    // STAGED bytes are simply never mapped (no zap); anonymous: MADV_DONTNEED per run,
+    // whose cost is discard_ms, inside the downtime.
+    Result<void> apply_stale(const proto::StaleSet& set, const std::string& where) {
+        const auto t0 = Clock::now();
+        const auto& regions = pager_->regions();
+        for (const auto& run : set.runs) {
+            if (run.region >= regions.size() || run.first > regions[run.region].pages ||
+                run.count > regions[run.region].pages - run.first)
+                return refuse(Error{0, fmt::format("{}: STALE pages {}..{} of region {}, which has {} pages", where, run.first,
+                                                   proto::last_page(run.first, run.count), run.region,
+                                                   run.region < regions.size() ? regions[run.region].pages : 0),
+                                    ErrorClass::peer_violation});
+            auto back = pager_->make_missing(run.region, run.first, run.count);
+            if (!back) return std::unexpected(back.error());
+            stale_pages_ += run.count;
+        }
+        discard_ms_ = discard_ms_.load() + api::ms_since(t0);
+        return {};
+    }
+
+    // A bulk channel delivered ROUND_END{n}: everything it carried of round n is placed.
+    // Once every channel did, ROUND_ACK{n}. One round at a time: the source waits for
+    // the ack before it starts the next.
+    Result<void> round_ended(std::uint32_t n, const std::string& where) {
+        bool ack = false;
+        {
+            std::lock_guard lock(precopy_mu_);
+            // Every channel ends its rounds in order (receive_bulk); a channel a round ahead
+            // of another means the source did not wait for the ack.
+            if (n != round_ && !(n == round_ + 1 && (round_ == 0 || round_ends_ == bulk_count_.load())))
+                return peer_violation(fmt::format("{}: ROUND_END {} before every channel ended round {}", where, n, round_));
+            if (n != round_) {
+                round_ = n;
+                round_ends_ = 0;
+            }
+            ack = ++round_ends_ == bulk_count_.load();
+        }
+        if (ack) return send_small(proto::encode(proto::Type::round_ack, proto::RoundMark{n}), "ROUND_ACK");
+        return {};
+    }
+
+    Result<void> await_precopy_end() {
+        std::unique_lock lock(precopy_mu_);
+        const bool done = precopy_cv_.wait_for(lock, kChannelTimeout, [&] {
+            return precopy_ends_ == bulk_count_.load() || state_.error().has_value();
+        });
+        if (auto e = state_.error()) return std::unexpected(*e);
+        if (!done)
+            return transport_error(fmt::format("destination: {} of {} bulk channels delivered PRECOPY_END within {} s",
+                                               precopy_ends_, bulk_count_.load(), kChannelTimeout.count() / 1000),
+                                   ETIMEDOUT);
+        return {};
+    }
+
+    // Pre-copy pages of a file staged in the page cache are mapped now, in long runs,
+    // while the VM runs (a fault on one meanwhile is served locally by the fault thread).
+    Result<void> map_staged() {
+        if (mode_ == Mode::postcopy) return {};
+        constexpr std::uint64_t kRun = 32768;  // pages per call: CONTINUE runs at ~47 GB/s at this size
+        const auto& regions = pager_->regions();
+        for (std::uint32_t ri = 0; ri < regions.size(); ++ri) {
+            if (!regions[ri].file_backed()) continue;
+            for (std::uint64_t p = 0; p < regions[ri].pages; p += kRun) {
+                if (stop_requested()) return {};
+                auto n = pager_->map_staged(ri, p, std::min(kRun, regions[ri].pages - p));
+                if (!n) return std::unexpected(n.error().wrap("destination: mapping pre-copied pages"));
+            }
+        }
+        return {};
+    }
+
+    bool stop_requested() const { return state_.error().has_value(); }
 
     // Accepts the N bulk channels the urgent HELLO announced, in whatever order they
     // arrive, and starts a receiver for each. The listener closes after the last.
@@ -324,13 +433,32 @@ private:
     }
 
     Result<void> receive_bulk(net::FrameReader& reader) {
+        bool precopy_open = mode_ != Mode::postcopy;
+        std::uint32_t last_round = 0;  // each channel ends rounds 1, 2, 3... in order
         auto r = pager::receive_loop(reader, *pager_, false, [&](const proto::Header& h, std::vector<std::byte> p) -> Result<bool> {
             if (h.type == proto::Type::push_done) return true;
             if (auto* rd = rdma_ready_.load(std::memory_order_acquire))
                 if (auto took = rd->on_frame(h, p, reader.where()); !took || *took) return took ? Result<bool>(true) : took;
+            if (h.type == proto::Type::round_end && precopy_open) {
+                auto mark = proto::decode_round(h.type, p);
+                if (!mark) return std::unexpected(mark.error().wrap(reader.where()));
+                if (mark->round != last_round + 1)
+                    return peer_violation(fmt::format("{}: ROUND_END {} after round {}", reader.where(), mark->round,
+                                                      last_round));
+                last_round = mark->round;
+                if (auto a = round_ended(mark->round, reader.where()); !a) return std::unexpected(a.error());
+                return true;
+            }
+            if (h.type == proto::Type::precopy_end && precopy_open) {
+                precopy_open = false;
+                std::lock_guard lock(precopy_mu_);
+                ++precopy_ends_;
+                precopy_cv_.notify_all();
+                return true;
+            }
             if (h.type == proto::Type::error) return std::unexpected(net::peer_error(p, reader.where()));
             return peer_violation(fmt::format("{}: unexpected {}", reader.where(), proto::to_string(h.type)));
-        });
+        }, mode_ != Mode::postcopy ? &precopy_open : nullptr);
         if (!r) return r;
         if (!pager_->complete())
             return transport_error(fmt::format("{}: the source closed the connection", reader.where()), ECONNRESET);
@@ -357,7 +485,12 @@ private:
     std::uint64_t session_id_ = 0;
     std::atomic<Mode> mode_{Mode::invalid};
     std::atomic<std::uint64_t> device_bytes_{0}, pages_missing_{0};
-    std::atomic<double> postcopy_ms_{0};
+    std::atomic<double> postcopy_ms_{0}, discard_ms_{0};
+    std::atomic<std::uint64_t> stale_pages_{0};
+    std::mutex precopy_mu_;
+    std::condition_variable precopy_cv_;
+    std::uint32_t precopy_ends_ = 0;  // bulk channels that delivered PRECOPY_END
+    std::uint32_t round_ = 0, round_ends_ = 0;  // the pre-copy round ending; channels that ended it
     std::atomic<bool> accepted_{false}, resumed_{false}, resumed_sent_{false}, complete_sent_{false};
     Clock::time_point accepted_at_{}, resumed_at_{};
 };

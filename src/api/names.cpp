@@ -46,6 +46,17 @@ std::string_view to_string(Phase p) noexcept {
     return "invalid";
 }
 
+std::string_view to_string(DirtyTracking t) noexcept {
+    switch (t) {
+    case DirtyTracking::automatic: return "auto";
+    case DirtyTracking::wp_async: return "wp-async";
+    case DirtyTracking::wp_sync: return "wp-sync";
+    case DirtyTracking::vmm: return "vmm";
+    case DirtyTracking::invalid: break;
+    }
+    return "invalid";
+}
+
 std::uint32_t default_bulk_channels() noexcept {
     const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
     return static_cast<std::uint32_t>(std::clamp<long>(cpus / 2, 1, 8));

@@ -9,6 +9,7 @@
 #include <fmt/format.h>
 
 #include "precopy/rdma_serve.hpp"
+#include "precopy/precopy.hpp"
 #include "precopy/source.hpp"
 #include "src/api/session.hpp"
 #include "src/net/channel.hpp"
@@ -29,6 +30,7 @@ public:
         : cfg_(std::move(config)), transport_(std::move(transport)), stop_(std::move(stop)),
           state_(cfg_.hooks, "source"), sent_(cfg_.regions), reader_(std::move(reader)) {
         bandwidth_ = cfg_.parameters.max_bandwidth;
+        params_ = cfg_.parameters;
         batch_ = cfg_.parameters.push_batch_pages;
         bulk_count_ = cfg_.parameters.bulk_channels ? cfg_.parameters.bulk_channels : default_bulk_channels();
         for (const auto& r : cfg_.regions) total_pages_ += r.size / r.page_size;
@@ -41,9 +43,14 @@ public:
     Result<void> migrate() override {
         std::lock_guard lock(mu_);
         if (started_) return logic_error("source: migrate() was already called for this migration");
-        if (cfg_.mode != Mode::postcopy)
-            return logic_error(fmt::format("source: mode {} is not available yet; this build migrates postcopy",
-                                           to_string(cfg_.mode)));
+        if (cfg_.mode != Mode::postcopy) {
+            precopy_ = std::make_unique<source::Precopy>(
+                cfg_.regions, *reader_, sent_, stats_,
+                source::PrecopyConfig{.mode = cfg_.mode, .max_bandwidth = &bandwidth_, .parameters = [this] {
+                                          std::lock_guard lock(params_mu_);
+                                          return params_;
+                                      }});
+        }
         start_ = Clock::now();
         try {
             thread_ = std::thread([this] {
@@ -78,6 +85,10 @@ public:
 
     // bulk_channels takes effect only before migrate() (0 leaves it as it is).
     void set_parameters(const Parameters& p) override {
+        {
+            std::lock_guard lock(params_mu_);
+            params_ = p;
+        }
         bandwidth_ = p.max_bandwidth;
         batch_ = std::clamp<std::uint32_t>(p.push_batch_pages, 1, proto::kMaxPagesPerFrame);
         std::lock_guard lock(mu_);
@@ -103,6 +114,20 @@ public:
         s.elapsed_ms = started_ ? state_.elapsed_ms(start_) : 0;
         s.destination_resumed = handed_over_;
         if (auto e = state_.error()) s.error = e->message();
+        if (precopy_) {
+            s.rounds = precopy_->rounds();
+            s.pages_resent = precopy_->pages_resent();
+            s.stale_pages = precopy_->stale_pages();
+            s.dirty_tracking = precopy_->method();
+            s.compressed_pages = precopy_->compressed_pages();
+            s.compression_ratio = precopy_->compression_ratio();
+            // A stale page is counted again when it is sent again.
+            s.pages_present -= std::min(s.pages_present, s.stale_pages);
+        }
+        {
+            std::lock_guard lock(params_mu_);
+            s.switchover = switchover_why_;
+        }
         return s;
     }
 
@@ -118,6 +143,7 @@ private:
             LZ_LOG(debug, "session_error_after_complete", "side=source {}", e.message());
             return;
         }
+        stopping_ = true;
         if (state_.record(e)) stop_.signal();
     }
 
@@ -140,6 +166,7 @@ private:
         }
         urgent_.reset();
         bulk_.clear();
+        if (precopy_) precopy_->stop_tracking();  // before the guest may run here again
         if (auto e = state_.error()) {
             // Before the destination resumed the VM runs here again; after, it cannot.
             if (paused_ && !handed_over_ && cfg_.hooks.resume_vcpus) cfg_.hooks.resume_vcpus();
@@ -190,10 +217,16 @@ private:
                                                    source::PushConfig{&bandwidth_, &batch_, &gate_, 0});
         if (auto p = pusher_->prepare(bulk_.size()); !p) return p;
 
+        if (precopy_)
+            if (auto p = run_precopy(ureader); !p) return p;
+
         state_.set_phase(Phase::switchover);
         const auto paused_at = Clock::now();
         cfg_.hooks.pause_vcpus();
         paused_ = true;
+        // The stale set (or stop-and-copy's last pages) goes before the device state.
+        if (precopy_)
+            if (auto p = precopy_->switchover(*urgent_); !p) return p;
         auto blob = cfg_.hooks.save_device_state();
         if (!blob) return std::unexpected(blob.error().wrap("source: save_device_state"));
         device_bytes_ = blob->size();
@@ -216,6 +249,35 @@ private:
             for (auto& c : bulk_) bulk.push_back(c.get());
             return pusher_->start(std::move(bulk), [this](const Error& e) { fail(e.wrap("source: pusher")); });
         });
+    }
+
+    // Rounds while the VM runs here, until the policy decides (precopy/precopy.hpp). A
+    // pre-copy that cannot converge within its bound ends the migration, VM still here.
+    Result<void> run_precopy(net::FrameReader& ureader) {
+        state_.set_phase(Phase::precopy);
+        auto tracker = source::make_dirty_tracker(cfg_.regions, cfg_.dirty_tracking, cfg_.dirty_log);
+        if (!tracker) return std::unexpected(tracker.error().wrap("source"));
+        std::vector<net::Channel*> bulk;
+        for (auto& c : bulk_) bulk.push_back(c.get());
+        if (auto s = precopy_->start(std::move(*tracker), std::move(bulk)); !s) return std::unexpected(s.error().wrap("source"));
+        auto v = precopy_->run_rounds(stopping_, ureader);
+        if (!v) return std::unexpected(v.error().wrap("source"));
+        {
+            std::lock_guard lock(params_mu_);
+            switchover_why_ = v->why;
+        }
+        state_.emit(Event{.kind = Event::Kind::info, .phase = Phase::precopy, .message = v->why});
+        if (cfg_.mode == Mode::precopy && v->decision != source::Decision::converged) {
+            precopy_->stop_tracking();
+            const std::string text = fmt::format("pre-copy did not converge: {}; the VM keeps running on the source", v->why);
+            // On every channel, ahead of its close: whichever the destination reads first
+            // says why.
+            const auto err = proto::encode(proto::ErrorMsg{ETIMEDOUT, text});
+            for (auto& c : bulk_) (void)net::send_frame(*c, err);
+            (void)net::send_frame(*urgent_, err);
+            return std::unexpected(Error{ETIMEDOUT, "source: " + text});
+        }
+        return {};
     }
 
     Result<void> handshake(net::FrameReader& reader, proto::Channel ch, std::uint32_t index, std::uint64_t id) {
@@ -241,6 +303,11 @@ private:
     std::unique_ptr<source::Pusher> pusher_;
     std::unique_ptr<source::RdmaServer> rdma_;  // rdma: URIs only
     std::atomic<bool> rdma_mode_{false};
+    std::unique_ptr<source::Precopy> precopy_;  // modes precopy and hybrid; made by migrate()
+    mutable std::mutex params_mu_;
+    Parameters params_;
+    std::string switchover_why_;
+    std::atomic<bool> stopping_{false};
     std::atomic<std::uint64_t> bandwidth_{0};
     std::atomic<std::uint32_t> batch_{256};
     std::uint64_t total_pages_ = 0;
@@ -266,11 +333,21 @@ Result<std::unique_ptr<Source>> Source::create(SourceConfig config) {
     if (config.parameters.bulk_channels > proto::kMaxBulkChannels)
         return logic_error(fmt::format("source: bulk_channels {} is more than the {} this build supports",
                                        config.parameters.bulk_channels, proto::kMaxBulkChannels));
+    if (config.mode != Mode::postcopy) {
+        // The dirty tracking pre-copy needs, probed now: a refusal names what is missing.
+        if (config.dirty_tracking == DirtyTracking::vmm && !config.dirty_log)
+            return logic_error("source: dirty tracking vmm needs SourceConfig::dirty_log");
+        if (auto p = source::probe_dirty_tracking(config.regions, config.dirty_tracking); !p)
+            return std::unexpected(p.error().wrap("source"));
+    }
     auto stop = net::ShutdownEvent::create();
     if (!stop) return std::unexpected(stop.error());
     // An rdma: URI gets RDMA or an error that says why, never TCP instead. Its one TCP
     // bulk channel carries the zero bitmap; the pages move by RDMA READ.
     const bool rdma = net::is_rdma_uri(config.uri);
+    if (rdma && config.mode != Mode::postcopy)
+        return logic_error(fmt::format("source: mode {} over {}: RDMA carries post-copy only in this build; "
+                                       "use a tcp: URI for pre-copy and hybrid", to_string(config.mode), config.uri));
     if (rdma) config.parameters.bulk_channels = 1;
     auto transport = rdma ? net::rdma_connector(config.uri, stop->fd(), config.connect_timeout)
                           : net::tcp_connector(config.uri, stop->fd(), config.connect_timeout);

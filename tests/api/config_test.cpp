@@ -121,16 +121,62 @@ TEST_CASE("api/config/c-abi-reports-errno-and-sentence") {
     CHECK(std::string(lazymig_last_error()) == "lazymig_source_create: null argument");
 }
 
-TEST_CASE("api/config/unsupported-mode-is-refused-not-downgraded") {
+TEST_CASE("api/config/precopy-dirty-tracking-is-checked-at-create") {
     auto mem = GuestMemory::create("ram0", 1 << 20, Backing::anon, true);
     REQUIRE(mem);
     auto s = Source::create({.regions = {mem->region()}, .hooks = hooks(), .uri = "tcp:127.0.0.1:9",
-                             .mode = Mode::hybrid});
-    REQUIRE(s);
-    auto m = (*s)->migrate();
-    REQUIRE_FALSE(m);
-    CHECK(m.error().message() == "source: mode hybrid is not available yet; this build migrates postcopy");
-    CHECK((*s)->stats().phase == Phase::idle);
+                             .mode = Mode::hybrid, .dirty_tracking = DirtyTracking::vmm});
+    REQUIRE_FALSE(s);
+    CHECK(s.error().message() == "source: dirty tracking vmm needs SourceConfig::dirty_log");
+    // Post-copy tracks nothing: the same configuration is fine there.
+    CHECK(Source::create({.regions = {mem->region()}, .hooks = hooks(), .uri = "tcp:127.0.0.1:9",
+                          .mode = Mode::postcopy, .dirty_tracking = DirtyTracking::vmm}));
+    auto ok = Source::create({.regions = {mem->region()}, .hooks = hooks(), .uri = "tcp:127.0.0.1:9",
+                              .mode = Mode::precopy, .dirty_tracking = DirtyTracking::wp_sync});
+    CHECK_MESSAGE(ok.has_value(), (ok ? "" : ok.error().message()));
+    CHECK(to_string(DirtyTracking::wp_async) == "wp-async");
+}
+
+TEST_CASE("api/config/c-abi-precopy-parameters") {
+    auto mem = GuestMemory::create("ram0", 1 << 20, Backing::anon, true);
+    REQUIRE(mem);
+    lazymig_region region{"ram0", mem->data(), mem->size(), 4096, LAZYMIG_BACKING_ANON, -1, 0};
+    lazymig_hooks h{};
+    h.pause_vcpus = [](void*) {};
+    h.resume_vcpus = [](void*) {};
+    h.save_device_state = [](void*, void** buf, size_t* len) { *buf = nullptr; *len = 0; return 0; };
+    lazymig_source* src = nullptr;
+    REQUIRE(lazymig_source_create(&region, 1, &h, "tcp:127.0.0.1:9", LAZYMIG_MODE_HYBRID, &src) == 0);
+    lazymig_precopy_params p{};
+    REQUIRE(lazymig_source_get_precopy(src, &p) == 0);
+    CHECK(p.downtime_limit_ms == 300);
+    CHECK(p.max_rounds == 30);
+    CHECK(p.compression == LAZYMIG_COMPRESSION_AUTO);
+    p = {.downtime_limit_ms = 50, .max_rounds = 4, .max_precopy_bytes = 1 << 30, .max_precopy_ms = 2000,
+         .compression = LAZYMIG_COMPRESSION_OFF};
+    CHECK(lazymig_source_set_precopy(src, &p) == 0);
+    CHECK(lazymig_source_set_max_bandwidth(src, 1000000) == 0);  // leaves the pre-copy fields alone
+    lazymig_precopy_params back{};
+    REQUIRE(lazymig_source_get_precopy(src, &back) == 0);
+    CHECK(back.downtime_limit_ms == 50);
+    CHECK(back.max_rounds == 4);
+    CHECK(back.max_precopy_bytes == (1u << 30));
+    CHECK(back.max_precopy_ms == 2000);
+    CHECK(back.compression == LAZYMIG_COMPRESSION_OFF);
+    back.compression = 7;
+    CHECK(lazymig_source_set_precopy(src, &back) == -EINVAL);
+    p.downtime_limit_ms = -1;
+    CHECK(lazymig_source_set_precopy(src, &p) == -EINVAL);
+    CHECK(std::string(lazymig_last_error()) == "lazymig_source_set_precopy: downtime_limit_ms must be a finite number >= 0");
+    std::uint32_t rounds = 9;
+    std::uint64_t resent = 9, stale = 9;
+    char why[16] = "x";
+    CHECK(lazymig_source_precopy_stats(src, &rounds, &resent, &stale, why, sizeof why) == 0);
+    CHECK(rounds == 0);
+    CHECK(resent == 0);
+    CHECK(stale == 0);
+    CHECK(std::string(why).empty());
+    lazymig_source_destroy(src);
 }
 
 TEST_CASE("api/config/handed-over-uffd") {

@@ -78,6 +78,10 @@ TEST_CASE("protocol/rejects-unknown-type") {
     CHECK(header_error(raw_header(12, 0)) == "urgent channel: unknown message type 12");
     CHECK(header_error(raw_header(200, 0)) == "urgent channel: unknown message type 200");
     for (unsigned t = 1; t <= proto::kTypeLast; ++t) CHECK(header_error(raw_header(t, 0)) == "(accepted)");
+    CHECK(header_error(raw_header(49, 0)) == "urgent channel: unknown message type 49");
+    for (unsigned t = proto::kPrecopyTypeFirst; t <= proto::kPrecopyTypeLast; ++t)
+        CHECK(header_error(raw_header(t, 0)) == "(accepted)");
+    CHECK(header_error(raw_header(56, 0)) == "urgent channel: unknown message type 56");
 }
 
 TEST_CASE("protocol/rejects-reserved-bits") {
@@ -124,15 +128,15 @@ TEST_CASE("protocol/hello-from-another-version") {
     auto f = proto::encode(proto::Hello{.version = 7, .channel = proto::Channel::urgent, .mode = Mode::postcopy});
     auto r = proto::decode_hello(payload_of(f));
     REQUIRE_FALSE(r.has_value());
-    CHECK(r.error().message() == "peer speaks protocol version 7, this side speaks 2");
+    CHECK(r.error().message() == "peer speaks protocol version 7, this side speaks 3");
     CHECK(r.error().kind == lazymig::ErrorClass::peer_violation);
     // The version alone decides: a peer of another version may lay out the rest differently.
     auto only = proto::decode_hello(payload_of(f).first(4));
     REQUIRE_FALSE(only.has_value());
-    CHECK(only.error().message() == "peer speaks protocol version 7, this side speaks 2");
+    CHECK(only.error().message() == "peer speaks protocol version 7, this side speaks 3");
     auto ack = proto::decode_hello_ack(payload_of(proto::encode(proto::HelloAck{.version = 1})));
     REQUIRE_FALSE(ack.has_value());
-    CHECK(ack.error().message() == "peer speaks protocol version 1, this side speaks 2");
+    CHECK(ack.error().message() == "peer speaks protocol version 1, this side speaks 3");
 }
 
 TEST_CASE("protocol/hello-rejects-invalid-fields") {

@@ -3,6 +3,8 @@
 
 #include <vector>
 
+#include <fmt/format.h>
+
 #include "tests/core/frame_util.hpp"
 
 using namespace core_test;
@@ -119,8 +121,58 @@ TEST_CASE("protocol/roundtrip-page-request") {
     CHECK(out->first == 0x1'0000'0001ull);
 }
 
+TEST_CASE("protocol/roundtrip-stale") {
+    proto::StaleSet in;
+    in.runs = {{.region = 0, .count = 1, .first = 0}, {.region = 2, .count = UINT32_MAX, .first = 0x1'0000'0001ull}};
+    const auto f = proto::encode(in);
+    CHECK(f.size() == proto::kHeaderSize + 4 + 2 * 16);
+    parse_verified(f, proto::Type::stale);
+    auto out = proto::decode_stale(payload_of(f));
+    REQUIRE_MESSAGE(out.has_value(), err_of(out));
+    REQUIRE(out->runs.size() == 2);
+    CHECK(out->runs[1].region == 2);
+    CHECK(out->runs[1].count == UINT32_MAX);
+    CHECK(out->runs[1].first == 0x1'0000'0001ull);
+    // The largest set fits one control frame.
+    in.runs.assign(proto::kMaxStaleRuns, {.region = 1, .count = 1, .first = 5});
+    const auto big = proto::encode(in);
+    parse_verified(big, proto::Type::stale);
+    auto got = proto::decode_stale(payload_of(big));
+    REQUIRE_MESSAGE(got.has_value(), err_of(got));
+    CHECK(got->runs.size() == proto::kMaxStaleRuns);
+}
+
+TEST_CASE("protocol/roundtrip-round-marks") {
+    for (auto t : {proto::Type::round_end, proto::Type::round_ack}) {
+        const auto f = proto::encode(t, proto::RoundMark{7});
+        parse_verified(f, t);
+        auto out = proto::decode_round(t, payload_of(f));
+        REQUIRE_MESSAGE(out.has_value(), err_of(out));
+        CHECK(out->round == 7);
+    }
+    auto zero = proto::decode_round(proto::Type::round_ack, payload_of(proto::encode(proto::Type::round_ack, {0})));
+    REQUIRE(!zero.has_value());
+    CHECK(zero.error().message() == "ROUND_ACK: round 0 (rounds count from 1)");
+}
+
+TEST_CASE("protocol/rejects-bad-stale") {
+    auto empty = proto::decode_stale(payload_of(proto::encode(proto::StaleSet{})));
+    REQUIRE(!empty.has_value());
+    CHECK(empty.error().message() == fmt::format("STALE: 0 runs (expected 1 to {})", proto::kMaxStaleRuns));
+    CHECK(empty.error().kind == lazymig::ErrorClass::peer_violation);
+    proto::StaleSet zero;
+    zero.runs = {{.region = 1, .count = 0, .first = 9}};
+    auto z = proto::decode_stale(payload_of(proto::encode(zero)));
+    REQUIRE(!z.has_value());
+    CHECK(z.error().message() == "STALE: run 0 of region 1 has no pages");
+    auto f = proto::encode(proto::StaleSet{{{.region = 1, .count = 2, .first = 9}}});
+    auto cut = proto::decode_stale(payload_of(f).first(payload_of(f).size() - 1));
+    CHECK(!cut.has_value());
+}
+
 TEST_CASE("protocol/roundtrip-empty-messages") {
-    for (auto t : {proto::Type::region_ack, proto::Type::resumed, proto::Type::push_done, proto::Type::complete}) {
+    for (auto t : {proto::Type::region_ack, proto::Type::resumed, proto::Type::push_done, proto::Type::complete,
+                   proto::Type::precopy_end}) {
         CAPTURE(proto::to_string(t));
         const auto f = proto::encode_empty(t);
         CHECK(f.size() == proto::kHeaderSize);
@@ -132,6 +184,11 @@ TEST_CASE("protocol/roundtrip-empty-messages") {
 TEST_CASE("protocol/type-names") {
     CHECK(proto::to_string(proto::Type::invalid) == "INVALID");
     CHECK(proto::to_string(proto::Type::pages) == "PAGES");
+    CHECK(proto::to_string(proto::Type::precopy_pages) == "PRECOPY_PAGES");
+    CHECK(proto::to_string(proto::Type::precopy_end) == "PRECOPY_END");
+    CHECK(proto::to_string(proto::Type::stale) == "STALE");
+    CHECK(proto::to_string(proto::Type::precopy_lz4) == "PRECOPY_LZ4");
+    CHECK(proto::to_string(proto::Type::round_ack) == "ROUND_ACK");
     CHECK(proto::to_string(proto::Type{200}) == "INVALID");
     CHECK(proto::to_string(proto::Channel::urgent) == "urgent");
     CHECK(proto::to_string(proto::Channel::bulk) == "bulk");

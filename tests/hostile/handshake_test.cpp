@@ -29,8 +29,8 @@ TEST_CASE("hostile/hello-from-another-version") {
     urgent.send(proto::encode(proto::Hello{.version = 7, .channel = proto::Channel::urgent,
                                            .mode = lazymig::Mode::postcopy, .session = 1}));
     // The peer is told why, in words that name both versions.
-    CHECK(urgent.expect_error_text() == "peer speaks protocol version 7, this side speaks 2");
-    CHECK(t.failure() == "urgent channel from the source: peer speaks protocol version 7, this side speaks 2");
+    CHECK(urgent.expect_error_text() == "peer speaks protocol version 7, this side speaks 3");
+    CHECK(t.failure() == "urgent channel from the source: peer speaks protocol version 7, this side speaks 3");
     check_not_resumed(t);
     t.check_nothing_placed();
 }

@@ -182,3 +182,50 @@ TEST_CASE("hostile/pages-bitmap-padding-bits") {
         CHECK(t.file_nonzero_bytes(100, 1) == kPage);
     }
 }
+
+// Pre-copy frames are only believed where pre-copy runs: on a bulk channel of a
+// pre-copy migration, before that channel's PRECOPY_END.
+TEST_CASE("hostile/precopy-pages-in-postcopy-mode") {
+    Target t(pick_backing());
+    HostileSource src(t.port());
+    src.region_table();
+    src.bulk.send(pages_frame(0, 0, 4, 0, 0xA0, proto::Type::precopy_pages));
+    CHECK(t.failure() == "bulk channel from the source: PRECOPY_PAGES on a channel that carries no pre-copy");
+    check_not_resumed(t);
+    t.check_nothing_placed();
+}
+
+TEST_CASE("hostile/precopy-pages-after-precopy-end") {
+    Target t(pick_backing());
+    HostileSource src(t.port(), 0x5eed, lazymig::Mode::hybrid);
+    src.region_table();
+    src.bulk.send(pages_frame(0, 0, 4, 0, 0xA0, proto::Type::precopy_pages));
+    src.bulk.send(proto::encode_empty(proto::Type::precopy_end));
+    src.bulk.send(pages_frame(0, 8, 4, 0, 0xA0, proto::Type::precopy_pages));
+    CHECK(t.failure() == "bulk channel from the source: PRECOPY_PAGES after PRECOPY_END");
+    check_not_resumed(t);
+}
+
+TEST_CASE("hostile/stale-outside-the-region") {
+    Target t(pick_backing());
+    HostileSource src(t.port(), 0x5eed, lazymig::Mode::hybrid);
+    src.region_table();
+    src.bulk.send(proto::encode_empty(proto::Type::precopy_end));
+    src.urgent.send(proto::encode(proto::StaleSet{{{.region = 0, .count = 100, .first = Target::kPages - 8}}}));
+    CHECK(src.urgent.expect_error_text() ==
+          fmt::format("urgent channel from the source: STALE pages {}..{} of region 0, which has {} pages",
+                      Target::kPages - 8, Target::kPages + 91, Target::kPages));
+    CHECK(t.failure() == fmt::format("urgent channel from the source: STALE pages {}..{} of region 0, which has {} pages",
+                                     Target::kPages - 8, Target::kPages + 91, Target::kPages));
+    check_not_resumed(t);
+}
+
+// A STALE set in a post-copy migration is a protocol violation, not a request to forget.
+TEST_CASE("hostile/stale-in-postcopy-mode") {
+    Target t(pick_backing());
+    HostileSource src(t.port());
+    src.region_table();
+    src.urgent.send(proto::encode(proto::StaleSet{{{.region = 0, .count = 1, .first = 0}}}));
+    CHECK(t.failure() == "urgent channel from the source: unexpected STALE before the device state");
+    check_not_resumed(t);
+}

@@ -127,7 +127,7 @@ private:
 // A PAGES frame for pages [first, first+count): page i is zero when bit i of `zero` is
 // set, else filled with `fill + i`. The checksum is right unless the caller corrupts it.
 inline proto::Frame pages_frame(std::uint32_t region, std::uint64_t first, std::uint32_t count,
-                                std::uint64_t zero = 0, unsigned fill = 0xA0) {
+                                std::uint64_t zero = 0, unsigned fill = 0xA0, proto::Type type = proto::Type::pages) {
     proto::PagesMeta meta;
     meta.region = region;
     meta.count = count;
@@ -144,7 +144,7 @@ inline proto::Frame pages_frame(std::uint32_t region, std::uint64_t first, std::
         data.insert(data.end(), page.begin(), page.end());
     }
     proto::Frame f(proto::kHeaderSize + proto::kPagesMetaFixed + proto::kMaxPagesPerFrame / 8);
-    f.resize(proto::encode_pages_head(f.data(), meta, kPage, crcs));
+    f.resize(proto::encode_pages_head(f.data(), meta, kPage, crcs, type));
     f.insert(f.end(), data.begin(), data.end());
     return f;
 }

@@ -83,7 +83,7 @@ TEST_CASE("hostile/destination-speaks-another-version") {
     Conn urgent = d.accept_hello(proto::Channel::urgent);
     urgent.send(proto::encode(proto::HelloAck{.version = 1}));
     CHECK(d.failure() ==
-          fmt::format("urgent channel to {}: peer speaks protocol version 1, this side speaks 2", d.uri()));
+          fmt::format("urgent channel to {}: peer speaks protocol version 1, this side speaks 3", d.uri()));
     CHECK(d.calls().pause == 0);
     CHECK(d.calls().resume == 0);
 }

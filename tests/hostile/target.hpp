@@ -169,14 +169,13 @@ private:
 struct HostileSource {
     Conn urgent, bulk;
 
-    explicit HostileSource(std::uint16_t port, std::uint64_t session = 0x5eed) {
+    explicit HostileSource(std::uint16_t port, std::uint64_t session = 0x5eed,
+                           lazymig::Mode mode = lazymig::Mode::postcopy) {
         urgent = Conn::to(port);
-        urgent.send(proto::encode(proto::Hello{.channel = proto::Channel::urgent, .mode = lazymig::Mode::postcopy,
-                                               .session = session}));
+        urgent.send(proto::encode(proto::Hello{.channel = proto::Channel::urgent, .mode = mode, .session = session}));
         urgent.expect(proto::Type::hello_ack);
         bulk = Conn::to(port);
-        bulk.send(proto::encode(proto::Hello{.channel = proto::Channel::bulk, .mode = lazymig::Mode::postcopy,
-                                             .session = session}));
+        bulk.send(proto::encode(proto::Hello{.channel = proto::Channel::bulk, .mode = mode, .session = session}));
         bulk.expect(proto::Type::hello_ack);
     }
     void region_table(std::uint64_t size = Target::kSize) {

@@ -98,7 +98,7 @@ TEST_CASE("rdma/peer-without-rdma") {
     auto host = std::string(std::getenv("LAZYMIG_RDMA_ADDR") ? std::getenv("LAZYMIG_RDMA_ADDR") : "127.0.0.1");
     auto r = migrate("anon", "16", "tcp:" + host + ":0", 0);
     CHECK(r.dst_rc == 3);
-    CHECK(r.dst.find("expected DEVICE_STATE, got RDMA_OFFER") != std::string::npos);
+    CHECK(r.dst.find("unexpected RDMA_OFFER before the device state") != std::string::npos);
     CHECK(r.src_rc == 3);
-    CHECK(r.src.find("expected DEVICE_STATE, got RDMA_OFFER") != std::string::npos);
+    CHECK(r.src.find("unexpected RDMA_OFFER before the device state") != std::string::npos);
 }

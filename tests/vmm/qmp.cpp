@@ -50,7 +50,22 @@ TEST_CASE("vmm/qmp/every-command") {
               .empty());
     auto params = vm->execute("query-migrate-parameters");
     CHECK(params == json{{"max-bandwidth", 50'000'000}, {"push-batch-pages", 64}, {"prefetch-pages", 8},
-                         {"bulk-channels", lazymig::default_bulk_channels()}});
+                         {"bulk-channels", lazymig::default_bulk_channels()}, {"downtime-limit", 300},
+                         {"max-rounds", 30}, {"max-precopy-bytes", 0}, {"max-precopy-ms", 0}, {"compression", "auto"}});
+    CHECK(vm->execute("migrate-set-parameters", {{"downtime-limit", 50}, {"max-rounds", 5}, {"max-precopy-bytes", 1 << 30},
+                                                 {"max-precopy-ms", 20000}})
+              .empty());
+    params = vm->execute("query-migrate-parameters");
+    CHECK(params["downtime-limit"] == 50);
+    CHECK(params["max-rounds"] == 5);
+    CHECK(params["max-precopy-bytes"] == 1 << 30);
+    CHECK(params["max-precopy-ms"] == 20000);
+    CHECK(params["max-bandwidth"] == 50'000'000);  // left as it was
+    CHECK(vm->execute("migrate-set-parameters", {{"compression", "off"}}).empty());
+    CHECK(vm->execute("query-migrate-parameters")["compression"] == "off");
+    CHECK(error_desc(vm->call("migrate-set-parameters", {{"compression", "zstd"}})) ==
+          "compression must be off, on or auto, not 'zstd'");
+    CHECK(error_desc(vm->call("migrate-set-parameters", {{"max-rounds", -1}})).find("max-rounds") != std::string::npos);
     CHECK(error_desc(vm->call("migrate-set-parameters", {{"bulk-channels", 0}})) == "bulk-channels must be 1..16");
     CHECK(vm->execute("migrate-set-parameters", {{"bulk-channels", 3}}).empty());
     CHECK(vm->execute("query-migrate-parameters")["bulk-channels"] == 3);

@@ -126,6 +126,28 @@ LAZYMIG_API int lazymig_destination_listen_uffd(int uffd, const lazymig_region *
                                                 const lazymig_hooks *hooks, const char *uri,
                                                 lazymig_destination **out);
 
+/* Pre-copy (modes LAZYMIG_MODE_PRECOPY and _HYBRID), as lazymig::Parameters: read at
+ * every round. 0 in a max_* field means no bound. */
+#define LAZYMIG_COMPRESSION_OFF 1
+#define LAZYMIG_COMPRESSION_ON 2
+#define LAZYMIG_COMPRESSION_AUTO 3  /* while pages pack >= 1.5x and the CPU keeps up */
+typedef struct lazymig_precopy_params {
+    double downtime_limit_ms;    /* stop-and-copy when the rest fits; lazymig's default 300 */
+    uint32_t max_rounds;         /* default 30 */
+    uint64_t max_precopy_bytes;
+    uint32_t max_precopy_ms;
+    int compression;             /* LAZYMIG_COMPRESSION_*; default AUTO */
+} lazymig_precopy_params;
+/* The current values into *out (the defaults before any _set_precopy). */
+LAZYMIG_API int lazymig_source_get_precopy(const lazymig_source *src, lazymig_precopy_params *out);
+/* Any time, also while it migrates; -EINVAL for a negative or non-finite downtime limit. */
+LAZYMIG_API int lazymig_source_set_precopy(lazymig_source *src, const lazymig_precopy_params *params);
+/* Pre-copy figures so far: rounds finished, pages sent again after a dirtying, pages
+ * found stale at switchover (hybrid), and the switchover decision with its reason
+ * copied into buf (NUL-terminated, cut to len). */
+LAZYMIG_API int lazymig_source_precopy_stats(const lazymig_source *src, uint32_t *rounds, uint64_t *pages_resent,
+                                             uint64_t *stale_pages, char *why, size_t len);
+
 #ifdef __cplusplus
 }
 #endif

@@ -57,6 +57,10 @@ namespace lazymig {
 // Value 0 of every enum is invalid, as on the wire.
 enum class Backing : std::uint8_t { invalid = 0, anon, memfd, hugetlbfs };
 enum class Mode : std::uint8_t { invalid = 0, postcopy, precopy, hybrid };
+// lz4 for pre-copy pages: automatic compresses while a running sample of pages packs to
+// at most 2/3 of their size (>= 1.5x) and compressing costs less time than the bytes it
+// saves on the link (the sender's CPU is not the bottleneck).
+enum class Compression : std::uint8_t { invalid = 0, off, on, automatic };
 enum class Phase : std::uint8_t {
     invalid = 0,
     idle,        // created, migrate() not called / destination listening
@@ -141,6 +145,17 @@ struct Parameters {
     std::uint32_t push_batch_pages = 256; // pages per bulk frame (1 MiB of 4 KiB pages)
     std::uint32_t prefetch_pages = 16;    // most pages requested around one fault
                                           // (destination; applies to the next fault)
+    // Pre-copy (modes precopy and hybrid), read at every round:
+    double downtime_limit_ms = 300;       // stop-and-copy when the dirty pages left would
+                                          // take at most this long at the measured bandwidth
+    std::uint32_t max_rounds = 30;        // 0 = no bound
+    std::uint64_t max_precopy_bytes = 0;  // bytes sent in pre-copy; 0 = no bound
+    std::uint32_t max_precopy_ms = 0;     // pre-copy time; 0 = no bound
+    // At a bound, precopy gives up (the VM keeps running at the source) and hybrid
+    // switches to post-copy; hybrid also switches early when pre-copy diverges: the dirty
+    // rate at or above the bandwidth over the last two rounds, or the dirty set not
+    // shrinking over the last three.
+    Compression compression = Compression::automatic;  // pre-copy pages (source)
 };
 
 // The number of bulk channels used when Parameters::bulk_channels is 0: one per two
@@ -201,6 +216,29 @@ struct Stats {
     std::vector<VcpuBlocktime> vcpu_blocktime;  // per faulting thread, named ones first
     std::uint32_t bulk_channels = 0;     // bulk channels in use
     std::string error;                   // the error that ended it, if any
+    // Pre-copy (source), one entry per finished round, and how it ended:
+    struct Round {
+        std::uint32_t round = 0;          // 1 = the first pass over all of RAM
+        std::uint64_t pages_sent = 0, zero_pages = 0, bytes_sent = 0;
+        std::uint64_t dirty_pages = 0;    // written during the round: the next round's set
+        double ms = 0;
+        double bandwidth = 0;             // bytes/s on the wire, the round end to end (sent,
+                                          // received and placed: ROUND_ACK)
+        double ram_rate = 0;              // bytes/s of guest pages moved (before zero flags, lz4)
+        double dirty_rate = 0;            // pages/s written during the round
+        std::uint64_t compressed_pages = 0;  // sent lz4-compressed
+        double compression_ratio = 0;     // their bytes / what they took on the wire; 0: none
+    };
+    std::vector<Round> rounds;
+    std::uint64_t pages_resent = 0;       // sent again after a dirtying (source)
+    std::uint64_t stale_pages = 0;        // hybrid: dirtied after their last send; fetched
+                                          // again after switchover (source: sent, dest: got)
+    std::string switchover;               // the decision and why ("converged: ...")
+    double discard_ms = 0;                // destination: making stale pages missing again
+                                          // (inside the downtime)
+    std::string dirty_tracking;           // source: the method in use ("wp-async", ...)
+    std::uint64_t compressed_pages = 0;   // source: pre-copy pages sent lz4-compressed
+    double compression_ratio = 0;         // their bytes / their bytes on the wire; 0: none
     std::uint64_t pages_removed = 0;     // destination with a handed-over uffd: pages the
                                          // VMM discarded (UFFD_EVENT_REMOVE), served as zero
 };
@@ -209,6 +247,22 @@ struct Stats {
 // the kernel (pread, process_vm_readv, a VMM's own accessor). Called concurrently from
 // several sender threads, each with its own buffer. 0 bytes short is the only success.
 using PageReadFn = std::function<Result<void>(std::uint32_t region, std::uint64_t offset, std::span<std::byte> dst)>;
+
+// How the source learns which pages the running guest wrote (pre-copy, hybrid).
+//   automatic  vmm when SourceConfig::dirty_log is set, else wp_async, else wp_sync
+//   wp_async   userfaultfd write-protect, WP_ASYNC + PAGEMAP_SCAN (Linux 6.7+): no fault
+//              reaches user space
+//   wp_sync    userfaultfd write-protect; each first write after a scan is a fault that a
+//              lazymig thread resolves
+//   vmm        the VMM's own log (SourceConfig::dirty_log), e.g. a KVM dirty bitmap
+enum class DirtyTracking : std::uint8_t { invalid = 0, automatic, wp_async, wp_sync, vmm };
+[[nodiscard]] LAZYMIG_API std::string_view to_string(DirtyTracking) noexcept;
+
+// The VMM's dirty log for one region: ORs into `bitmap` (bit p of word p/64 = page p of
+// `region`) every page written since the previous call for that region, and clears its
+// own record of them. The first call for a region (when tracking starts) must clear the
+// log and may report every page. Called from lazymig's pre-copy thread.
+using DirtyLogFn = std::function<Result<void>(std::uint32_t region, std::span<std::uint64_t> bitmap)>;
 
 struct SourceConfig {
     std::vector<GuestRegion> regions;
@@ -219,6 +273,8 @@ struct SourceConfig {
     Mode mode = Mode::postcopy;
     Parameters parameters{};
     std::chrono::milliseconds connect_timeout{10'000};
+    DirtyTracking dirty_tracking = DirtyTracking::automatic;  // pre-copy and hybrid only
+    DirtyLogFn dirty_log;                 // the VMM's dirty log (DirtyTracking::vmm)
 };
 
 class LAZYMIG_API Source {

@@ -1,0 +1,174 @@
+// The modes table: postcopy, precopy and hybrid on a guest dirtying at a set rate.
+#include "bench/modes.hpp"
+
+#include <algorithm>
+
+#include <fmt/format.h>
+
+#include "bench/common.hpp"
+
+namespace bench {
+
+Fields modes_run(std::size_t bytes, std::uint64_t rate, const std::string& mode);
+
+bool report_modes(Report& rep, std::size_t bytes, const std::vector<std::uint64_t>& rates) {
+    rep.line(fmt::format("\nmodes: lazymig-vmm, {} MiB memfd, 1 vCPU running `dirty` (uniform random) at a set rate; "
+                         "downtime-limit 50 ms, max 30 rounds, 120 s",
+                         bytes >> 20));
+    rep.line(fmt::format("  {:>8} {:<9} {:<9} {:>9} {:>10} {:>9} {:>9} {:>8} {:>6} {:>7} {:>8} {:>8}  {}", "pages/s",
+                         "mode", "result", "total ms", "downtime", "wire MB", "resent", "stale", "lost%", "faults",
+                         "p50 us", "p99 us", "switchover"));
+    bool ok = true;
+    for (const auto rate : rates) {
+        for (const std::string mode : {"postcopy", "precopy", "hybrid"}) {
+            const Fields f = run_in_child([&] { return modes_run(bytes, rate, mode); });
+            if (f.has("skipped")) {
+                rep.line("  skipped: " + f.str("skipped"));
+                return true;
+            }
+            const std::string result = f.has("result") ? f.str("result") : "error";
+            std::string switchover = f.has("switchover") ? f.str("switchover") : "";
+            std::replace(switchover.begin(), switchover.end(), '_', ' ');  // the field's encoding of spaces
+            rep.line(fmt::format("  {:>8} {:<9} {:<9} {:>9.0f} {:>10.2f} {:>9.1f} {:>9.0f} {:>8.0f} {:>6.1f} {:>7.0f} "
+                                 "{:>8.1f} {:>8.1f}  {}",
+                                 rate, mode, result, f.num("total_ms"), f.num("downtime_ms"), f.num("bytes") / 1e6,
+                                 f.num("resent"), f.num("stale"), 100 * f.num("lost"), f.num("faults"), f.num("p50_us"),
+                                 f.num("p99_us"), switchover));
+            if (f.has("error")) rep.line("    ERROR: " + f.str("error"));
+            const std::string key = fmt::format("modes_{}_{}_", mode, rate);
+            for (const char* k : {"total_ms", "downtime_ms", "bytes", "resent", "stale", "lost", "faults", "p50_us",
+                                  "p99_us", "rounds", "discard_ms"})
+                rep.json.num(key + k, f.num(k));
+            rep.json.boolean(key + "completed", result == "completed");
+            // A precopy that gives up is a designed outcome; anything else must complete.
+            const bool gave_up = mode == "precopy" && result == "failed" && !f.has("error");
+            ok = ok && (result == "completed" || gave_up);
+        }
+    }
+    return ok;
+}
+
+}  // namespace bench
+
+#ifdef BENCH_VMM
+#include <cstdlib>
+#include <filesystem>
+#include <optional>
+
+#include "bench/vm_process.hpp"
+#include "qmp_client.hpp"
+
+namespace bench {
+namespace {
+
+Fields run(const std::string& dir, std::size_t bytes, std::uint64_t rate, const std::string& mode) {
+    // Rate 0 is the `idle` workload (the dirty workload takes --rate 0 as unpaced).
+    std::vector<std::string> common{"--memory", fmt::format("{}M", bytes >> 20), "--vcpus", "1", "--backing", "memfd"};
+    if (rate == 0) common.insert(common.end(), {"--workload", "idle"});
+    else common.insert(common.end(), {"--workload", "dirty", "--rate", std::to_string(rate), "--pattern", "random"});
+    std::string err;
+    auto dst_args = common;
+    dst_args.insert(dst_args.end(), {"--incoming", "tcp:127.0.0.1:0"});
+    auto dst = Vm::start(dir, "dst", dst_args, &err);
+    if (!dst) return Fields().set_str("error", "modes: " + err);
+    auto src = Vm::start(dir, "src", common, &err);
+    if (!src) return Fields().set_str("error", "modes: " + err);
+    auto sc = vmm::QmpClient::connect(src->qmp);
+    auto dc = vmm::QmpClient::connect(dst->qmp);
+    if (!sc || !dc) return Fields().set_str("error", "modes: cannot connect to the management sockets");
+    auto fail = [](const char* what, const lazymig::Error& e) {
+        return Fields().set_str("error", fmt::format("modes: {}: {}", what, e.message()));
+    };
+    auto ops = [](vmm::QmpClient& c) -> std::optional<double> {
+        auto r = c.execute("query-status");
+        if (!r) return std::nullopt;
+        return num(*r, {"workload-status", "operations"});
+    };
+    const auto b0 = std::chrono::steady_clock::now();
+    const auto ops0 = ops(*sc);
+    {
+        pollfd none{-1, 0, 0};
+        ::poll(&none, 0, 1000);  // the measuring window, not a synchronisation
+    }
+    const auto ops1 = ops(*sc);
+    if (!ops0 || !ops1) return Fields().set_str("error", "modes: query-status failed");
+    const double rate_before = (*ops1 - *ops0) / seconds_since(b0);
+
+    if (auto r = sc->execute("migrate-set-parameters", {{"downtime-limit", 50}, {"max-rounds", 30},
+                                                        {"max-precopy-ms", 120000}});
+        !r)
+        return fail("migrate-set-parameters", r.error());
+    const auto m0 = std::chrono::steady_clock::now();
+    const auto ops_m0 = ops(*sc);
+    if (auto r = sc->execute("migrate", {{"uri", dst->incoming}, {"mode", mode}}); !r) return fail("migrate", r.error());
+    auto terminal = [](const json& e) {
+        const std::string s = e["data"].value("status", "");
+        return s == "completed" || s == "failed" || s == "cancelled";
+    };
+    auto se = sc->wait_event("MIGRATION", terminal, 600s);
+    if (!se) return fail("waiting for the source to finish", se.error());
+    auto sq = sc->execute("query-migrate");
+    if (!sq) return fail("query-migrate", sq.error());
+    Fields f;
+    const std::string result = sq->value("phase", "?");
+    f.set_str("result", result);
+    const json pre = sq->contains("precopy") ? (*sq)["precopy"] : json::object();
+    if (pre.contains("switchover")) f.set_str("switchover", pre.value("switchover", "").substr(0, 48));
+    f.set("total_ms", num(*sq, {"elapsed-ms"}))
+        .set("downtime_ms", num(*sq, {"downtime-ms"}))
+        .set("bytes", num(*sq, {"bytes", "sent"}))
+        .set("resent", num(pre, {"pages-resent"}))
+        .set("stale", num(pre, {"stale-pages"}))
+        .set("rounds", double(pre.contains("rounds") ? pre["rounds"].size() : 0));
+    if (result == "completed") {
+        auto de = dc->wait_event("MIGRATION", terminal, 600s);
+        if (!de) return fail("waiting for the destination to complete", de.error());
+        const double window = seconds_since(m0);
+        const auto src_end = ops(*sc), dst_end = ops(*dc);
+        auto dq = dc->execute("query-migrate");
+        if (!dq || !src_end || !dst_end || !ops_m0) return Fields().set_str("error", "modes: query failed");
+        const double done = (*src_end - *ops_m0) + *dst_end;
+        f.set("lost", rate_before > 0 ? std::max(0.0, 1 - done / (rate_before * window)) : 0)
+            .set("faults", num(*dq, {"faults"}))
+            .set("p50_us", num(*dq, {"fault-latency-us", "p50"}))
+            .set("p99_us", num(*dq, {"fault-latency-us", "p99"}))
+            .set("discard_ms", num(*dq, {"precopy", "discard-ms"}));
+        auto check = dc->execute("check-workload");
+        if (!check || !check->value("ok", false))
+            f.set_str("error", "modes: check-workload: " + (check ? check->value("detail", "") : check.error().message()));
+    } else if (mode != "precopy") {
+        f.set_str("error", "modes: " + mode + " ended " + result + ": " + sq->value("error", ""));
+    } else {
+        // Pre-copy gave up: the VM must still run at the source, whole.
+        auto st = sc->execute("query-status");
+        if (!st || st->value("status", "") != "running") f.set_str("error", "modes: precopy gave up but the VM is not running");
+    }
+    (void)sc->call("quit");
+    (void)dc->call("quit");
+    src->wait_exit();
+    dst->wait_exit();
+    return f;
+}
+
+}  // namespace
+
+Fields modes_run(std::size_t bytes, std::uint64_t rate, const std::string& mode) {
+    char tmpl[] = "/tmp/lazymig-bench-XXXXXX";
+    if (::mkdtemp(tmpl) == nullptr) return Fields().set_str("error", "modes: mkdtemp failed");
+    Fields f = run(tmpl, bytes, rate, mode);
+    std::error_code ec;
+    std::filesystem::remove_all(tmpl, ec);
+    return f;
+}
+
+}  // namespace bench
+
+#else  // lazymig-vmm not built (examples disabled): nothing to drive
+
+namespace bench {
+Fields modes_run(std::size_t, std::uint64_t, const std::string&) {
+    return Fields().set_str("skipped", "lazymig-vmm was not built");
+}
+}  // namespace bench
+
+#endif
