@@ -116,7 +116,7 @@ Fields migrate_once(lazymig::GuestMemory& mem, const Fields& cmd, LineReader& co
     params.bulk_channels = static_cast<std::uint32_t>(cmd.num("bulk_channels"));
     auto s = lazymig::Source::create({.regions = {mem.region()}, .hooks = hooks,
                                       .uri = "tcp:127.0.0.1:" + cmd.str("port"), .mode = lazymig::Mode::postcopy,
-                                      .parameters = params});
+                                      .parameters = params, .security = {.auth = lazymig::Auth::none}});
     if (!s) return Fields().set_str("error", "source: " + s.error().message());
     if (auto m = (*s)->migrate(); !m) return Fields().set_str("error", "source: " + m.error().message());
     (void)commands.next();  // "release", or end of file if the orchestrator gave up
@@ -306,7 +306,8 @@ int destination_run(const DestinationSpec& spec, int, int report_fd) {
     const Rss r0 = read_rss();  // baseline: guest RAM mapped but empty, bench memory populated
     const std::uint64_t l0 = now_ns();
     auto d = lazymig::Destination::listen({.regions = {mem->region()}, .hooks = hooks, .uri = "tcp:127.0.0.1:0",
-                                           .parameters = {.bulk_channels = spec.bulk_channels}});
+                                           .parameters = {.bulk_channels = spec.bulk_channels},
+                                           .security = {.auth = lazymig::Auth::none}});
     if (!d) {
         emit(report_fd, Fields().set_str("error", "destination: " + d.error().message()));
         return 1;

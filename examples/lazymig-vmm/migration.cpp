@@ -102,7 +102,7 @@ lazymig::VmmHooks Migration::hooks(Role role) {
 lazymig::Result<std::string> Migration::listen(const std::string& uri) {
     std::lock_guard ctl(ctl_mu_);
     if (role_ != Role::none) return lazymig::logic_error("this VM already takes part in a migration");
-    auto dst = lazymig::Destination::listen({.regions = vm_.regions(), .hooks = hooks(Role::destination), .uri = uri, .parameters = parameters()});
+    auto dst = lazymig::Destination::listen({.regions = vm_.regions(), .hooks = hooks(Role::destination), .uri = uri, .parameters = parameters(), .security = security_});
     if (!dst) return std::unexpected(dst.error().wrap(fmt::format("incoming migration on {}", uri)));
     {
         std::lock_guard lock(mu_);
@@ -128,7 +128,8 @@ lazymig::Result<void> Migration::migrate(const std::string& uri, lazymig::Mode m
         return lazymig::logic_error(fmt::format("cannot migrate a VM in state {}", status));
     join_waiter();  // the previous (failed) migration's waiter has returned or is about to
     source_.reset();
-    lazymig::SourceConfig cfg{.regions = vm_.regions(), .hooks = hooks(Role::source), .uri = uri, .mode = mode, .parameters = parameters()};
+    lazymig::SourceConfig cfg{.regions = vm_.regions(), .hooks = hooks(Role::source), .uri = uri, .mode = mode,
+                              .parameters = parameters(), .security = security_};
     auto src = lazymig::Source::create(std::move(cfg));
     if (!src) return std::unexpected(src.error().wrap(fmt::format("migrate to {}", uri)));
     {

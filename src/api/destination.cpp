@@ -17,6 +17,7 @@
 #include "src/net/frames.hpp"
 #include "src/net/outbox.hpp"
 #include "src/net/socket.hpp"
+#include "src/net/tls.hpp"
 
 namespace lazymig {
 namespace {
@@ -100,6 +101,9 @@ public:
         s.postcopy_ms = postcopy_ms_.load();
         if (s.postcopy_ms == 0 && resumed_) s.postcopy_ms = api::ms_since(resumed_at_);
         if (auto e = state_.error()) s.error = e->message();
+        s.tls = transport_->security();
+        s.auth = net::to_string(cfg_.security.auth);
+        s.refused_peers = transport_->refused();
         return s;
     }
 
@@ -349,7 +353,9 @@ Result<std::unique_ptr<Destination>> Destination::listen(DestinationConfig confi
     if (!pager) return std::unexpected(pager.error());
     auto stop = net::ShutdownEvent::create();
     if (!stop) return std::unexpected(stop.error());
-    auto transport = net::tcp_listener(config.uri, stop->fd());
+    auto tls = net::tls_for(config.security, true);
+    if (!tls) return std::unexpected(tls.error().wrap("destination"));
+    auto transport = net::tcp_listener(config.uri, stop->fd(), std::move(*tls));
     if (!transport) return std::unexpected(transport.error().wrap("destination"));
     auto d = std::make_unique<DestinationImpl>(std::move(config), std::move(*pager), std::move(*transport),
                                                std::move(*stop));

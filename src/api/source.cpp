@@ -13,6 +13,7 @@
 #include "src/net/channel.hpp"
 #include "src/net/frames.hpp"
 #include "src/net/socket.hpp"
+#include "src/net/tls.hpp"
 #include "src/region.hpp"
 
 namespace lazymig {
@@ -100,6 +101,8 @@ public:
         s.elapsed_ms = started_ ? state_.elapsed_ms(start_) : 0;
         s.destination_resumed = handed_over_;
         if (auto e = state_.error()) s.error = e->message();
+        s.tls = transport_->security();
+        s.auth = net::to_string(cfg_.security.auth);
         return s;
     }
 
@@ -160,7 +163,8 @@ private:
             if (auto r = handshake(breader, proto::Channel::bulk, i, session_id); !r) return r;
             bulk_.push_back(std::move(*bulk));
         }
-        LZ_LOG(info, "source_channels", "transport={} bulk={}", transport_->name(), bulk_count_);
+        LZ_LOG(info, "source_channels", "transport={} auth={} tls={} bulk={}", transport_->name(),
+               net::to_string(cfg_.security.auth), transport_->security(), bulk_count_);
 
         auto table = proto::encode(proto::region_table_of(cfg_.regions));
         if (auto r = net::send_frame(*urgent_, table); !r) return r;
@@ -249,7 +253,9 @@ Result<std::unique_ptr<Source>> Source::create(SourceConfig config) {
                                        config.parameters.bulk_channels, proto::kMaxBulkChannels));
     auto stop = net::ShutdownEvent::create();
     if (!stop) return std::unexpected(stop.error());
-    auto transport = net::tcp_connector(config.uri, stop->fd(), config.connect_timeout);
+    auto tls = net::tls_for(config.security, false);
+    if (!tls) return std::unexpected(tls.error().wrap("source"));
+    auto transport = net::tcp_connector(config.uri, stop->fd(), config.connect_timeout, std::move(*tls));
     if (!transport) return std::unexpected(transport.error().wrap("source"));
     // Probes each region's read method now, so a refusal names the region before migrate().
     auto reader = source::make_page_reader(config.regions, config.read_pages);

@@ -8,6 +8,7 @@
 
 #include "lazymig/lazymig.h"
 #include "lazymig/lazymig.hpp"
+#include "tests/tls_key.hpp"
 
 using namespace lazymig;
 
@@ -21,12 +22,14 @@ VmmHooks hooks() {
 
 std::string source_error(std::vector<GuestRegion> regions, std::string uri = "tcp:127.0.0.1:4444",
                          VmmHooks h = hooks()) {
-    auto s = Source::create({.regions = std::move(regions), .hooks = std::move(h), .uri = std::move(uri)});
+    auto s = Source::create({.regions = std::move(regions), .hooks = std::move(h), .uri = std::move(uri),
+                             .security = testkey::security()});
     return s ? std::string("(accepted)") : s.error().message();
 }
 
 std::string destination_error(std::vector<GuestRegion> regions, std::string uri = "tcp:127.0.0.1:0") {
-    auto d = Destination::listen({.regions = std::move(regions), .hooks = hooks(), .uri = std::move(uri)});
+    auto d = Destination::listen({.regions = std::move(regions), .hooks = hooks(), .uri = std::move(uri),
+                                  .security = testkey::security()});
     return d ? std::string("(accepted)") : d.error().message();
 }
 
@@ -74,7 +77,8 @@ TEST_CASE("api/config/uris-and-hooks") {
     CHECK(destination_error({mem->region()}, "tcp:example:1") ==
           "destination: listen: host 'example' is not a numeric IPv4 or IPv6 address");
     // A port already taken: the error names the address and the errno.
-    auto first = Destination::listen({.regions = {mem->region()}, .hooks = hooks(), .uri = "tcp:127.0.0.1:0"});
+    auto first = Destination::listen({.regions = {mem->region()}, .hooks = hooks(), .uri = "tcp:127.0.0.1:0",
+                                      .security = testkey::security()});
     REQUIRE(first);
     auto mem2 = GuestMemory::create("ram0", 1 << 20, Backing::anon, false);
     REQUIRE(mem2);
@@ -108,7 +112,7 @@ TEST_CASE("api/config/unsupported-mode-is-refused-not-downgraded") {
     auto mem = GuestMemory::create("ram0", 1 << 20, Backing::anon, true);
     REQUIRE(mem);
     auto s = Source::create({.regions = {mem->region()}, .hooks = hooks(), .uri = "tcp:127.0.0.1:9",
-                             .mode = Mode::hybrid});
+                             .mode = Mode::hybrid, .security = testkey::security()});
     REQUIRE(s);
     auto m = (*s)->migrate();
     REQUIRE_FALSE(m);

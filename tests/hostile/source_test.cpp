@@ -39,7 +39,8 @@ public:
         };
         auto s = lazymig::Source::create({.regions = {mem_.region()}, .hooks = hooks, .uri = uri_,
                                           .mode = lazymig::Mode::postcopy, .parameters = {.bulk_channels = 1},
-                                          .connect_timeout = std::chrono::milliseconds(kTimeoutMs)});
+                                          .connect_timeout = std::chrono::milliseconds(kTimeoutMs),
+                                          .security = testkey::security()});
         REQUIRE_MESSAGE(s.has_value(), err_of(s));
         src_ = std::move(*s);
         auto started = src_->migrate();

@@ -26,6 +26,7 @@
 #include "lazymig/lazymig.hpp"
 #include "src/failpoint.hpp"
 #include "tests/flag.hpp"
+#include "tests/tls_key.hpp"
 
 namespace race {
 
@@ -180,7 +181,8 @@ public:
                              .load_device_state = [](std::span<const std::byte>) -> lazymig::Result<void> { return {}; },
                              .on_epoch_committed = {}, .on_event = {}};
         auto dst = lazymig::Destination::listen(
-            {.regions = {dst_mem_.region()}, .hooks = dh, .uri = "tcp:127.0.0.1:0", .parameters = {}});
+            {.regions = {dst_mem_.region()}, .hooks = dh, .uri = "tcp:127.0.0.1:0", .parameters = {},
+             .security = testkey::security()});
         REQUIRE_MESSAGE(dst.has_value(), err_of(dst));
         dst_ = std::move(*dst);
         lazymig::VmmHooks sh{.pause_vcpus = [c] { ++c->src_pause; }, .resume_vcpus = [c] { ++c->src_resume; },
@@ -190,7 +192,8 @@ public:
                              .load_device_state = {}, .on_epoch_committed = {}, .on_event = {}};
         auto src = lazymig::Source::create({.regions = {src_mem_.region()}, .hooks = sh, .uri = dst_->local_uri(),
                                             .mode = lazymig::Mode::postcopy, .parameters = source_params,
-                                            .connect_timeout = std::chrono::milliseconds(10'000)});
+                                            .connect_timeout = std::chrono::milliseconds(10'000),
+                                            .security = testkey::security()});
         REQUIRE_MESSAGE(src.has_value(), err_of(src));
         src_ = std::move(*src);
     }

@@ -119,6 +119,18 @@ LAZYMIG_API int lazymig_destination_set_vcpu_threads(lazymig_destination *dst, c
                                                      const char *const *names, size_t count);
 LAZYMIG_API void lazymig_destination_destroy(lazymig_destination *dst);
 
+/* Authentication of the migration's channels (TLS 1.3), on by default: _source_create
+ * and _destination_listen have no key and fail saying so. `auth` is "psk-file:PATH" (a
+ * 0600 file holding the per-migration key in hex, e.g. `openssl rand -hex 32`),
+ * "x509:DIR" (ca-cert.pem, server-/client-cert.pem and -key.pem, as QEMU's
+ * tls-creds-x509), optionally "x509:DIR:PEERNAME" (the name the peer's certificate must
+ * carry), or "none" (explicit: no authentication, no encryption). */
+LAZYMIG_API int lazymig_source_create_auth(const lazymig_region *regions, size_t count, const lazymig_hooks *hooks,
+                                           const char *uri, int mode, const char *auth, lazymig_source **out);
+LAZYMIG_API int lazymig_destination_listen_auth(const lazymig_region *regions, size_t count,
+                                                const lazymig_hooks *hooks, const char *uri, const char *auth,
+                                                lazymig_destination **out);
+
 #ifdef __cplusplus
 }
 #endif
