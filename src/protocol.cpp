@@ -128,9 +128,16 @@ std::string_view to_string(Type t) noexcept {
     case Type::pages: return "PAGES";
     case Type::push_done: return "PUSH_DONE";
     case Type::complete: return "COMPLETE";
+    case Type::heartbeat: return "HEARTBEAT";
+    case Type::device_loaded: return "DEVICE_LOADED";
+    case Type::go: return "GO";
     case Type::invalid: break;
     }
     return "INVALID";
+}
+
+bool known_type(std::uint8_t t) noexcept {
+    return (t >= 1 && t <= kTypeLast) || (t >= 40 && t <= 42);
 }
 
 std::string_view to_string(Channel c) noexcept {
@@ -148,7 +155,7 @@ Result<Header> parse_header(std::span<const std::byte, kHeaderSize> raw, std::st
         return peer_violation(fmt::format("{}: not a lazymig frame: magic {:#010x}, expected {:#010x}",
                                        where, magic, kMagic));
     const auto type = static_cast<std::uint8_t>(raw[4]);
-    if (type == 0 || type > kTypeLast)
+    if (!known_type(type))
         return peer_violation(fmt::format("{}: unknown message type {}", where, type));
     const auto flags = static_cast<std::uint8_t>(raw[5]);
     const auto reserved = get<std::uint16_t>(raw.data() + 6);

@@ -14,8 +14,12 @@
 //   ─ urgent ─ REGION_TABLE ─────────────►  compared with the destination's own regions
 //            ◄── REGION_ACK               (or ERROR naming the first mismatch)
 //   [source pauses vCPUs]
-//   ─ urgent ─ DEVICE_STATE{blob} ────────►  load_device_state, resume_vcpus
+//   ─ urgent ─ DEVICE_STATE{blob} ────────►  load_device_state
+//            ◄── DEVICE_LOADED            (no answer in time: the source resumes its VM)
+//   ─ urgent ─ GO ────────────────────────►  resume_vcpus (after GO the source never resumes)
 //            ◄── RESUMED                  downtime = pause .. RESUMED
+//   ◄─ urgent ─► HEARTBEAT                during post-copy: the destination sends one every
+//                                         heartbeat_timeout/4, the source echoes each
 //            ◄── PAGE_REQUEST{r, first, n}   (a fault, plus a prefetch window)
 //   ─ urgent ─ PAGES{r, first, n, zero bitmap, data} ─►
 //   ─ bulk i ─ PAGES ... PAGES, PUSH_DONE ─►
@@ -72,8 +76,13 @@ enum class Type : std::uint8_t {
     pages = 9,
     push_done = 10,
     complete = 11,
+    // 40..49: liveness and the two-phase switchover.
+    heartbeat = 40,
+    device_loaded = 41,
+    go = 42,
 };
 inline constexpr std::uint8_t kTypeLast = 11;
+[[nodiscard]] bool known_type(std::uint8_t t) noexcept;
 [[nodiscard]] std::string_view to_string(Type t) noexcept;
 
 enum class Channel : std::uint8_t { invalid = 0, urgent = 1, bulk = 2 };

@@ -33,12 +33,17 @@ public:
 
     [[nodiscard]] const std::string& where() const { return channel_.where(); }
     [[nodiscard]] Channel& channel() const { return channel_; }
+    // The largest payload a frame other than PAGES may announce now; next() refuses a
+    // larger one from its header, before anything is allocated for it. The session
+    // raises it only while a DEVICE_STATE is legal (to the configured maximum).
+    void set_max_control(std::size_t bytes) { max_control_ = bytes; }
 
 private:
     Channel& channel_;
     const std::string& where_;
     std::vector<std::byte> buf_;
     std::size_t head_ = 0, tail_ = 0;  // unread bytes are buf_[head_, tail_)
+    std::size_t max_control_ = proto::kMaxControlPayload;
     std::array<std::byte, proto::kHeaderSize> raw_{};
 };
 

@@ -94,10 +94,23 @@ TEST_CASE("hostile/unknown-message-type") {
 TEST_CASE("hostile/unknown-message-type-on-bulk") {
     Target t(pick_backing());
     HostileSource src(t.port());
+    src.region_table();  // bulk channels are read only from here on
     auto f = proto::encode_empty(proto::Type::push_done);
     f[4] = std::byte{0};
     src.bulk.send(f);
     CHECK(t.failure() == "bulk channel from the source: unknown message type 0");
+    check_not_resumed(t);
+    t.check_nothing_placed();
+}
+
+// PAGES before any REGION_TABLE are not even read: the peer then leaves without a table,
+// and not one page was placed.
+TEST_CASE("hostile/pages-before-region-table-never-placed") {
+    Target t(pick_backing());
+    HostileSource src(t.port());
+    src.bulk.send(pages_frame(0, 0, 8));
+    src.urgent.send(proto::encode(proto::DeviceState{std::vector<std::byte>(16)}));
+    CHECK(t.failure() == "urgent channel from the source: expected REGION_TABLE, got DEVICE_STATE");
     check_not_resumed(t);
     t.check_nothing_placed();
 }

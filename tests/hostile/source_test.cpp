@@ -116,6 +116,8 @@ TEST_CASE("hostile/destination-requests-a-page-out-of-range") {
     urgent.expect(proto::Type::region_table);
     urgent.send(proto::encode_empty(proto::Type::region_ack));
     urgent.expect(proto::Type::device_state);
+    urgent.send(proto::encode_empty(proto::Type::device_loaded));
+    urgent.expect(proto::Type::go);
     urgent.send(proto::encode_empty(proto::Type::resumed));
     const std::uint64_t pages = HostileDestination::kSize / kPage;
     urgent.send(proto::encode(proto::PageRequest{.region = 0, .count = 2, .first = pages - 1}));

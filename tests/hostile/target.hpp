@@ -188,6 +188,8 @@ struct HostileSource {
     }
     void device_state(std::size_t bytes = 1000) {
         urgent.send(proto::encode(proto::DeviceState{std::vector<std::byte>(bytes, std::byte{7})}));
+        urgent.expect(proto::Type::device_loaded);
+        urgent.send(proto::encode_empty(proto::Type::go));
         urgent.expect(proto::Type::resumed);
     }
 };

@@ -141,11 +141,11 @@ struct Parameters {
     std::uint32_t push_batch_pages = 256; // pages per bulk frame (1 MiB of 4 KiB pages)
     std::uint32_t prefetch_pages = 16;    // most pages requested around one fault
                                           // (destination; applies to the next fault)
-    std::chrono::milliseconds heartbeat_interval{1'000};  // post-copy: each side sends a
-                                          // heartbeat this often on the urgent channel and
-                                          // takes the link as lost after 2 intervals of
-                                          // silence (detected within <= 2 s by default).
-                                          // Fixed at migrate()/listen().
+    std::chrono::milliseconds heartbeat_timeout{2'000};  // post-copy: heartbeats cross
+                                          // the urgent channel both ways (every timeout/4);
+                                          // a side that receives nothing for this long
+                                          // fails with class transport_lost. Fixed at
+                                          // migrate() (source) / listen() (destination).
 };
 
 // How the channels of a migration are authenticated and encrypted (TLS 1.3, OpenSSL).
