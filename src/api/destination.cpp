@@ -260,6 +260,8 @@ private:
     // GO: the VM runs here from now on; heartbeats start.
     Result<void> on_go(const std::string& uwhere) {
         watchdog_->disarm();
+        if (int e = failpoint::check("destination_after_go", 0, 0, 0))
+            return sys_error("destination: failpoint destination_after_go", e);
         cfg_.hooks.resume_vcpus();
         resumed_at_ = Clock::now();
         resumed_ = true;

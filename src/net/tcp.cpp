@@ -160,6 +160,7 @@ public:
     }
     void close_listener() override {
         listener_.reset();
+        for (const auto& h : pending_) refuse(h.peer(), "still not authenticated when the migration's channels were all open");
         pending_.clear();
     }
     std::string local_uri() const override { return local_.uri(); }
