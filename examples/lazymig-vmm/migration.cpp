@@ -206,6 +206,13 @@ lazymig::Result<void> Migration::cancel() {
         src = source_.get();
         dst = dest_.get();
     }
+    // Post-copy: the VM runs on the destination with part of its memory still here;
+    // cancelling would lose it on both sides (QEMU refuses it too).
+    const auto phase = src ? src->stats().phase : dst->stats().phase;
+    if (phase == lazymig::Phase::postcopy || phase == lazymig::Phase::paused || phase == lazymig::Phase::recovering)
+        return lazymig::logic_error("migrate-cancel is refused during post-copy: the VM runs on the destination and "
+                                    "part of its memory is only here, so cancelling would lose it; use "
+                                    "migrate-pause to stop the transfer and recover later");
     // Without mu_: cancel() joins lazymig's threads, which may call our hooks.
     log_event("migration_cancel", "reason=requested");
     if (src) src->cancel();
