@@ -55,8 +55,13 @@ public:
     // THREAD_ID when the kernel has it, makes the files fresh (every page reads zero; a
     // hugetlbfs file also gets its populated alias), empties the guest mappings and
     // registers them.
+    // Refuses user-mode-only userfaultfd unless `allow_user_mode_only` (see
+    // DestinationConfig::allow_user_mode_only): the error says how to grant full uffd.
     [[nodiscard]] static Result<std::unique_ptr<Pager>> create(std::span<const GuestRegion> regions,
-                                                               std::uint32_t prefetch_pages);
+                                                               std::uint32_t prefetch_pages,
+                                                               bool allow_user_mode_only = false);
+    // userfaultfd catches user-mode faults only (kernel accesses get EFAULT).
+    [[nodiscard]] bool user_mode_only() const { return uffd_.features().user_mode_only; }
     ~Pager();
     Pager(const Pager&) = delete;
     Pager& operator=(const Pager&) = delete;

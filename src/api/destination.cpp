@@ -106,6 +106,7 @@ public:
         s.tls = transport_->security();
         s.auth = net::to_string(cfg_.security.auth);
         s.refused_peers = transport_->refused();
+        s.uffd_user_mode_only = pager_->user_mode_only();
         return s;
     }
 
@@ -401,7 +402,7 @@ Result<std::unique_ptr<Destination>> Destination::listen(DestinationConfig confi
         return logic_error(fmt::format("destination: max_device_state {} is more than the protocol's {}",
                                        config.max_device_state, proto::kMaxDeviceState));
     if (auto at = net::parse_uri(config.uri); !at) return std::unexpected(at.error().wrap("destination"));
-    auto pager = pager::Pager::create(config.regions, config.parameters.prefetch_pages);
+    auto pager = pager::Pager::create(config.regions, config.parameters.prefetch_pages, config.allow_user_mode_only);
     if (!pager) return std::unexpected(pager.error());
     auto stop = net::ShutdownEvent::create();
     if (!stop) return std::unexpected(stop.error());
