@@ -268,6 +268,7 @@ std::string variant_name(Variant v) {
 int main(int argc, char** argv) {
     using namespace bench;
     const Options o = parse(argc, argv);
+    (void)bench_key();  // made now, before any child forks: both ends of a run share it
     Report rep;
     utsname u{};
     ::uname(&u);

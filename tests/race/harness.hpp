@@ -20,6 +20,7 @@
 #include <future>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -164,6 +165,7 @@ struct Counts {
 // Deadlines a test shortens (the defaults are the library's).
 struct Limits {
     std::chrono::milliseconds handshake{5'000}, switchover{30'000}, heartbeat{2'000};
+    std::optional<lazymig::Security> dst_security, src_security;  // default: the test PSK
 };
 
 // Source and destination memory of the same shape, and the two endpoints.
@@ -189,7 +191,8 @@ public:
         sec.handshake_timeout = limits.handshake;
         auto dst = lazymig::Destination::listen(
             {.regions = {dst_mem_.region()}, .hooks = dh, .uri = "tcp:127.0.0.1:0",
-             .parameters = {.heartbeat_timeout = limits.heartbeat}, .security = sec});
+             .parameters = {.heartbeat_timeout = limits.heartbeat},
+             .security = limits.dst_security.value_or(sec)});
         REQUIRE_MESSAGE(dst.has_value(), err_of(dst));
         dst_ = std::move(*dst);
         lazymig::VmmHooks sh{.pause_vcpus = [c] { ++c->src_pause; }, .resume_vcpus = [c] { ++c->src_resume; },
@@ -201,7 +204,8 @@ public:
         auto src = lazymig::Source::create({.regions = {src_mem_.region()}, .hooks = sh, .uri = dst_->local_uri(),
                                             .mode = lazymig::Mode::postcopy, .parameters = source_params,
                                             .connect_timeout = std::chrono::milliseconds(10'000),
-                                            .security = sec, .switchover_timeout = limits.switchover});
+                                            .security = limits.src_security.value_or(sec),
+                                            .switchover_timeout = limits.switchover});
         REQUIRE_MESSAGE(src.has_value(), err_of(src));
         src_ = std::move(*src);
     }
