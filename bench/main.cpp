@@ -2,7 +2,7 @@
 //
 //   lazymig-bench [--quick] [--sizes 1g,4g] [--backing memfd|anon|both] [--touchers N]
 //                 [--samples N] [--throttle MBPS] [--iterations N]
-//                 [--variants push,fault,throttled,sweep,downtime,busy,modes] [--raw]
+//                 [--variants push,fault,throttled,sweep,downtime,busy,modes] [--raw] [--tls]
 //                 [--mode-size 4g] [--mode-rates 0,10000,50000,200000]
 //
 // Floors first (loopback TCP round trip and stream, local uffd fault, memcpy), then for
@@ -34,6 +34,7 @@
 #include "bench/floors.hpp"
 #include "bench/migration.hpp"
 #include "bench/modes.hpp"
+#include "bench/tls.hpp"
 #include "bench/report.hpp"
 #include "bench/results.hpp"
 #include "bench/series.hpp"
@@ -61,6 +62,7 @@ struct Options {
     std::vector<std::uint64_t> mode_rates{0, 10000, 50000, 200000};  // --mode-rates
     std::size_t mode_size = 4ull << 30;                // --mode-size
     bool raw = false;                                  // --raw: every field of every run
+    bool tls = false;                                  // --tls: TLS on vs off, alone
 };
 
 std::size_t parse_size(const std::string& s) {
@@ -143,6 +145,9 @@ Options parse(int argc, char** argv) {
             if (o.mode_size == 0) usage("--mode-size needs a size such as 256m or 4g");
         } else if (a == "--raw") {
             o.raw = true;
+        } else if (a == "--tls") {  // the TLS rows alone (with the floors)
+            o.tls = true;
+            o.push = o.fault = o.throttled = o.sweep = o.downtime = o.busy = false;
         } else if (a == "--iterations") {
             o.iterations = std::max(100, std::atoi(value().c_str()));
         } else {
@@ -284,6 +289,7 @@ std::string variant_name(Variant v) {
 int main(int argc, char** argv) {
     using namespace bench;
     const Options o = parse(argc, argv);
+    (void)bench_key();  // made now, before any child forks: both ends of a run share it
     Report rep;
     utsname u{};
     ::uname(&u);
@@ -369,6 +375,19 @@ int main(int argc, char** argv) {
             source.send(Fields().set_str("quit", "1"));
             source.finish();
         }
+    }
+    if (o.tls) {
+        SourceSpec ss{headline_size, o.backings.front()};
+        Child source = Child::spawn([&](int c, int w) { return source_server(ss, c, w); });
+        auto ready = source.recv();
+        if (!ready || ready->has("error")) {
+            rep.line(fmt::format("  ERROR: source: {}", ready ? ready->str("error") : source.finish()));
+            all_ok = false;
+        } else {
+            all_ok = tls_rows(rep, source, headline_size, o.backings.front(), std::max(1, o.touchers), o.samples) && all_ok;
+            source.send(Fields().set_str("quit", "1"));
+        }
+        source.finish();
     }
     if (o.downtime) all_ok = downtime_series(rep, (o.quick ? 32ull : 64ull) << 20, o.quick ? 10 : 20) && all_ok;
     if (o.busy) all_ok = report_busy_guest(rep, o.quick ? 256ull << 20 : 4ull << 30) && all_ok;

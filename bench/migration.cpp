@@ -1,6 +1,8 @@
 // The benchmarked migration's endpoints: a source server and one destination per run.
 #include "bench/migration.hpp"
 
+#include <random>
+
 #include <fcntl.h>
 #include <pthread.h>
 #include <unistd.h>
@@ -116,7 +118,7 @@ Fields migrate_once(lazymig::GuestMemory& mem, const Fields& cmd, LineReader& co
     params.bulk_channels = static_cast<std::uint32_t>(cmd.num("bulk_channels"));
     auto s = lazymig::Source::create({.regions = {mem.region()}, .hooks = hooks,
                                       .uri = "tcp:127.0.0.1:" + cmd.str("port"), .mode = lazymig::Mode::postcopy,
-                                      .parameters = params});
+                                      .parameters = params, .security = bench_security(cmd.num("tls") != 0)});
     if (!s) return Fields().set_str("error", "source: " + s.error().message());
     if (auto m = (*s)->migrate(); !m) return Fields().set_str("error", "source: " + m.error().message());
     (void)commands.next();  // "release", or end of file if the orchestrator gave up
@@ -306,7 +308,8 @@ int destination_run(const DestinationSpec& spec, int, int report_fd) {
     const Rss r0 = read_rss();  // baseline: guest RAM mapped but empty, bench memory populated
     const std::uint64_t l0 = now_ns();
     auto d = lazymig::Destination::listen({.regions = {mem->region()}, .hooks = hooks, .uri = "tcp:127.0.0.1:0",
-                                           .parameters = {.bulk_channels = spec.bulk_channels}});
+                                           .parameters = {.bulk_channels = spec.bulk_channels},
+                                           .security = bench_security(spec.tls)});
     if (!d) {
         emit(report_fd, Fields().set_str("error", "destination: " + d.error().message()));
         return 1;
@@ -405,9 +408,24 @@ int destination_run(const DestinationSpec& spec, int, int report_fd) {
 
 namespace bench {
 
+const std::vector<std::byte>& bench_key() {
+    static const std::vector<std::byte> key = [] {
+        std::vector<std::byte> k(32);
+        std::random_device rd;
+        for (auto& b : k) b = std::byte(rd() & 0xff);
+        return k;
+    }();
+    return key;
+}
+
+lazymig::Security bench_security(bool tls) {
+    if (!tls) return {.auth = lazymig::Auth::none};
+    return {.auth = lazymig::Auth::psk, .psk = bench_key()};
+}
+
 Fields run_migration(Child& source, const MigrationRun& r) {
     DestinationSpec ds{.bytes = r.bytes, .backing = r.backing, .touchers = r.touchers, .max_samples = r.max_samples,
-                       .max_seconds = 4, .bulk_channels = r.bulk_channels};
+                       .max_seconds = 4, .bulk_channels = r.bulk_channels, .tls = r.tls};
     Child dst = Child::spawn([&](int c, int w) { return destination_run(ds, c, w); });
     auto port = dst.recv();
     if (!port || port->has("error"))
@@ -416,7 +434,8 @@ Fields run_migration(Child& source, const MigrationRun& r) {
                     .set_str("run", "1")
                     .set_str("port", port->str("port"))
                     .set("max_bandwidth", r.max_bandwidth)
-                    .set("bulk_channels", std::uint64_t(r.bulk_channels)));
+                    .set("bulk_channels", std::uint64_t(r.bulk_channels))
+                    .set("tls", std::uint64_t(r.tls)));
     auto touched = dst.recv();
     source.send(Fields().set_str("release", "1"));
     auto dres = dst.recv();

@@ -36,6 +36,7 @@ struct DestinationSpec {
     std::uint64_t max_samples = 20000;  // faulting touches recorded, over all touchers
     double max_seconds = 4;             // touching stops after this long past resume
     std::uint32_t bulk_channels = 0;    // Parameters::bulk_channels (0: the library's default)
+    bool tls = false;                   // TLS 1.3 with bench_key(); else auth=none
 };
 
 // One migration served by `source` (a source_server child) to a fresh destination
@@ -47,7 +48,13 @@ struct MigrationRun {
     std::uint64_t max_samples = 20000;
     double max_bandwidth = 0;          // bytes/s until the touchers stop; 0 = unlimited
     std::uint32_t bulk_channels = 0;   // both ends' Parameters::bulk_channels
+    bool tls = false;                  // both ends: TLS 1.3 with bench_key() (else auth=none)
 };
+
+// The pre-shared key of this benchmark run (made before the children fork).
+[[nodiscard]] const std::vector<std::byte>& bench_key();
+// How a benchmarked endpoint authenticates: TLS with bench_key(), or none.
+[[nodiscard]] lazymig::Security bench_security(bool tls);
 [[nodiscard]] Fields run_migration(Child& source, const MigrationRun& r);
 
 // Bodies for Child::spawn: (command fd, report fd) → exit code.

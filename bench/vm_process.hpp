@@ -35,7 +35,8 @@ public:
         auto vm = std::unique_ptr<Vm>(new Vm);
         vm->qmp = dir + "/" + name + ".sock";
         vm->log = dir + "/" + name + ".log";
-        std::vector<std::string> argv{BENCH_VMM, "run", "--qmp", vm->qmp};
+        // Without TLS, like the other default rows (scripts/bench --tls compares it).
+        std::vector<std::string> argv{BENCH_VMM, "run", "--qmp", vm->qmp, "--auth", "none"};
         argv.insert(argv.end(), args.begin(), args.end());
         int p[2];
         if (::pipe2(p, O_CLOEXEC) != 0) return *error = "pipe failed", nullptr;

@@ -29,7 +29,8 @@ std::uint64_t features_for(std::span<const GuestRegion> regions) {
 
 }  // namespace
 
-Result<std::unique_ptr<Pager>> Pager::create(std::span<const GuestRegion> regions, std::uint32_t prefetch_pages) {
+Result<std::unique_ptr<Pager>> Pager::create(std::span<const GuestRegion> regions, std::uint32_t prefetch_pages,
+                                             bool allow_user_mode_only) {
     if (auto v = validate_regions(regions, "destination"); !v) return std::unexpected(v.error());
     std::unique_ptr<Pager> p(new Pager());
     p->set_prefetch(prefetch_pages);
@@ -44,6 +45,16 @@ Result<std::unique_ptr<Pager>> Pager::create(std::span<const GuestRegion> region
     const bool thread_id = probed->has(UFFD_FEATURE_THREAD_ID);
     auto u = uffd::Uffd::open(features_for(regions) | (thread_id ? UFFD_FEATURE_THREAD_ID : 0));
     if (!u) return std::unexpected(u.error().wrap("destination"));
+    if (u->features().user_mode_only) {
+        if (!allow_user_mode_only)
+            return logic_error("destination: only user-mode-only userfaultfd is permitted here, under which a kernel "
+                               "access to a missing page (vhost, O_DIRECT into guest RAM, a syscall's buffer) fails "
+                               "with EFAULT instead of waiting; grant full userfaultfd (`sysctl "
+                               "vm.unprivileged_userfaultfd=1`, read-write access to /dev/userfaultfd, or "
+                               "CAP_SYS_PTRACE) or set allow_user_mode_only");
+        LZ_LOG(warn, "pager_user_mode_only", "userfaultfd catches user-mode faults only (allow_user_mode_only): a "
+               "kernel access to a missing page fails with EFAULT");
+    }
     p->uffd_ = std::move(*u);
     p->blocktime_ = std::make_unique<Blocktime>(thread_id);
     if (!thread_id) LZ_LOG(warn, "pager_no_thread_id", "the kernel lacks UFFD_FEATURE_THREAD_ID: blocktime per thread is unavailable");

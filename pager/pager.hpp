@@ -66,8 +66,13 @@ public:
     // THREAD_ID when the kernel has it, makes the files fresh (every page reads zero; a
     // hugetlbfs file also gets its populated alias), empties the guest mappings and
     // registers them.
+    // Refuses user-mode-only userfaultfd unless `allow_user_mode_only` (see
+    // DestinationConfig::allow_user_mode_only): the error says how to grant full uffd.
     [[nodiscard]] static Result<std::unique_ptr<Pager>> create(std::span<const GuestRegion> regions,
-                                                               std::uint32_t prefetch_pages);
+                                                               std::uint32_t prefetch_pages,
+                                                               bool allow_user_mode_only = false);
+    // userfaultfd catches user-mode faults only (kernel accesses get EFAULT).
+    [[nodiscard]] bool user_mode_only() const { return uffd_.features().user_mode_only; }
     // Serves a userfaultfd another process (the VMM) created and registered for MISSING
     // faults over `regions` (addresses in that process; anonymous memory: fd -1). Nothing
     // is registered or emptied here: pages are placed with UFFDIO_COPY/ZEROPAGE into the

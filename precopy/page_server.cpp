@@ -25,8 +25,9 @@ private:
 
 Result<void> serve_loop(net::FrameReader& frames, net::Channel& urgent, std::span<const GuestRegion> regions,
                         PageFramer& framer, SentMap& sent, Pusher* pusher, SourceStats& stats, DemandGate& gate,
-                        const std::function<Result<void>()>& on_resumed) {
-    bool resumed = false;
+                        const std::function<Result<void>()>& on_resumed,
+                        const std::function<Result<void>()>& on_device_loaded) {
+    bool resumed = false, loaded = !on_device_loaded;
     for (;;) {
         auto h = frames.next();
         if (!h) return std::unexpected(h.error());
@@ -40,7 +41,13 @@ Result<void> serve_loop(net::FrameReader& frames, net::Channel& urgent, std::spa
         auto payload = frames.read_control(**h);
         if (!payload) return std::unexpected(payload.error());
         switch ((*h)->type) {
+        case proto::Type::device_loaded:
+            if (loaded) return peer_violation(fmt::format("{}: unexpected DEVICE_LOADED", frames.where()));
+            loaded = true;
+            if (auto r = on_device_loaded(); !r) return r;
+            continue;
         case proto::Type::resumed:
+            if (!loaded) return peer_violation(fmt::format("{}: RESUMED before DEVICE_LOADED", frames.where()));
             if (resumed) return peer_violation(fmt::format("{}: RESUMED twice", frames.where()));
             resumed = true;
             if (auto r = on_resumed(); !r) return r;
@@ -51,6 +58,11 @@ Result<void> serve_loop(net::FrameReader& frames, net::Channel& urgent, std::spa
             return {};
         case proto::Type::error:
             return std::unexpected(net::peer_error(*payload, frames.where()));
+        case proto::Type::heartbeat: {  // echoed: the destination hears the source is alive
+            static const proto::Frame beat = proto::encode_empty(proto::Type::heartbeat);
+            if (auto s = net::send_frame(urgent, beat); !s) return s;
+            continue;
+        }
         case proto::Type::page_request:
             break;
         default:

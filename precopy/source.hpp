@@ -263,6 +263,9 @@ private:
 [[nodiscard]] Result<void> serve_loop(net::FrameReader& frames, net::Channel& urgent,
                                       std::span<const GuestRegion> regions, PageFramer& framer, SentMap& sent,
                                       Pusher* pusher, SourceStats& stats, DemandGate& gate,
-                                      const std::function<Result<void>()>& on_resumed);
+                                      const std::function<Result<void>()>& on_resumed,
+                                      const std::function<Result<void>()>& on_device_loaded = {});
+// With on_device_loaded: DEVICE_LOADED must come (once) before RESUMED and calls it (the
+// session sends GO there); requests are served meanwhile. HEARTBEATs are echoed.
 
 }  // namespace lazymig::source

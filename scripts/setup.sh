@@ -8,7 +8,7 @@ LAZYMIG_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 LAZYMIG_BUILD=${LAZYMIG_BUILD:-$LAZYMIG_ROOT/build}
 LAZYMIG_MESON_OPTIONS=${LAZYMIG_MESON_OPTIONS:-}
 LAZYMIG_PACKAGES=(g++ meson ninja-build pkg-config python3 iproute2
-    liburing-dev liblz4-dev libfmt-dev doctest-dev libcli11-dev nlohmann-json3-dev
+    liburing-dev libssl-dev liblz4-dev libfmt-dev doctest-dev libcli11-dev nlohmann-json3-dev
     libibverbs-dev librdmacm-dev
     qemu-system-x86 busybox-static rdma-core ibverbs-providers ibverbs-utils rdmacm-utils perftest kmod cpio
     socat gnuplot-nox)   # the QMP session test drives the socket with socat; bench --plot

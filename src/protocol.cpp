@@ -130,6 +130,9 @@ std::string_view to_string(Type t) noexcept {
     case Type::pages: return "PAGES";
     case Type::push_done: return "PUSH_DONE";
     case Type::complete: return "COMPLETE";
+    case Type::heartbeat: return "HEARTBEAT";
+    case Type::device_loaded: return "DEVICE_LOADED";
+    case Type::go: return "GO";
     case Type::precopy_pages: return "PRECOPY_PAGES";
     case Type::precopy_end: return "PRECOPY_END";
     case Type::stale: return "STALE";
@@ -148,6 +151,10 @@ std::string_view to_string(Type t) noexcept {
     return "INVALID";
 }
 
+bool known_type(std::uint8_t t) noexcept {
+    return t != 0 && to_string(static_cast<Type>(t)) != "INVALID";
+}
+
 std::string_view to_string(Channel c) noexcept {
     switch (c) {
     case Channel::urgent: return "urgent";
@@ -163,7 +170,7 @@ Result<Header> parse_header(std::span<const std::byte, kHeaderSize> raw, std::st
         return peer_violation(fmt::format("{}: not a lazymig frame: magic {:#010x}, expected {:#010x}",
                                        where, magic, kMagic));
     const auto type = static_cast<std::uint8_t>(raw[4]);
-    if (type == 0 || to_string(static_cast<Type>(type)) == "INVALID")
+    if (!known_type(type))
         return peer_violation(fmt::format("{}: unknown message type {}", where, type));
     const auto flags = static_cast<std::uint8_t>(raw[5]);
     const auto reserved = get<std::uint16_t>(raw.data() + 6);

@@ -14,8 +14,12 @@
 //   ─ urgent ─ REGION_TABLE ─────────────►  compared with the destination's own regions
 //            ◄── REGION_ACK               (or ERROR naming the first mismatch)
 //   [source pauses vCPUs]
-//   ─ urgent ─ DEVICE_STATE{blob} ────────►  load_device_state, resume_vcpus
+//   ─ urgent ─ DEVICE_STATE{blob} ────────►  load_device_state
+//            ◄── DEVICE_LOADED            (no answer in time: the source resumes its VM)
+//   ─ urgent ─ GO ────────────────────────►  resume_vcpus (after GO the source never resumes)
 //            ◄── RESUMED                  downtime = pause .. RESUMED
+//   ◄─ urgent ─► HEARTBEAT                during post-copy: the destination sends one every
+//                                         heartbeat_timeout/4, the source echoes each
 //            ◄── PAGE_REQUEST{r, first, n}   (a fault, plus a prefetch window)
 //   ─ urgent ─ PAGES{r, first, n, zero bitmap, data} ─►
 //   ─ bulk i ─ PAGES ... PAGES, PUSH_DONE ─►
@@ -75,7 +79,7 @@
 namespace lazymig::proto {
 
 inline constexpr std::uint32_t kMagic = 0x474D5A4C;  // "LZMG" as little-endian bytes
-inline constexpr std::uint32_t kVersion = 3;  // 2: HELLO carries the bulk channel index and count; 3: pre-copy frames
+inline constexpr std::uint32_t kVersion = 3;  // 2: HELLO carries the bulk channel index and count; 3: pre-copy, RDMA set-up, heartbeat and two-phase switchover frames
 inline constexpr std::uint8_t kMaxBulkChannels = 16;
 inline constexpr std::size_t kHeaderSize = 16;
 inline constexpr std::size_t kMaxControlPayload = 1u << 20;       // all but DEVICE_STATE, PAGES
@@ -97,6 +101,10 @@ enum class Type : std::uint8_t {
     pages = 9,
     push_done = 10,
     complete = 11,
+    // 40..49: liveness and the two-phase switchover.
+    heartbeat = 40,
+    device_loaded = 41,
+    go = 42,
     precopy_pages = 50,  // pre-copy: PAGES payload, placed without mapping
     precopy_end = 51,    // bulk channel: no more pre-copy frames on this channel
     stale = 52,          // urgent: runs of pages dirtied after they were sent
@@ -115,6 +123,12 @@ enum class Type : std::uint8_t {
 inline constexpr std::uint8_t kTypeLast = 11;
 inline constexpr std::uint8_t kPrecopyTypeFirst = 50, kPrecopyTypeLast = 55;
 inline constexpr std::uint8_t kRdmaTypeFirst = 60, kRdmaTypeLast = 66;
+// A type this build speaks (any of the ranges above).
+[[nodiscard]] bool known_type(std::uint8_t t) noexcept;
+// PAGES, PRECOPY_PAGES, PRECOPY_LZ4: page data, bounded by kMaxPagesPayload.
+[[nodiscard]] constexpr bool carries_pages(Type t) noexcept {
+    return t == Type::pages || t == Type::precopy_pages || t == Type::precopy_lz4;
+}
 [[nodiscard]] std::string_view to_string(Type t) noexcept;
 
 enum class Channel : std::uint8_t { invalid = 0, urgent = 1, bulk = 2 };

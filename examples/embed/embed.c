@@ -47,6 +47,27 @@ static void *guest_ram(size_t size, int *fd) {
     return p == MAP_FAILED ? NULL : p;
 }
 
+/* The migration's key: 32 random bytes as hex in a 0600 file both sides read (a real
+ * management plane hands each host its copy). */
+static char key_file[] = "/tmp/lazymig-embed-key-XXXXXX";
+static char auth[sizeof key_file + 16];
+
+static int make_key(void) {
+    unsigned char key[32];
+    FILE *r = fopen("/dev/urandom", "rb");
+    if (!r || fread(key, 1, sizeof key, r) != sizeof key) return perror("/dev/urandom"), -1;
+    fclose(r);
+    int fd = mkstemp(key_file); /* mode 0600 */
+    if (fd < 0) return perror("mkstemp"), -1;
+    char hex[2 * sizeof key + 2];
+    for (size_t i = 0; i < sizeof key; ++i) sprintf(hex + 2 * i, "%02x", key[i]);
+    strcat(hex, "\n");
+    if (write(fd, hex, strlen(hex)) != (ssize_t)strlen(hex)) return perror("writing the key"), close(fd), -1;
+    close(fd);
+    snprintf(auth, sizeof auth, "psk-file:%s", key_file);
+    return 0;
+}
+
 static int destination(size_t size, int port_pipe) {
     int fd;
     uint64_t *ram = guest_ram(size, &fd);
@@ -54,7 +75,7 @@ static int destination(size_t size, int port_pipe) {
     lazymig_region region = {"ram0", ram, size, 4096, LAZYMIG_BACKING_MEMFD, fd, 0};
     lazymig_hooks hooks = {"destination", nop, nop, NULL, load_state, on_event};
     lazymig_destination *dst;
-    if (lazymig_destination_listen(&region, 1, &hooks, "tcp:127.0.0.1:0", &dst) < 0)
+    if (lazymig_destination_listen_auth(&region, 1, &hooks, "tcp:127.0.0.1:0", auth, &dst) < 0)
         return fprintf(stderr, "destination: %s\n", lazymig_last_error()), 1;
     char uri[64];
     if (lazymig_destination_local_uri(dst, uri, sizeof uri) < 0 || write(port_pipe, uri, sizeof uri) != sizeof uri)
@@ -86,7 +107,7 @@ static int source(size_t size, int port_pipe) {
     lazymig_region region = {"ram0", ram, size, 4096, LAZYMIG_BACKING_MEMFD, fd, 0};
     lazymig_hooks hooks = {"source", nop, nop, save_state, NULL, on_event};
     lazymig_source *src;
-    if (lazymig_source_create(&region, 1, &hooks, uri, LAZYMIG_MODE_POSTCOPY, &src) < 0 ||
+    if (lazymig_source_create_auth(&region, 1, &hooks, uri, LAZYMIG_MODE_POSTCOPY, auth, &src) < 0 ||
         lazymig_source_migrate(src) < 0 || lazymig_source_wait(src) < 0)
         return fprintf(stderr, "source: %s\n", lazymig_last_error()), 1;
     lazymig_stats st;
@@ -99,6 +120,7 @@ static int source(size_t size, int port_pipe) {
 int main(int argc, char **argv) {
     size_t size = (size_t)(argc > 1 ? atoi(argv[1]) : 32) << 20;
     int p[2];
+    if (make_key() != 0) return 1;
     if (pipe(p) != 0) return perror("pipe"), 1;
     fflush(stdout);
     pid_t child = fork();
@@ -111,6 +133,7 @@ int main(int argc, char **argv) {
     }
     close(p[1]);
     int rc = source(size, p[0]);
+    unlink(key_file);
     int status;
     if (waitpid(child, &status, 0) < 0) return perror("waitpid"), 1;
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) return fprintf(stderr, "destination failed\n"), 1;

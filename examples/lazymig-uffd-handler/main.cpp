@@ -129,7 +129,23 @@ int main(int argc, char** argv) {
     app.add_option("--prefetch", prefetch, "most pages fetched around one fault")->check(CLI::Range(1, 1024));
     app.add_option("--handshake-timeout-ms", timeout_ms, "how long a connection may take to send its handshake");
     app.add_option("--sessions", max_sessions, "exit after this many sessions (0: serve until stopped)");
+    std::string psk_file, creds, peer_name, auth;
+    app.add_option("--tls-psk-file", psk_file, "--listen: the migration's pre-shared key (a 0600 file of hex, "
+                                              "`openssl rand -hex 32`), the same as the remote Source's");
+    app.add_option("--tls-creds", creds, "--listen: x509 credentials directory (ca-cert.pem, server-cert.pem, "
+                                         "server-key.pem)");
+    app.add_option("--tls-peer-name", peer_name, "--listen, x509: the name the Source's certificate must carry");
+    app.add_option("--auth", auth, "--listen: 'none' to accept a Source without authentication (anyone who reaches "
+                                   "the port can write the VM's memory)");
     CLI11_PARSE(app, argc, argv);
+    if (!auth.empty() && auth != "none") {
+        std::fprintf(stderr, "lazymig-uffd-handler: --auth takes only 'none' (keys: --tls-psk-file, --tls-creds)\n");
+        return 2;
+    }
+    if (!psk_file.empty() + !creds.empty() + !auth.empty() > 1) {
+        std::fprintf(stderr, "lazymig-uffd-handler: choose one of --tls-psk-file, --tls-creds and --auth none\n");
+        return 2;
+    }
     if (snapshot.empty() && listen_uri.empty()) {
         std::fprintf(stderr, "lazymig-uffd-handler: give --snapshot FILE or --listen tcp:HOST:PORT\n");
         return 2;
@@ -137,6 +153,10 @@ int main(int argc, char** argv) {
 
     SourceSpec spec;
     spec.listen_uri = listen_uri;
+    // --snapshot: the Source inside the handler gets a fresh key per session (session.cpp).
+    if (!psk_file.empty()) spec.security = {.auth = lazymig::Auth::psk, .psk_file = psk_file};
+    else if (!creds.empty()) spec.security = {.auth = lazymig::Auth::x509, .creds_dir = creds, .peer_name = peer_name};
+    else if (auth == "none") spec.security = {.auth = lazymig::Auth::none};
     spec.parameters.prefetch_pages = prefetch;
     vmm::UniqueFd snap_fd;
     if (!snapshot.empty()) {

@@ -2,6 +2,7 @@
 
 #include <poll.h>
 #include <sys/eventfd.h>
+#include <sys/random.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -87,9 +88,19 @@ Summary serve(unsigned number, Handshake h, const SourceSpec& spec, int conn, st
                            .backing = m.page_size == 4096 ? lazymig::Backing::anon : lazymig::Backing::hugetlbfs});
     }
     const bool local = spec.snapshot_fd >= 0;
+    // The snapshot's Source and the Destination meet on loopback, where any local process
+    // could connect: a key made for this session alone authenticates them.
+    lazymig::Security security = spec.security;
+    if (local) {
+        std::vector<std::byte> key(32);
+        if (::getrandom(key.data(), key.size(), 0) != static_cast<ssize_t>(key.size()))
+            return fail("failed", fmt::format("getrandom: {}", std::strerror(errno)));
+        security = {.auth = lazymig::Auth::psk, .psk = std::move(key)};
+    }
     auto dst = lazymig::Destination::listen({.regions = regions, .hooks = no_vcpus(),
                                              .uri = local ? "tcp:127.0.0.1:0" : spec.listen_uri,
-                                             .parameters = spec.parameters, .uffd = h.uffd.release()});
+                                             .parameters = spec.parameters, .uffd = h.uffd.release(),
+                                             .security = security});
     if (!dst) return fail("refused", dst.error().message());
     live.publish(dst->get(), (*dst)->local_uri());
 
@@ -104,7 +115,7 @@ Summary serve(unsigned number, Handshake h, const SourceSpec& spec, int conn, st
              .read_pages = [fd = spec.snapshot_fd, offsets](std::uint32_t r, std::uint64_t off, std::span<std::byte> d) {
                  return pread_all(fd, offsets[r] + off, d);
              },
-             .uri = (*dst)->local_uri(), .mode = lazymig::Mode::postcopy, .parameters = p});
+             .uri = (*dst)->local_uri(), .mode = lazymig::Mode::postcopy, .parameters = p, .security = security});
         Result<void> started = s ? (*s)->migrate() : Result<void>(std::unexpected(s.error()));
         if (!started) {
             (*dst)->cancel();

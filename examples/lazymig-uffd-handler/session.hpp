@@ -31,6 +31,7 @@ struct SourceSpec {
     std::uint64_t snapshot_size = 0;
     std::string listen_uri;           // remote source: where the Destination listens
     lazymig::Parameters parameters{};
+    lazymig::Security security{};     // remote source: how it authenticates (--tls-*, --auth none)
 };
 
 struct Summary {

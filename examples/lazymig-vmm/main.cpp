@@ -47,6 +47,14 @@ int main(int argc, char** argv) {
     r->add_option("--incoming", incoming, "wait for a migration on tcp:HOST:PORT or rdma:HOST:PORT (port 0: any)");
     r->add_option("--qmp", run.qmp, "management socket path")->required();
     r->add_option("--kv-port", kv_port, "kv: TCP port of the service (0: any)")->capture_default_str();
+    std::string psk_file, creds, auth;
+    r->add_option("--tls-psk-file", psk_file, "the migration's pre-shared key: a 0600 file of hex "
+                                              "(`openssl rand -hex 32`), the same on both VMs");
+    r->add_option("--tls-creds", creds, "x509 credentials directory: ca-cert.pem, server-cert.pem/server-key.pem "
+                                        "(destination), client-cert.pem/client-key.pem (source)");
+    r->add_option("--tls-peer-name", run.security.peer_name, "x509: the name the peer's certificate must carry");
+    r->add_option("--auth", auth, "'none': migrate without authentication or encryption (anyone who reaches "
+                                  "the port can take the VM over)");
 
     vmm::MigrateOptions mig;
     std::string mode = "postcopy";
@@ -105,6 +113,15 @@ int main(int argc, char** argv) {
                         : c.workload.kind == K::bank    ? 100'000
                         : c.workload.kind == K::dirty   ? 20'000
                                                         : 0;
+        const int ways = !psk_file.empty() + !creds.empty() + !auth.empty();
+        if (!auth.empty() && auth != "none")
+            return fmt::print(stderr, "lazymig-vmm: --auth takes only 'none' (keys: --tls-psk-file, --tls-creds)\n"), 2;
+        if (ways > 1)
+            return fmt::print(stderr, "lazymig-vmm: choose one of --tls-psk-file, --tls-creds and --auth none\n"), 2;
+        if (!psk_file.empty()) run.security = {.auth = lazymig::Auth::psk, .psk_file = psk_file, .peer_name = {}};
+        else if (!creds.empty()) run.security = {.auth = lazymig::Auth::x509, .creds_dir = creds,
+                                                 .peer_name = run.security.peer_name};
+        else if (auth == "none") run.security = {.auth = lazymig::Auth::none};
         if (!incoming.empty()) {
             run.incoming = incoming;
             c.incoming = true;

@@ -179,7 +179,7 @@ int run_migrate(const MigrateOptions& o) {
     json timeline = json::array();
     Sample last_rec{start};
     auto next_show = start;
-    const auto deadline = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.timeout_s));
+    auto deadline = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o.timeout_s));
     Sample last{start};
     json s, d;
     // The last line shows rates over the whole run, not over its last instant.
@@ -243,6 +243,16 @@ int run_migrate(const MigrateOptions& o) {
             next_draw = now + tick;
         }
         if (now > deadline) {
+            // A post-copy is never cancelled: the VM runs on the destination and needs
+            // every page the source still holds.
+            auto q = src->execute("query-migrate");
+            const std::string status = q ? q->value("status", "") : "";
+            if (status == "postcopy-active" || status == "postcopy-paused") {
+                fmt::print("\nlazymig-vmm migrate: no completion within {} s, but post-copy cannot be cancelled "
+                           "(the VM runs on the destination): waiting for it to end\n", o.timeout_s);
+                deadline = Clock::time_point::max();
+                continue;
+            }
             fmt::print("\nlazymig-vmm migrate: no completion within {} s: cancelling\n", o.timeout_s);
             [[maybe_unused]] auto c = src->execute("migrate-cancel");
             return 1;

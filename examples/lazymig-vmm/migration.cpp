@@ -102,7 +102,7 @@ lazymig::VmmHooks Migration::hooks(Role role) {
 lazymig::Result<std::string> Migration::listen(const std::string& uri) {
     std::lock_guard ctl(ctl_mu_);
     if (role_ != Role::none) return lazymig::logic_error("this VM already takes part in a migration");
-    auto dst = lazymig::Destination::listen({.regions = vm_.regions(), .hooks = hooks(Role::destination), .uri = uri, .parameters = parameters()});
+    auto dst = lazymig::Destination::listen({.regions = vm_.regions(), .hooks = hooks(Role::destination), .uri = uri, .parameters = parameters(), .security = security_});
     if (!dst) return std::unexpected(dst.error().wrap(fmt::format("incoming migration on {}", uri)));
     {
         std::lock_guard lock(mu_);
@@ -128,7 +128,8 @@ lazymig::Result<void> Migration::migrate(const std::string& uri, lazymig::Mode m
         return lazymig::logic_error(fmt::format("cannot migrate a VM in state {}", status));
     join_waiter();  // the previous (failed) migration's waiter has returned or is about to
     source_.reset();
-    lazymig::SourceConfig cfg{.regions = vm_.regions(), .hooks = hooks(Role::source), .uri = uri, .mode = mode, .parameters = parameters()};
+    lazymig::SourceConfig cfg{.regions = vm_.regions(), .hooks = hooks(Role::source), .uri = uri, .mode = mode,
+                              .parameters = parameters(), .security = security_};
     auto src = lazymig::Source::create(std::move(cfg));
     if (!src) return std::unexpected(src.error().wrap(fmt::format("migrate to {}", uri)));
     {
@@ -205,6 +206,13 @@ lazymig::Result<void> Migration::cancel() {
         src = source_.get();
         dst = dest_.get();
     }
+    // Post-copy: the VM runs on the destination with part of its memory still here;
+    // cancelling would lose it on both sides (QEMU refuses it too).
+    const auto phase = src ? src->stats().phase : dst->stats().phase;
+    if (phase == lazymig::Phase::postcopy || phase == lazymig::Phase::paused || phase == lazymig::Phase::recovering)
+        return lazymig::logic_error("migrate-cancel is refused during post-copy: the VM runs on the destination and "
+                                    "part of its memory is only here, so cancelling would lose it; use "
+                                    "migrate-pause to stop the transfer and recover later");
     // Without mu_: cancel() joins lazymig's threads, which may call our hooks.
     log_event("migration_cancel", "reason=requested");
     if (src) src->cancel();

@@ -51,7 +51,9 @@ class Migration {
 public:
     // `events` (may be null) receives a MIGRATION event at every phase change; the
     // terminal one (completed, failed, cancelled) only once the VM has acted on it.
-    Migration(Vm& vm, EventBus* events) : vm_(vm), events_(events) {}
+    // `security`: how its channels authenticate (both roles).
+    Migration(Vm& vm, EventBus* events, lazymig::Security security)
+        : vm_(vm), events_(events), security_(std::move(security)) {}
     ~Migration();
     Migration(const Migration&) = delete;
     Migration& operator=(const Migration&) = delete;
@@ -87,6 +89,7 @@ private:
     bool finished_ = false;              // the waiter has seen wait() return
     std::optional<lazymig::Error> error_;  // why the last migration ended, if it failed
     std::string last_event_;
+    lazymig::Security security_;
     std::string last_error_event_;       // the sentence lazymig ended with, if it failed
     lazymig::Phase last_phase_ = lazymig::Phase::setup;  // the last phase before the end
     std::uint32_t passes_ = 0;           // MIGRATION_PASS events sent for this migration

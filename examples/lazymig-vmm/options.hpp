@@ -15,6 +15,7 @@ struct RunOptions {
     VmConfig vm;
     std::string qmp;                      // management socket path
     std::optional<std::string> incoming;  // "tcp:HOST:PORT"
+    lazymig::Security security;           // --tls-psk-file, --tls-creds, --auth none
 };
 
 struct MigrateOptions {

@@ -34,11 +34,27 @@ lazymig::Result<std::unique_ptr<QmpServer>> QmpServer::start(std::string path, E
     std::unique_ptr<QmpServer> s(new QmpServer(std::move(path), events, std::move(greeting), std::move(handler)));
     s->listen_.reset(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
     if (!s->listen_) return lazymig::sys_error("qmp: socket AF_UNIX");
-    // A socket left by a previous run is replaced; any other file there is not.
+    // A socket left by a previous run (no one answers a connect) is replaced; a live one
+    // belongs to another VM and is refused; any other file there is not touched.
     struct stat st;
-    if (::lstat(s->path_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) ::unlink(s->path_.c_str());
-    if (::bind(s->listen_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0)
-        return lazymig::sys_error(fmt::format("qmp: bind {}", s->path_));
+    if (::lstat(s->path_.c_str(), &st) == 0 && S_ISSOCK(st.st_mode)) {
+        UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+        if (!probe) return lazymig::sys_error("qmp: socket AF_UNIX");
+        if (::connect(probe.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0)
+            return lazymig::logic_error(fmt::format("qmp socket {} is in use by another running VM (it answered a "
+                                                    "connect); choose another --qmp path", s->path_));
+        if (errno != ECONNREFUSED) return lazymig::sys_error(fmt::format("qmp: probing {}", s->path_));
+        ::unlink(s->path_.c_str());
+    }
+    // Mode 0600 whatever the umask: whoever reaches the socket controls the VM. Bound
+    // under umask 077, so it never exists with wider permissions; chmod/chown it (or
+    // its directory) to grant others.
+    const mode_t old_umask = ::umask(077);
+    const int bound = ::bind(s->listen_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+    const int bind_errno = errno;
+    ::umask(old_umask);
+    if (bound != 0) return lazymig::sys_error(fmt::format("qmp: bind {}", s->path_), bind_errno);
+    if (::chmod(s->path_.c_str(), 0600) != 0) return lazymig::sys_error(fmt::format("qmp: chmod 0600 {}", s->path_));
     if (::listen(s->listen_.get(), 16) != 0) return lazymig::sys_error(fmt::format("qmp: listen {}", s->path_));
     auto stop = EventFd::create();
     if (!stop) return std::unexpected(stop.error().wrap("qmp"));

@@ -179,6 +179,10 @@ lazymig::Result<void> Vm::user_stop() {
 lazymig::Result<void> Vm::user_cont() {
     if (migrated_) return lazymig::logic_error("the VM has migrated away; it runs on the destination now");
     if (!has_state_) return lazymig::logic_error("the VM is waiting for an incoming migration");
+    if (gate_.reasons() & static_cast<std::uint32_t>(PauseReason::migration))
+        return lazymig::logic_error("the VM is paused for the migration's switchover: it runs again here if the "
+                                    "migration fails before the destination may run it, or on the destination "
+                                    "once it resumes there; query-migrate shows which");
     unpark(PauseReason::user);
     log_event("vm_state", "status={} reason=user", gate_.running() ? "running" : "paused");
     return {};

@@ -131,6 +131,24 @@ void to_c(const lazymig::Stats& s, lazymig_stats* o) {
     o->bulk_channels = s.bulk_channels;
 }
 
+// "psk-file:PATH", "x509:DIR[:PEERNAME]", "none"; null: the default (a key required).
+lazymig::Result<lazymig::Security> parse_auth(const char* spec) {
+    if (!spec) return lazymig::Security{};
+    const std::string_view s = spec;
+    if (s == "none") return lazymig::Security{.auth = lazymig::Auth::none};
+    if (s.starts_with("psk-file:"))
+        return lazymig::Security{.auth = lazymig::Auth::psk, .psk_file = std::string(s.substr(9))};
+    if (s.starts_with("x509:")) {
+        std::string_view rest = s.substr(5);
+        lazymig::Security sec{.auth = lazymig::Auth::x509};
+        const auto colon = rest.find(':');
+        sec.creds_dir = std::string(rest.substr(0, colon));
+        if (colon != std::string_view::npos) sec.peer_name = std::string(rest.substr(colon + 1));
+        return sec;
+    }
+    return lazymig::logic_error("auth '" + std::string(s) + "': expected psk-file:PATH, x509:DIR[:PEERNAME] or none");
+}
+
 }  // namespace
 
 extern "C" {
@@ -141,10 +159,17 @@ const char* lazymig_last_error(void) { return g_last_error.c_str(); }
 
 int lazymig_source_create(const lazymig_region* regions, size_t count, const lazymig_hooks* hooks, const char* uri,
                           int mode, lazymig_source** out) {
+    return lazymig_source_create_auth(regions, count, hooks, uri, mode, nullptr, out);
+}
+
+int lazymig_source_create_auth(const lazymig_region* regions, size_t count, const lazymig_hooks* hooks,
+                               const char* uri, int mode, const char* auth, lazymig_source** out) {
     if (!regions || !hooks || !uri || !out) return fail_text("lazymig_source_create: null argument");
+    auto sec = parse_auth(auth);
+    if (!sec) return fail(sec.error());
     return guarded([&] {
         auto s = lazymig::Source::create({.regions = to_regions(regions, count), .hooks = to_hooks(*hooks),
-                                          .uri = uri, .mode = lazymig::Mode(mode)});
+                                          .uri = uri, .mode = lazymig::Mode(mode), .security = *sec});
         if (!s) return fail(s.error());
         *out = new lazymig_source{std::move(*s)};
         return 0;
@@ -249,10 +274,17 @@ void lazymig_source_destroy(lazymig_source* src) { delete src; }
 
 int lazymig_destination_listen(const lazymig_region* regions, size_t count, const lazymig_hooks* hooks,
                                const char* uri, lazymig_destination** out) {
+    return lazymig_destination_listen_auth(regions, count, hooks, uri, nullptr, out);
+}
+
+int lazymig_destination_listen_auth(const lazymig_region* regions, size_t count, const lazymig_hooks* hooks,
+                                    const char* uri, const char* auth, lazymig_destination** out) {
     if (!regions || !hooks || !uri || !out) return fail_text("lazymig_destination_listen: null argument");
+    auto sec = parse_auth(auth);
+    if (!sec) return fail(sec.error());
     return guarded([&] {
         auto d = lazymig::Destination::listen(
-            {.regions = to_regions(regions, count), .hooks = to_hooks(*hooks), .uri = uri});
+            {.regions = to_regions(regions, count), .hooks = to_hooks(*hooks), .uri = uri, .security = *sec});
         if (!d) return fail(d.error());
         *out = new lazymig_destination{std::move(*d)};
         return 0;
@@ -287,14 +319,19 @@ int lazymig_destination_stats(const lazymig_destination* dst, lazymig_stats* out
 void lazymig_destination_destroy(lazymig_destination* dst) { delete dst; }
 
 int lazymig_destination_listen_uffd(int uffd, const lazymig_region* regions, size_t count, const lazymig_hooks* hooks,
-                                    const char* uri, lazymig_destination** out) {
+                                    const char* uri, const char* auth, lazymig_destination** out) {
     if (!regions || !hooks || !uri || !out) {
         if (uffd >= 0) ::close(uffd);
         return fail_text("lazymig_destination_listen_uffd: null argument");
     }
+    auto sec = parse_auth(auth);
+    if (!sec) {
+        if (uffd >= 0) ::close(uffd);
+        return fail(sec.error());
+    }
     return guarded([&] {
-        auto d = lazymig::Destination::listen(
-            {.regions = to_regions(regions, count), .hooks = to_hooks(*hooks), .uri = uri, .uffd = uffd});
+        auto d = lazymig::Destination::listen({.regions = to_regions(regions, count), .hooks = to_hooks(*hooks),
+                                               .uri = uri, .uffd = uffd, .security = *sec});
         if (!d) return fail(d.error());
         *out = new lazymig_destination{std::move(*d)};
         return 0;

@@ -21,6 +21,9 @@
 #include "src/net/outbox.hpp"
 #include "src/net/rdma.hpp"
 #include "src/net/socket.hpp"
+#include "src/net/tls.hpp"
+#include "src/failpoint.hpp"
+#include "src/watchdog.hpp"
 
 namespace lazymig {
 namespace {
@@ -107,6 +110,10 @@ public:
         s.pages_removed = ps.removed_pages.get();
         s.stale_pages = stale_pages_.load();
         s.discard_ms = discard_ms_.load();
+        s.tls = transport_->security();
+        s.auth = net::to_string(cfg_.security.auth);
+        s.refused_peers = transport_->refused();
+        s.uffd_user_mode_only = pager_->user_mode_only();
         return s;
     }
 
@@ -153,6 +160,7 @@ private:
     void session() {
         auto r = run();
         if (!r) fail(r.error());
+        if (watchdog_) watchdog_->stop();
         pager_->stop();
         stop_.signal();  // the bulk receivers end on EOF after success; make sure either way
         for (auto& t : bulk_threads_)
@@ -205,6 +213,11 @@ private:
         accepted_at_ = Clock::now();
         accepted_ = true;
         state_.set_phase(Phase::setup);
+        auto dog = Watchdog::start(stop_.fd(), [this](const Error& e) { fail(e); });
+        if (!dog) return std::unexpected(dog.error().wrap("destination"));
+        watchdog_ = std::move(*dog);
+        watchdog_->arm(cfg_.setup_timeout, "destination: the source did not send its channels, region table and "
+                                           "device state in time");
         net::FrameReader ureader(*urgent_);
         const std::string& uwhere = ureader.where();
         auto hello = accept_hello(ureader, proto::Channel::urgent);
@@ -218,6 +231,7 @@ private:
         auto table = proto::decode_region_table(*table_raw);
         if (!table) return refuse(table.error().wrap(uwhere));
         if (auto c = proto::check_region_table(*table, pager_->guest_regions()); !c) return refuse(c.error());
+        if (auto r = start_bulk_receivers(); !r) return r;
         if (auto r = send_small(proto::encode_empty(proto::Type::region_ack), "REGION_ACK"); !r) return r;
         if (transport_->name() == "rdma") {
             auto p = pager::RdmaPuller::setup(
@@ -234,12 +248,50 @@ private:
         // sends the device state and starts serving.
         if (auto s = pager_->start(*outbox_, [this](const Error& e) { fail(e); }); !s) return s;
 
-        if (mode_ != Mode::postcopy) state_.set_phase(Phase::precopy);
+        if (mode_ != Mode::postcopy) {
+            // Pre-copy rounds last as long as their own bounds allow (max_rounds, bytes,
+            // time, set at the source); the setup deadline ends here.
+            watchdog_->disarm();
+            state_.set_phase(Phase::precopy);
+        }
+        ureader.set_max_device_state(cfg_.max_device_state);  // legal from here to the device state
         auto dev = switchover_frames(ureader);
+        ureader.set_max_device_state(0);
         if (!dev) return std::unexpected(dev.error());
         device_bytes_ = dev->size();
         if (cfg_.hooks.load_device_state)
             if (auto l = cfg_.hooks.load_device_state(*dev); !l) return refuse(l.error().wrap("load_device_state"));
+        // Two-phase: only GO lets the VM run here; until then the source may take it back.
+        if (int e = failpoint::check("destination_before_device_loaded", 0, 0, 0))
+            return sys_error("destination: failpoint destination_before_device_loaded", e);
+        watchdog_->arm(cfg_.setup_timeout, "destination: no GO from the source after DEVICE_LOADED; the VM was not "
+                                           "resumed here");
+        if (auto r = send_small(proto::encode_empty(proto::Type::device_loaded), "DEVICE_LOADED"); !r) return r;
+
+        // Until GO, pages the VMM's own early touches asked for may arrive: placed, never run.
+        bool go = false;
+        auto r = pager::receive_loop(ureader, *pager_, true, [&](const proto::Header& h, std::vector<std::byte> p) -> Result<bool> {
+            if (h.type == proto::Type::heartbeat) return true;
+            if (h.type == proto::Type::go && !go) {
+                go = true;
+                if (auto g = on_go(uwhere); !g) return std::unexpected(g.error());
+                return true;
+            }
+            if (h.type == proto::Type::error) return std::unexpected(net::peer_error(p, uwhere));
+            return peer_violation(fmt::format("{}: unexpected {} {}", uwhere, proto::to_string(h.type),
+                                              go ? "during post-copy" : "before GO"));
+        });
+        if (!r) return r;
+        if (!pager_->complete())
+            return transport_error(fmt::format("{}: the source closed the connection", uwhere), ECONNRESET);
+        return {};
+    }
+
+    // GO: the VM runs here from now on; heartbeats start.
+    Result<void> on_go(const std::string& uwhere) {
+        watchdog_->disarm();
+        if (int e = failpoint::check("destination_after_go", 0, 0, 0))
+            return sys_error("destination: failpoint destination_after_go", e);
         cfg_.hooks.resume_vcpus();
         resumed_at_ = Clock::now();
         resumed_ = true;
@@ -247,15 +299,11 @@ private:
         resumed_sent_ = true;
         state_.set_phase(Phase::postcopy);
         if (auto m = map_staged(); !m) return m;
+        static const proto::Frame beat = proto::encode_empty(proto::Type::heartbeat);
+        watchdog_->watch(*urgent_, cfg_.parameters.heartbeat_timeout,
+                         [this] { (void)outbox_->post(beat); },  // full queue: traffic is flowing anyway
+                         fmt::format("destination: {}", uwhere));
         maybe_send_complete();
-
-        auto r = pager::receive_loop(ureader, *pager_, true, [&](const proto::Header& h, std::vector<std::byte> p) -> Result<bool> {
-            if (h.type == proto::Type::error) return std::unexpected(net::peer_error(p, uwhere));
-            return peer_violation(fmt::format("{}: unexpected {} during post-copy", uwhere, proto::to_string(h.type)));
-        });
-        if (!r) return r;
-        if (!pager_->complete())
-            return transport_error(fmt::format("{}: the source closed the connection", uwhere), ECONNRESET);
         return {};
     }
 
@@ -384,10 +432,17 @@ private:
         }
         transport_->close_listener();
         bulk_ = std::move(by_index);
+        bulk_readers_ = std::move(readers);
         channels_ready_.store(true, std::memory_order_release);
-        for (std::uint32_t i = 0; i < count; ++i) {
+        return {};
+    }
+
+    // Starts a receiver per bulk channel: only after the region table was accepted, so
+    // no PAGES frame is read, let alone placed, before it.
+    Result<void> start_bulk_receivers() {
+        for (std::uint32_t i = 0; i < bulk_readers_.size(); ++i) {
             try {
-                bulk_threads_.emplace_back([this, reader = std::shared_ptr<net::FrameReader>(std::move(readers[i]))] {
+                bulk_threads_.emplace_back([this, reader = std::shared_ptr<net::FrameReader>(std::move(bulk_readers_[i]))] {
                     if (auto r = receive_bulk(*reader); !r) fail(r.error());
                 });
             } catch (const std::system_error& e) {
@@ -474,9 +529,11 @@ private:
     // Written by the session thread before channels_ready_ is set; read by stats().
     std::unique_ptr<net::Channel> urgent_;
     std::vector<std::unique_ptr<net::Channel>> bulk_;
+    std::vector<std::unique_ptr<net::FrameReader>> bulk_readers_;  // until their receivers start
     std::optional<net::Outbox> outbox_;
     std::unique_ptr<pager::RdmaPuller> rdma_;  // rdma: URIs only; threads joined in session()
     std::atomic<pager::RdmaPuller*> rdma_ready_{nullptr};
+    std::unique_ptr<Watchdog> watchdog_;  // stopped before the channels close
     std::atomic<bool> channels_ready_{false};
     std::atomic<std::uint32_t> bulk_count_{0};
     std::mutex join_mu_;
@@ -502,17 +559,25 @@ Result<std::unique_ptr<Destination>> Destination::listen(DestinationConfig confi
     if (config.uffd >= 0) adopted = uffd::Uffd::adopt(std::exchange(config.uffd, -1));
     if (!config.hooks.pause_vcpus || !config.hooks.resume_vcpus)
         return logic_error("destination: hooks pause_vcpus and resume_vcpus are required");
+    if (config.setup_timeout.count() <= 0 || config.parameters.heartbeat_timeout.count() <= 0)
+        return logic_error("destination: setup_timeout and parameters.heartbeat_timeout must be positive");
+    if (config.max_device_state > proto::kMaxDeviceState)
+        return logic_error(fmt::format("destination: max_device_state {} is more than the protocol's {}",
+                                       config.max_device_state, proto::kMaxDeviceState));
     const bool rdma = net::is_rdma_uri(config.uri);
     if (!rdma)
         if (auto at = net::parse_uri(config.uri); !at) return std::unexpected(at.error().wrap("destination"));
     if (adopted && !*adopted) return std::unexpected(adopted->error().wrap("destination"));
     auto pager = adopted ? pager::Pager::adopt(std::move(**adopted), config.regions, config.parameters.prefetch_pages)
-                         : pager::Pager::create(config.regions, config.parameters.prefetch_pages);
+                         : pager::Pager::create(config.regions, config.parameters.prefetch_pages, config.allow_user_mode_only);
     if (!pager) return std::unexpected(pager.error());
     auto stop = net::ShutdownEvent::create();
     if (!stop) return std::unexpected(stop.error());
+    auto tls = net::tls_for(config.security, true);
+    if (!tls) return std::unexpected(tls.error().wrap("destination"));
     // An rdma: URI gets RDMA or an error that says why, never TCP instead.
-    auto transport = rdma ? net::rdma_listener(config.uri, stop->fd()) : net::tcp_listener(config.uri, stop->fd());
+    auto transport = rdma ? net::rdma_listener(config.uri, stop->fd(), std::move(*tls))
+                          : net::tcp_listener(config.uri, stop->fd(), std::move(*tls));
     if (!transport) return std::unexpected(transport.error().wrap("destination"));
     auto d = std::make_unique<DestinationImpl>(std::move(config), std::move(*pager), std::move(*transport),
                                                std::move(*stop));

@@ -16,7 +16,10 @@
 #include "src/net/frames.hpp"
 #include "src/net/rdma.hpp"
 #include "src/net/socket.hpp"
+#include "src/net/tls.hpp"
+#include "src/failpoint.hpp"
 #include "src/region.hpp"
+#include "src/watchdog.hpp"
 
 namespace lazymig {
 namespace {
@@ -128,6 +131,8 @@ public:
             std::lock_guard lock(params_mu_);
             s.switchover = switchover_why_;
         }
+        s.tls = transport_->security();
+        s.auth = net::to_string(cfg_.security.auth);
         return s;
     }
 
@@ -164,12 +169,20 @@ private:
                    rep.zero_pages, rep.samples);
             rdma_.reset();  // joins the scan thread, deregisters guest RAM
         }
+        if (watchdog_) watchdog_->stop();
         urgent_.reset();
         bulk_.clear();
         if (precopy_) precopy_->stop_tracking();  // before the guest may run here again
         if (auto e = state_.error()) {
-            // Before the destination resumed the VM runs here again; after, it cannot.
-            if (paused_ && !handed_over_ && cfg_.hooks.resume_vcpus) cfg_.hooks.resume_vcpus();
+            // Before GO the destination never ran the VM: it runs here again. After GO it
+            // may run there: resuming it here could make two running copies.
+            if (paused_ && !go_sent_ && cfg_.hooks.resume_vcpus) {
+                cfg_.hooks.resume_vcpus();
+                LZ_LOG(warn, "source_resumed_here", "the VM runs on the source again: {}", e->message());
+            } else if (go_sent_ && !handed_over_) {
+                e->context += "; GO was sent, so the destination may be running the VM: it was not resumed here";
+                state_.amend(*e);
+            }
             state_.set_phase(cancelled_ ? Phase::cancelled : Phase::failed, e->message());
             state_.emit(Event{Event::Kind::error, state_.phase(), e->message()});
             return;
@@ -183,6 +196,11 @@ private:
     Result<void> run() {
         state_.set_phase(Phase::setup);
         const std::uint64_t session_id = std::random_device{}() | (std::uint64_t(std::random_device{}()) << 32);
+        auto dog = Watchdog::start(stop_.fd(), [this](const Error& e) { fail(e); });
+        if (!dog) return std::unexpected(dog.error().wrap("source"));
+        watchdog_ = std::move(*dog);
+        const auto limit = cfg_.switchover_timeout;
+        watchdog_->arm(limit, "source: the destination did not complete the handshake and region table in time");
 
         auto urgent = transport_->connect("urgent channel", true);
         if (!urgent) return std::unexpected(urgent.error().wrap("source"));
@@ -196,7 +214,8 @@ private:
             if (auto r = handshake(breader, proto::Channel::bulk, i, session_id); !r) return r;
             bulk_.push_back(std::move(*bulk));
         }
-        LZ_LOG(info, "source_channels", "transport={} bulk={}", transport_->name(), bulk_count_);
+        LZ_LOG(info, "source_channels", "transport={} auth={} tls={} bulk={}", transport_->name(),
+               net::to_string(cfg_.security.auth), transport_->security(), bulk_count_);
 
         auto table = proto::encode(proto::region_table_of(cfg_.regions));
         if (auto r = net::send_frame(*urgent_, table); !r) return r;
@@ -217,6 +236,7 @@ private:
                                                    source::PushConfig{&bandwidth_, &batch_, &gate_, 0});
         if (auto p = pusher_->prepare(bulk_.size()); !p) return p;
 
+        watchdog_->disarm();
         if (precopy_)
             if (auto p = run_precopy(ureader); !p) return p;
 
@@ -231,7 +251,18 @@ private:
         if (!blob) return std::unexpected(blob.error().wrap("source: save_device_state"));
         device_bytes_ = blob->size();
         auto dev = proto::encode(proto::DeviceState{std::move(*blob)});
+        // Two-phase: the destination says it loaded the device state, then GO lets it
+        // run. Until GO leaves, any failure (this deadline included) resumes the VM here.
+        watchdog_->arm(limit, "source: the destination did not confirm the device state (DEVICE_LOADED) in "
+                              "time; the VM resumes on the source (the destination never ran it)");
         if (auto r = net::send_frame(*urgent_, dev); !r) return r;
+        auto go = [&]() -> Result<void> {  // on DEVICE_LOADED, from the serve loop
+            if (int e = failpoint::check("source_before_go", 0, 0, 0))
+                return sys_error("source: failpoint source_before_go", e);
+            watchdog_->arm(limit, "source: GO was sent and the destination did not report RESUMED in time");
+            go_sent_ = true;
+            return net::send_frame(*urgent_, proto::encode_empty(proto::Type::go));
+        };
 
         // From here the destination may fault: demand requests are served at once. The
         // pusher waits for RESUMED: started earlier, its bulk frames compete for the CPUs
@@ -241,6 +272,9 @@ private:
                                   [&]() -> Result<void> {
             handed_over_ = true;
             downtime_ms_ = api::ms_since(paused_at);
+            watchdog_->disarm();
+            watchdog_->watch(*urgent_, cfg_.parameters.heartbeat_timeout, {},
+                             fmt::format("source: {}", urgent_->where()));
             state_.set_phase(Phase::postcopy, fmt::format("destination resumed after {:.2f} ms", downtime_ms_.load()),
                              Event{.downtime_ms = downtime_ms_.load()});
             // RDMA: the destination reads the pages itself; the source sends the zero bitmap.
@@ -248,7 +282,7 @@ private:
             std::vector<net::Channel*> bulk;
             for (auto& c : bulk_) bulk.push_back(c.get());
             return pusher_->start(std::move(bulk), [this](const Error& e) { fail(e.wrap("source: pusher")); });
-        });
+        }, go);
     }
 
     // Rounds while the VM runs here, until the policy decides (precopy/precopy.hpp). A
@@ -315,6 +349,8 @@ private:
     std::atomic<std::uint64_t> device_bytes_{0};
     std::atomic<double> downtime_ms_{0};
     std::atomic<bool> started_{false}, cancelled_{false}, paused_{false}, handed_over_{false}, completed_{false};
+    std::atomic<bool> go_sent_{false};  // from here the destination may run the VM
+    std::unique_ptr<Watchdog> watchdog_;
     // Closed only after the pusher has stopped.
     std::unique_ptr<net::Channel> urgent_;
     std::vector<std::unique_ptr<net::Channel>> bulk_;
@@ -330,6 +366,8 @@ Result<std::unique_ptr<Source>> Source::create(SourceConfig config) {
     if (!config.hooks.pause_vcpus || !config.hooks.resume_vcpus || !config.hooks.save_device_state)
         return logic_error("source: hooks pause_vcpus, resume_vcpus and save_device_state are required");
     if (config.mode == Mode::invalid) return logic_error("source: mode is invalid");
+    if (config.switchover_timeout.count() <= 0 || config.parameters.heartbeat_timeout.count() <= 0)
+        return logic_error("source: switchover_timeout and parameters.heartbeat_timeout must be positive");
     if (config.parameters.bulk_channels > proto::kMaxBulkChannels)
         return logic_error(fmt::format("source: bulk_channels {} is more than the {} this build supports",
                                        config.parameters.bulk_channels, proto::kMaxBulkChannels));
@@ -342,6 +380,8 @@ Result<std::unique_ptr<Source>> Source::create(SourceConfig config) {
     }
     auto stop = net::ShutdownEvent::create();
     if (!stop) return std::unexpected(stop.error());
+    auto tls = net::tls_for(config.security, false);
+    if (!tls) return std::unexpected(tls.error().wrap("source"));
     // An rdma: URI gets RDMA or an error that says why, never TCP instead. Its one TCP
     // bulk channel carries the zero bitmap; the pages move by RDMA READ.
     const bool rdma = net::is_rdma_uri(config.uri);
@@ -349,8 +389,8 @@ Result<std::unique_ptr<Source>> Source::create(SourceConfig config) {
         return logic_error(fmt::format("source: mode {} over {}: RDMA carries post-copy only in this build; "
                                        "use a tcp: URI for pre-copy and hybrid", to_string(config.mode), config.uri));
     if (rdma) config.parameters.bulk_channels = 1;
-    auto transport = rdma ? net::rdma_connector(config.uri, stop->fd(), config.connect_timeout)
-                          : net::tcp_connector(config.uri, stop->fd(), config.connect_timeout);
+    auto transport = rdma ? net::rdma_connector(config.uri, stop->fd(), config.connect_timeout, *tls)
+                          : net::tcp_connector(config.uri, stop->fd(), config.connect_timeout, std::move(*tls));
     if (!transport) return std::unexpected(transport.error().wrap("source"));
     // Probes each region's read method now, so a refusal names the region before migrate().
     auto reader = source::make_page_reader(config.regions, config.read_pages);

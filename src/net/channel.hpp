@@ -64,6 +64,9 @@ public:
     // polls poll_fd() for POLLOUT when bytes are left over.
     [[nodiscard]] virtual Result<std::size_t> try_send(std::span<const std::byte> bytes) = 0;
     [[nodiscard]] virtual int poll_fd() const = 0;
+    // True while bytes try_send() took are still held by the channel (TLS: ciphertext the
+    // socket did not take yet); try_send() with no bytes pushes them on.
+    [[nodiscard]] virtual bool send_backlog() const { return false; }
 
     // Bytes received so far (for stats; any thread).
     [[nodiscard]] virtual std::uint64_t bytes_received() const = 0;
@@ -86,15 +89,26 @@ public:
     virtual void close_listener() = 0;
     // Destination: the address peers connect to, with the bound port.
     [[nodiscard]] virtual std::string local_uri() const = 0;
+    // "userspace" or "kernel" (TLS: where records are encrypted), "none" without TLS.
+    [[nodiscard]] virtual std::string_view security() const { return "none"; }
+    // Destination: connections closed before they authenticated (any thread).
+    [[nodiscard]] virtual std::uint64_t refused() const { return 0; }
 };
 
 class Fd;
 // A channel over any connected stream socket (TCP, a Unix socketpair), which it owns.
 [[nodiscard]] Result<std::unique_ptr<Channel>> stream_channel(Fd fd, std::string where, int shutdown_fd);
 
-// TCP over io_uring. `shutdown_fd` ends every wait of every channel it opens.
+class TlsContext;
+// TCP over io_uring. `shutdown_fd` ends every wait of every channel it opens. With `tls`
+// every channel is TLS 1.3 (net/tls.hpp), authenticated before connect()/accept()
+// returns it. The listener runs the handshakes of all who connect at once, each with
+// its own deadline; one that fails or stays silent is closed, logged with its address
+// and counted (refused()), and accept() goes on waiting for an authenticated peer.
 [[nodiscard]] Result<std::unique_ptr<Transport>> tcp_connector(std::string_view uri, int shutdown_fd,
-                                                               std::chrono::milliseconds connect_timeout);
-[[nodiscard]] Result<std::unique_ptr<Transport>> tcp_listener(std::string_view uri, int shutdown_fd);
+                                                               std::chrono::milliseconds connect_timeout,
+                                                               std::shared_ptr<TlsContext> tls = {});
+[[nodiscard]] Result<std::unique_ptr<Transport>> tcp_listener(std::string_view uri, int shutdown_fd,
+                                                              std::shared_ptr<TlsContext> tls = {});
 
 }  // namespace lazymig::net

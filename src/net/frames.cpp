@@ -26,6 +26,12 @@ Result<std::optional<proto::Header>> FrameReader::next() {
     }
     auto h = proto::parse_header(raw_, where_);
     if (!h) return std::unexpected(h.error());  // proto's errors are peer violations
+    const std::size_t limit = proto::carries_pages(h->type)              ? proto::kMaxPagesPayload
+                              : h->type == proto::Type::device_state ? max_device_state_
+                                                                      : proto::kMaxControlPayload;
+    if (h->length > limit)
+        return peer_violation(fmt::format("{}: {} frame of {} bytes exceeds the {} bytes allowed here", where_,
+                                          proto::to_string(h->type), h->length, limit));
     return *h;
 }
 
@@ -79,6 +85,11 @@ Result<std::vector<std::byte>> FrameReader::expect(proto::Type want) {
     if (!*h)
         return transport_error(fmt::format("{}: peer closed the connection while {} was expected", where_,
                                            proto::to_string(want)), 0);
+    // The type decides before the payload is read: nothing is allocated for a frame
+    // that is refused anyway.
+    if ((*h)->type != want && (*h)->type != proto::Type::error)
+        return peer_violation(fmt::format("{}: expected {}, got {}", where_, proto::to_string(want),
+                                          proto::to_string((*h)->type)));
     auto payload = read_control(**h);
     if (!payload) return std::unexpected(payload.error());
     if ((*h)->type == proto::Type::error && want != proto::Type::error)

@@ -33,12 +33,18 @@ public:
 
     [[nodiscard]] const std::string& where() const { return channel_.where(); }
     [[nodiscard]] Channel& channel() const { return channel_; }
+    // The largest payload a DEVICE_STATE may announce now (0 until the session says one is
+    // legal, then the configured maximum); other control frames are held to
+    // kMaxControlPayload, page frames to kMaxPagesPayload. next() refuses a larger one
+    // from its header, before anything is allocated for it.
+    void set_max_device_state(std::size_t bytes) { max_device_state_ = bytes; }
 
 private:
     Channel& channel_;
     const std::string& where_;
     std::vector<std::byte> buf_;
     std::size_t head_ = 0, tail_ = 0;  // unread bytes are buf_[head_, tail_)
+    std::size_t max_device_state_ = 0;
     std::array<std::byte, proto::kHeaderSize> raw_{};
 };
 

@@ -16,10 +16,12 @@ Outbox::Outbox(Channel& channel, int shutdown_fd, std::size_t capacity)
 
 bool Outbox::pending() const {
     std::lock_guard lock(mu_);
-    return head_ < queue_.size();
+    return head_ < queue_.size() || channel_.send_backlog();
 }
 
 Result<void> Outbox::drain_locked() {
+    if (channel_.send_backlog())  // the channel's own leftovers go first (TLS ciphertext)
+        if (auto n = channel_.try_send({}); !n) return std::unexpected(n.error());
     while (head_ < queue_.size()) {
         auto n = channel_.try_send(std::span(queue_).subspan(head_));
         if (!n) return std::unexpected(n.error());
@@ -63,7 +65,7 @@ Result<void> Outbox::post(std::span<const std::byte> frame) {
 Result<bool> Outbox::flush() {
     std::lock_guard lock(mu_);
     if (auto r = drain_locked(); !r) return std::unexpected(r.error());
-    return head_ == queue_.size();
+    return head_ == queue_.size() && !channel_.send_backlog();
 }
 
 namespace {

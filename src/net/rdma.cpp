@@ -468,6 +468,8 @@ public:
     }
     void close_listener() override { tcp_->close_listener(); }
     std::string local_uri() const override { return uri_; }
+    std::string_view security() const override { return tcp_->security(); }
+    std::uint64_t refused() const override { return tcp_->refused(); }
 
 private:
     std::unique_ptr<Transport> tcp_;
@@ -482,18 +484,20 @@ Result<std::string> tcp_uri_of(std::string_view uri) {
 }  // namespace
 
 Result<std::unique_ptr<Transport>> rdma_connector(std::string_view uri, int shutdown_fd,
-                                                  std::chrono::milliseconds connect_timeout) {
+                                                  std::chrono::milliseconds connect_timeout,
+                                                  std::shared_ptr<TlsContext> tls) {
     auto tcp = tcp_uri_of(uri);
     if (!tcp) return std::unexpected(tcp.error());
-    auto t = tcp_connector(*tcp, shutdown_fd, connect_timeout);
+    auto t = tcp_connector(*tcp, shutdown_fd, connect_timeout, std::move(tls));
     if (!t) return std::unexpected(t.error());
     return std::make_unique<RdmaTransport>(std::move(*t), std::string(uri));
 }
 
-Result<std::unique_ptr<Transport>> rdma_listener(std::string_view uri, int shutdown_fd) {
+Result<std::unique_ptr<Transport>> rdma_listener(std::string_view uri, int shutdown_fd,
+                                                 std::shared_ptr<TlsContext> tls) {
     auto tcp = tcp_uri_of(uri);
     if (!tcp) return std::unexpected(tcp.error());
-    auto t = tcp_listener(*tcp, shutdown_fd);
+    auto t = tcp_listener(*tcp, shutdown_fd, std::move(tls));
     if (!t) return std::unexpected(t.error());
     const std::string local = "rdma:" + (*t)->local_uri().substr(4);
     return std::make_unique<RdmaTransport>(std::move(*t), local);

@@ -41,11 +41,14 @@ struct ibv_wc;
 
 namespace lazymig::net {
 
-// rdma:HOST:PORT. The transport's channels are TCP (control); name() is "rdma".
-// Without rdma-core at build time both fail and say so.
+// rdma:HOST:PORT. The transport's channels are TCP (control), with `tls` authenticated
+// like tcp_connector's: the memory-region keys travel only after the handshake.
+// name() is "rdma". Without rdma-core at build time both fail and say so.
 [[nodiscard]] Result<std::unique_ptr<Transport>> rdma_connector(std::string_view uri, int shutdown_fd,
-                                                                std::chrono::milliseconds connect_timeout);
-[[nodiscard]] Result<std::unique_ptr<Transport>> rdma_listener(std::string_view uri, int shutdown_fd);
+                                                                std::chrono::milliseconds connect_timeout,
+                                                                std::shared_ptr<TlsContext> tls = {});
+[[nodiscard]] Result<std::unique_ptr<Transport>> rdma_listener(std::string_view uri, int shutdown_fd,
+                                                               std::shared_ptr<TlsContext> tls = {});
 [[nodiscard]] bool rdma_built();
 [[nodiscard]] inline bool is_rdma_uri(std::string_view uri) { return uri.starts_with("rdma:"); }
 // The host of an rdma:HOST:PORT URI (what rdma_cm binds or connects to).

@@ -15,10 +15,13 @@ std::unexpected<Error> not_built(std::string_view uri) {
 }  // namespace
 
 bool rdma_built() { return false; }
-Result<std::unique_ptr<Transport>> rdma_connector(std::string_view uri, int, std::chrono::milliseconds) {
+Result<std::unique_ptr<Transport>> rdma_connector(std::string_view uri, int, std::chrono::milliseconds,
+                                                  std::shared_ptr<TlsContext>) {
     return not_built(uri);
 }
-Result<std::unique_ptr<Transport>> rdma_listener(std::string_view uri, int) { return not_built(uri); }
+Result<std::unique_ptr<Transport>> rdma_listener(std::string_view uri, int, std::shared_ptr<TlsContext>) {
+    return not_built(uri);
+}
 
 // Never reached (no rdma: transport exists to call them); here so the data path links.
 namespace rdma {

@@ -176,6 +176,32 @@ Result<Fd> connect_tcp(const Endpoint& to, int shutdown_fd, std::chrono::millise
     return fd;
 }
 
+// The link broke: the session may pause and recover instead of failing (DESIGN.md).
+bool link_errno(int e) noexcept {
+    switch (e) {
+    case ECONNRESET: case EPIPE: case ETIMEDOUT: case ENOTCONN: case ECONNABORTED:
+    case EHOSTUNREACH: case ENETUNREACH: case ENETDOWN: case ECONNREFUSED: case EHOSTDOWN:
+        return true;
+    default:
+        return false;
+    }
+}
+
+std::string peer_address(int fd) {
+    sockaddr_storage s{};
+    socklen_t len = sizeof s;
+    if (::getpeername(fd, reinterpret_cast<sockaddr*>(&s), &len) != 0) return "?";
+    char buf[INET6_ADDRSTRLEN] = {};
+    if (s.ss_family == AF_INET6) {
+        auto* v6 = reinterpret_cast<sockaddr_in6*>(&s);
+        ::inet_ntop(AF_INET6, &v6->sin6_addr, buf, sizeof buf);
+        return fmt::format("[{}]:{}", buf, ntohs(v6->sin6_port));
+    }
+    auto* v4 = reinterpret_cast<sockaddr_in*>(&s);
+    ::inet_ntop(AF_INET, &v4->sin_addr, buf, sizeof buf);
+    return fmt::format("{}:{}", buf, ntohs(v4->sin_port));
+}
+
 Result<ShutdownEvent> ShutdownEvent::create() {
     ShutdownEvent e;
     e.fd_ = Fd(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));

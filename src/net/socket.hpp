@@ -53,6 +53,17 @@ struct Endpoint {
 // Sets TCP_NODELAY on an accepted socket.
 [[nodiscard]] Result<void> set_nodelay(int fd);
 
+// errnos that mean the link broke: the session may pause and recover instead of failing.
+[[nodiscard]] bool link_errno(int e) noexcept;
+template <class T>
+[[nodiscard]] Result<T> classify(Result<T> r) {
+    if (!r && link_errno(r.error().code)) r.error().kind = ErrorClass::transport_lost;
+    return r;
+}
+
+// "10.0.0.1:53022": the peer of a connected socket, for logs ("?" if unknown).
+[[nodiscard]] std::string peer_address(int fd);
+
 // An eventfd used to tell a thread to stop: readable once signalled, stays readable.
 class ShutdownEvent {
 public:

@@ -16,6 +16,7 @@
 
 #include "lazymig/lazymig.h"
 #include "lazymig/lazymig.hpp"
+#include "tests/tls_key.hpp"
 
 using namespace lazymig;
 
@@ -29,12 +30,14 @@ VmmHooks hooks() {
 
 std::string source_error(std::vector<GuestRegion> regions, std::string uri = "tcp:127.0.0.1:4444",
                          VmmHooks h = hooks()) {
-    auto s = Source::create({.regions = std::move(regions), .hooks = std::move(h), .uri = std::move(uri)});
+    auto s = Source::create({.regions = std::move(regions), .hooks = std::move(h), .uri = std::move(uri),
+                             .security = testkey::security()});
     return s ? std::string("(accepted)") : s.error().message();
 }
 
 std::string destination_error(std::vector<GuestRegion> regions, std::string uri = "tcp:127.0.0.1:0") {
-    auto d = Destination::listen({.regions = std::move(regions), .hooks = hooks(), .uri = std::move(uri)});
+    auto d = Destination::listen({.regions = std::move(regions), .hooks = hooks(), .uri = std::move(uri),
+                                  .security = testkey::security()});
     return d ? std::string("(accepted)") : d.error().message();
 }
 
@@ -91,7 +94,8 @@ TEST_CASE("api/config/uris-and-hooks") {
     CHECK(destination_error({mem->region()}, "tcp:example:1") ==
           "destination: listen: host 'example' is not a numeric IPv4 or IPv6 address");
     // A port already taken: the error names the address and the errno.
-    auto first = Destination::listen({.regions = {mem->region()}, .hooks = hooks(), .uri = "tcp:127.0.0.1:0"});
+    auto first = Destination::listen({.regions = {mem->region()}, .hooks = hooks(), .uri = "tcp:127.0.0.1:0",
+                                      .security = testkey::security()});
     REQUIRE(first);
     auto mem2 = GuestMemory::create("ram0", 1 << 20, Backing::anon, false);
     REQUIRE(mem2);
@@ -125,14 +129,14 @@ TEST_CASE("api/config/precopy-dirty-tracking-is-checked-at-create") {
     auto mem = GuestMemory::create("ram0", 1 << 20, Backing::anon, true);
     REQUIRE(mem);
     auto s = Source::create({.regions = {mem->region()}, .hooks = hooks(), .uri = "tcp:127.0.0.1:9",
-                             .mode = Mode::hybrid, .dirty_tracking = DirtyTracking::vmm});
+                             .mode = Mode::hybrid, .dirty_tracking = DirtyTracking::vmm, .security = testkey::security()});
     REQUIRE_FALSE(s);
     CHECK(s.error().message() == "source: dirty tracking vmm needs SourceConfig::dirty_log");
     // Post-copy tracks nothing: the same configuration is fine there.
     CHECK(Source::create({.regions = {mem->region()}, .hooks = hooks(), .uri = "tcp:127.0.0.1:9",
-                          .mode = Mode::postcopy, .dirty_tracking = DirtyTracking::vmm}));
+                          .mode = Mode::postcopy, .dirty_tracking = DirtyTracking::vmm, .security = testkey::security()}));
     auto ok = Source::create({.regions = {mem->region()}, .hooks = hooks(), .uri = "tcp:127.0.0.1:9",
-                              .mode = Mode::precopy, .dirty_tracking = DirtyTracking::wp_sync});
+                              .mode = Mode::precopy, .dirty_tracking = DirtyTracking::wp_sync, .security = testkey::security()});
     CHECK_MESSAGE(ok.has_value(), (ok ? "" : ok.error().message()));
     CHECK(to_string(DirtyTracking::wp_async) == "wp-async");
 }
@@ -146,7 +150,7 @@ TEST_CASE("api/config/c-abi-precopy-parameters") {
     h.resume_vcpus = [](void*) {};
     h.save_device_state = [](void*, void** buf, size_t* len) { *buf = nullptr; *len = 0; return 0; };
     lazymig_source* src = nullptr;
-    REQUIRE(lazymig_source_create(&region, 1, &h, "tcp:127.0.0.1:9", LAZYMIG_MODE_HYBRID, &src) == 0);
+    REQUIRE(lazymig_source_create_auth(&region, 1, &h, "tcp:127.0.0.1:9", LAZYMIG_MODE_HYBRID, "none", &src) == 0);
     lazymig_precopy_params p{};
     REQUIRE(lazymig_source_get_precopy(src, &p) == 0);
     CHECK(p.downtime_limit_ms == 300);
@@ -191,7 +195,7 @@ TEST_CASE("api/config/handed-over-uffd") {
     ch.pause_vcpus = [](void*) {};
     ch.resume_vcpus = [](void*) {};
     lazymig_destination* dst = nullptr;
-    CHECK(lazymig_destination_listen_uffd(efd, &cr, 1, &ch, "tcp:127.0.0.1:0", &dst) == -EINVAL);
+    CHECK(lazymig_destination_listen_uffd(efd, &cr, 1, &ch, "tcp:127.0.0.1:0", "none", &dst) == -EINVAL);
     CHECK(std::string(lazymig_last_error()).find(fmt::format("destination: userfaultfd adopt: fd {} is not a userfaultfd", efd)) !=
           std::string::npos);
     CHECK(::fcntl(efd, F_GETFD) == -1);
@@ -202,7 +206,7 @@ TEST_CASE("api/config/handed-over-uffd") {
     REQUIRE(::ioctl(ufd, UFFDIO_API, &api) == 0);
     r.fd = 0;
     r.backing = Backing::memfd;
-    auto d = Destination::listen({.regions = {r}, .hooks = hooks(), .uri = "tcp:127.0.0.1:0", .uffd = ufd});
+    auto d = Destination::listen({.regions = {r}, .hooks = hooks(), .uri = "tcp:127.0.0.1:0", .uffd = ufd, .security = testkey::security()});
     REQUIRE_FALSE(d);
     CHECK(d.error().message().find("destination region 0 'ram0': a handed-over userfaultfd is served with UFFDIO_COPY") !=
           std::string::npos);

@@ -12,6 +12,7 @@
 #include "lazymig/lazymig.h"
 #include "lazymig/lazymig.hpp"
 #include "src/net/socket.hpp"
+#include "tests/tls_key.hpp"
 
 using namespace lazymig;
 
@@ -56,7 +57,12 @@ TEST_CASE("api/session/refused-connection-is-transport-lost-in-the-c-abi") {
         return 0;
     };
     lazymig_source* src = nullptr;
-    REQUIRE(lazymig_source_create(&region, 1, &h, dead.uri.c_str(), LAZYMIG_MODE_POSTCOPY, &src) == 0);
+    // Authentication is on unless chosen off: without a key the source is refused.
+    CHECK(lazymig_source_create(&region, 1, &h, dead.uri.c_str(), LAZYMIG_MODE_POSTCOPY, &src) == -EINVAL);
+    CHECK(std::string(lazymig_last_error()) ==
+          "source: TLS: authentication is on and no key was given: set a pre-shared key (psk or psk_file), "
+          "x509 credentials, or choose auth=none explicitly");
+    REQUIRE(lazymig_source_create_auth(&region, 1, &h, dead.uri.c_str(), LAZYMIG_MODE_POSTCOPY, "none", &src) == 0);
     REQUIRE(lazymig_source_migrate(src) == 0);
     CHECK(lazymig_source_wait(src) == -ECONNREFUSED);
     CHECK(lazymig_last_error_class() == LAZYMIG_ERROR_TRANSPORT_LOST);
@@ -70,10 +76,11 @@ TEST_CASE("api/session/region-mismatch-is-a-peer-violation-on-both-sides") {
     auto large = GuestMemory::create("ram0", 2 << 20, Backing::anon, false);
     REQUIRE(small);
     REQUIRE(large);
-    auto dst = Destination::listen({.regions = {large->region()}, .hooks = hooks(), .uri = "tcp:127.0.0.1:0"});
+    auto dst = Destination::listen({.regions = {large->region()}, .hooks = hooks(), .uri = "tcp:127.0.0.1:0",
+                                    .security = testkey::security()});
     REQUIRE(dst);
     auto src = Source::create({.regions = {small->region()}, .hooks = hooks(), .uri = (*dst)->local_uri(),
-                               .parameters = {.bulk_channels = 2}});
+                               .parameters = {.bulk_channels = 2}, .security = testkey::security()});
     REQUIRE(src);
     REQUIRE((*src)->migrate());
     auto s = (*src)->wait();
@@ -94,7 +101,8 @@ TEST_CASE("api/session/hooks-may-not-wait-on-their-own-migration") {
     auto dst_mem = GuestMemory::create("ram0", 1 << 20, Backing::anon, false);
     REQUIRE(src_mem);
     REQUIRE(dst_mem);
-    auto dst = Destination::listen({.regions = {dst_mem->region()}, .hooks = hooks(), .uri = "tcp:127.0.0.1:0"});
+    auto dst = Destination::listen({.regions = {dst_mem->region()}, .hooks = hooks(), .uri = "tcp:127.0.0.1:0",
+                                    .security = testkey::security()});
     REQUIRE(dst);
     Source* self = nullptr;
     std::string from_hook;
@@ -108,7 +116,8 @@ TEST_CASE("api/session/hooks-may-not-wait-on-their-own-migration") {
         self->cancel();
     };
     h.resume_vcpus = [&] { ++resumed; };
-    auto src = Source::create({.regions = {src_mem->region()}, .hooks = h, .uri = (*dst)->local_uri()});
+    auto src = Source::create({.regions = {src_mem->region()}, .hooks = h, .uri = (*dst)->local_uri(),
+                               .security = testkey::security()});
     REQUIRE(src);
     self = src->get();
     REQUIRE((*src)->migrate());

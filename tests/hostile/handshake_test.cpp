@@ -1,6 +1,7 @@
 // A hostile source before switchover: the destination refuses, names what was wrong,
 // never resumes the VM and never writes a byte of guest memory.
 #include <doctest/doctest.h>
+#include <sys/resource.h>
 
 #include "tests/hostile/target.hpp"
 
@@ -94,10 +95,23 @@ TEST_CASE("hostile/unknown-message-type") {
 TEST_CASE("hostile/unknown-message-type-on-bulk") {
     Target t(pick_backing());
     HostileSource src(t.port());
+    src.region_table();  // bulk channels are read only from here on
     auto f = proto::encode_empty(proto::Type::push_done);
     f[4] = std::byte{0};
     src.bulk.send(f);
     CHECK(t.failure() == "bulk channel from the source: unknown message type 0");
+    check_not_resumed(t);
+    t.check_nothing_placed();
+}
+
+// PAGES before any REGION_TABLE are not even read: the peer then leaves without a table,
+// and not one page was placed.
+TEST_CASE("hostile/pages-before-region-table-never-placed") {
+    Target t(pick_backing());
+    HostileSource src(t.port());
+    src.bulk.send(pages_frame(0, 0, 8));
+    src.urgent.send(proto::encode(proto::DeviceState{std::vector<std::byte>(16)}));
+    CHECK(t.failure() == "urgent channel from the source: expected REGION_TABLE, got DEVICE_STATE");
     check_not_resumed(t);
     t.check_nothing_placed();
 }
@@ -152,4 +166,40 @@ TEST_CASE("hostile/device-state-before-region-table") {
     CHECK(t.failure() == "urgent channel from the source: expected REGION_TABLE, got DEVICE_STATE");
     check_not_resumed(t);
     t.check_nothing_placed();
+}
+
+// An authenticated peer whose first header announces a 200 MiB DEVICE_STATE is refused
+// from the header alone: the destination's peak memory does not grow by it.
+TEST_CASE("hostile/oversized-first-header-refused-without-allocation") {
+    Target t(Backing::anon);
+    rusage before{};
+    ::getrusage(RUSAGE_SELF, &before);
+    Conn urgent = Conn::to(t.port());
+    proto::Frame f(proto::kHeaderSize);
+    proto::write_header(std::span<std::byte, proto::kHeaderSize>(f.data(), proto::kHeaderSize),
+                        proto::Type::device_state, 200u << 20);
+    urgent.send(f);
+    CHECK(t.failure() == "urgent channel from the source: DEVICE_STATE frame of 209715200 bytes exceeds the 1048576 "
+                         "bytes allowed here");
+    rusage after{};
+    ::getrusage(RUSAGE_SELF, &after);
+    CHECK((after.ru_maxrss - before.ru_maxrss) < 64 * 1024);  // KiB: far below the 200 MiB announced
+    check_not_resumed(t);
+}
+
+// The same header from a peer without the key never reaches the frame parser.
+TEST_CASE("hostile/oversized-header-without-key-refused-by-tls") {
+    Target t(Backing::anon);
+    Conn raw = Conn::to_plain(t.port());
+    proto::Frame f(proto::kHeaderSize);
+    proto::write_header(std::span<std::byte, proto::kHeaderSize>(f.data(), proto::kHeaderSize),
+                        proto::Type::device_state, 200u << 20);
+    raw.send(f);
+    std::byte b[64];
+    ssize_t n;
+    while ((n = ::recv(raw.fd(), b, sizeof b, 0)) > 0) {}  // until the listener closes it
+    CHECK(n <= 0);
+    CHECK(t.dst().stats().refused_peers == 1);
+    CHECK(t.dst().stats().phase == lazymig::Phase::idle);
+    check_not_resumed(t);
 }

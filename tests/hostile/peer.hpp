@@ -20,6 +20,7 @@
 #include "src/crc32c.hpp"
 #include "src/net/socket.hpp"
 #include "src/protocol.hpp"
+#include "tests/tls_key.hpp"
 
 namespace hostile {
 
@@ -37,12 +38,14 @@ struct RawFrame {
     std::vector<std::byte> payload;
 };
 
-// One connected TCP socket, closed on destruction.
+// One connected TCP socket, closed on destruction; TLS 1.3 with the test key unless
+// made plain (a peer without any key).
 class Conn {
 public:
     Conn() = default;
     explicit Conn(int fd) : fd_(fd) { set_timeouts(); }
-    static Conn to(std::uint16_t port) {
+    // A TCP connection to the destination, no TLS.
+    static Conn to_plain(std::uint16_t port) {
         Conn c(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
         REQUIRE(c.fd_.valid());
         sockaddr_in a{};
@@ -52,23 +55,40 @@ public:
         REQUIRE_MESSAGE(::connect(c.fd(), reinterpret_cast<sockaddr*>(&a), sizeof a) == 0, std::strerror(errno));
         return c;
     }
-    // Accepts one connection on `listener`, or fails the test after kTimeoutMs.
+    // Authenticated with `key` (the test's own by default): the handshake must succeed.
+    static Conn to(std::uint16_t port, const testkey::Key& key = testkey::key()) {
+        Conn c = to_plain(port);
+        c.tls_ = std::make_unique<testkey::Tls>(c.fd(), false, key);
+        REQUIRE_MESSAGE(c.tls_->ok(), "TLS handshake: ", c.tls_->error());
+        return c;
+    }
+    // Accepts one connection on `listener` and runs the TLS server handshake, or fails
+    // the test after kTimeoutMs.
     static Conn accept_from(int listener) {
         pollfd p{listener, POLLIN, 0};
         REQUIRE_MESSAGE(::poll(&p, 1, kTimeoutMs) == 1, "no connection within the timeout");
         Conn c(::accept4(listener, nullptr, nullptr, SOCK_CLOEXEC));
         REQUIRE(c.fd_.valid());
+        c.tls_ = std::make_unique<testkey::Tls>(c.fd(), true, testkey::key());
+        REQUIRE_MESSAGE(c.tls_->ok(), "TLS handshake: ", c.tls_->error());
         return c;
     }
     [[nodiscard]] int fd() const { return fd_.get(); }
-    void close() { fd_.reset(); }
-    // No more bytes from this side (FIN); reading stays possible.
-    void shutdown_write() { ::shutdown(fd(), SHUT_WR); }
+    void close() {
+        tls_.reset();
+        fd_.reset();
+    }
+    // No more bytes from this side (close_notify, or FIN without TLS); reading stays possible.
+    void shutdown_write() {
+        if (tls_) SSL_shutdown(tls_->ssl());
+        else ::shutdown(fd(), SHUT_WR);
+    }
 
     void send(std::span<const std::byte> bytes) {
         std::size_t off = 0;
         while (off < bytes.size()) {
-            const ssize_t n = ::send(fd(), bytes.data() + off, bytes.size() - off, MSG_NOSIGNAL);
+            const ssize_t n = tls_ ? SSL_write(tls_->ssl(), bytes.data() + off, static_cast<int>(bytes.size() - off))
+                                   : ::send(fd(), bytes.data() + off, bytes.size() - off, MSG_NOSIGNAL);
             REQUIRE_MESSAGE(n > 0, "send: ", std::strerror(errno));
             off += static_cast<std::size_t>(n);
         }
@@ -114,7 +134,8 @@ private:
     bool recv_exact(std::byte* dst, std::size_t len, bool eof_ok) {
         std::size_t got = 0;
         while (got < len) {
-            const ssize_t n = ::recv(fd(), dst + got, len - got, 0);
+            const ssize_t n = tls_ ? SSL_read(tls_->ssl(), dst + got, static_cast<int>(len - got))
+                                   : ::recv(fd(), dst + got, len - got, 0);
             if (n == 0 && got == 0 && eof_ok) return false;
             REQUIRE_MESSAGE(n > 0, "recv: ", n == 0 ? "closed inside a frame" : std::strerror(errno));
             got += static_cast<std::size_t>(n);
@@ -122,6 +143,7 @@ private:
         return true;
     }
     lazymig::net::Fd fd_;
+    std::unique_ptr<testkey::Tls> tls_;  // destroyed before fd_ closes
 };
 
 // A PAGES frame for pages [first, first+count): page i is zero when bit i of `zero` is

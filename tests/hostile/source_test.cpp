@@ -39,7 +39,8 @@ public:
         };
         auto s = lazymig::Source::create({.regions = {mem_.region()}, .hooks = hooks, .uri = uri_,
                                           .mode = lazymig::Mode::postcopy, .parameters = {.bulk_channels = 1},
-                                          .connect_timeout = std::chrono::milliseconds(kTimeoutMs)});
+                                          .connect_timeout = std::chrono::milliseconds(kTimeoutMs),
+                                          .security = testkey::security()});
         REQUIRE_MESSAGE(s.has_value(), err_of(s));
         src_ = std::move(*s);
         auto started = src_->migrate();
@@ -115,6 +116,8 @@ TEST_CASE("hostile/destination-requests-a-page-out-of-range") {
     urgent.expect(proto::Type::region_table);
     urgent.send(proto::encode_empty(proto::Type::region_ack));
     urgent.expect(proto::Type::device_state);
+    urgent.send(proto::encode_empty(proto::Type::device_loaded));
+    urgent.expect(proto::Type::go);
     urgent.send(proto::encode_empty(proto::Type::resumed));
     const std::uint64_t pages = HostileDestination::kSize / kPage;
     urgent.send(proto::encode(proto::PageRequest{.region = 0, .count = 2, .first = pages - 1}));

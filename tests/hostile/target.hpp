@@ -80,7 +80,8 @@ public:
             },
         };
         auto d = lazymig::Destination::listen(
-            {.regions = {mem_.region()}, .hooks = hooks, .uri = "tcp:127.0.0.1:0", .parameters = {}});
+            {.regions = {mem_.region()}, .hooks = hooks, .uri = "tcp:127.0.0.1:0", .parameters = {},
+             .security = testkey::security()});
         REQUIRE_MESSAGE(d.has_value(), err_of(d));
         dst_ = std::move(*d);
         auto ep = lazymig::net::parse_uri(dst_->local_uri());
@@ -186,6 +187,8 @@ struct HostileSource {
     }
     void device_state(std::size_t bytes = 1000) {
         urgent.send(proto::encode(proto::DeviceState{std::vector<std::byte>(bytes, std::byte{7})}));
+        urgent.expect(proto::Type::device_loaded);
+        urgent.send(proto::encode_empty(proto::Type::go));
         urgent.expect(proto::Type::resumed);
     }
 };

@@ -40,7 +40,9 @@ int main() {
     if (bad.error().message().empty()) return failed("Source::create's error has no sentence");
 
     // Accepted (validation only, nothing starts); destroyed through the base's vtable.
-    auto src = lazymig::Source::create({.regions = {ram->region()}, .hooks = hooks, .uri = "tcp:127.0.0.1:9"});
+    auto src = lazymig::Source::create({.regions = {ram->region()}, .hooks = hooks, .uri = "tcp:127.0.0.1:9",
+                                        .security = {.auth = lazymig::Auth::psk,
+                                                     .psk = std::vector<std::byte>(32, std::byte{7})}});
     if (!src) return failed("Source::create: " + src.error().message());
     lazymig::Source& base = **src;
     if (typeid(base) == typeid(lazymig::Source)) return failed("typeid of an implementation equals the abstract Source");

@@ -2,6 +2,7 @@
 //
 //   lazymig-peer dest   --size MiB --backing B --seed S --workers N
 //   lazymig-peer source --size MiB --backing B --seed S --uri tcp:H:P [--max-bandwidth B/s]
+//   both: --psk-file FILE (the migration's key) or --auth none
 //
 // Guest content is a function of (seed, 4 KiB unit, word); every 13th unit is zero so the
 // zero-page path runs. On the destination, N workers start when the VM resumes and
@@ -52,6 +53,7 @@ struct Options {
     std::uint64_t seed = 1, max_bandwidth = 0;
     unsigned workers = 4;
     unsigned bulk_channels = 1;
+    Security security{};  // --psk-file FILE, or --auth none
 };
 
 bool parse(int argc, char** argv, Options& o) {
@@ -69,6 +71,8 @@ bool parse(int argc, char** argv, Options& o) {
         else if (k == "--workers") o.workers = static_cast<unsigned>(std::stoul(v));
         else if (k == "--max-bandwidth") o.max_bandwidth = std::stoull(v);
         else if (k == "--bulk-channels") o.bulk_channels = static_cast<unsigned>(std::stoul(v));
+        else if (k == "--psk-file") o.security = {.auth = Auth::psk, .psk_file = v};
+        else if (k == "--auth" && v == "none") o.security = {.auth = Auth::none};
         else return false;
     }
     return o.role == "dest" || o.role == "source";
@@ -167,7 +171,7 @@ int run_dest(const Options& o) {
             return {};
         },
     };
-    auto dst = Destination::listen({.regions = {mem->region()}, .hooks = hooks, .uri = o.uri});
+    auto dst = Destination::listen({.regions = {mem->region()}, .hooks = hooks, .uri = o.uri, .security = o.security});
     if (!dst) {
         release(false);
         for (auto& t : threads) t.join();
@@ -227,7 +231,8 @@ int run_source(const Options& o) {
     Parameters p;
     p.max_bandwidth = o.max_bandwidth;
     p.bulk_channels = o.bulk_channels;
-    auto src = Source::create({.regions = {mem->region()}, .hooks = hooks, .uri = o.uri, .parameters = p});
+    auto src = Source::create({.regions = {mem->region()}, .hooks = hooks, .uri = o.uri, .parameters = p,
+                               .security = o.security});
     if (!src) return say("error: " + src.error().message()), 3;
     if (auto m = (*src)->migrate(); !m) return say("error: " + m.error().message()), 3;
     auto r = (*src)->wait();

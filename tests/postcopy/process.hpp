@@ -13,6 +13,7 @@
 #include <optional>
 #include <string>
 #include <vector>
+#include "tests/tls_key.hpp"
 
 extern char** environ;
 
@@ -101,5 +102,19 @@ private:
     bool exited_ = false;
     std::string buf_, all_;
 };
+
+// This test process's key in a 0600 file for the peers it spawns ("--psk-file", path);
+// removed when the process exits.
+inline const std::string& psk_file() {
+    struct File {
+        std::string path = "/tmp/lazymig-test-psk-" + std::to_string(::getpid());
+        File() {
+            if (!testkey::write_file(path)) std::abort();
+        }
+        ~File() { ::unlink(path.c_str()); }
+    };
+    static const File f;
+    return f.path;
+}
 
 }  // namespace lazymig::test

@@ -46,7 +46,7 @@ int main() {
     for (const char* channels : {"1", "3"}) {
         std::printf("--- %s bulk channel(s)\n", channels);
         const std::string peer = LAZYMIG_PEER, size = std::to_string(size_mib);
-        Process dest({peer, "dest", "--size", size, "--backing", "hugetlbfs", "--seed", "11", "--workers", "4"});
+        Process dest({peer, "dest", "--size", size, "--backing", "hugetlbfs", "--seed", "11", "--workers", "4", "--psk-file", lazymig::test::psk_file()});
         auto uri = dest.until("uri ");
         if (!uri && dest.output().find("not enough free 2 MiB huge pages") != std::string::npos) {
             // Taken by another process between our check and the allocation: the
@@ -60,7 +60,7 @@ int main() {
             std::printf("FAIL: destination did not listen:\n%s\n", dest.output().c_str());
             rc = 1;
         } else {
-            Process source({peer, "source", "--size", size, "--backing", "hugetlbfs", "--seed", "11", "--uri", uri->substr(4),
+            Process source({peer, "source", "--size", size, "--backing", "hugetlbfs", "--seed", "11", "--uri", uri->substr(4), "--psk-file", lazymig::test::psk_file(),
                             "--bulk-channels", channels});
             const int s = source.wait(), d = dest.wait();
             std::printf("source (%d):\n%s\ndestination (%d):\n%s\n", s, source.output().c_str(), d, dest.output().c_str());

@@ -13,11 +13,11 @@ namespace {
 const std::string kPeer = LAZYMIG_PEER;
 
 void migrate_and_check(const std::string& backing, const std::string& size_mib, unsigned bulk_channels) {
-    Process dest({kPeer, "dest", "--size", size_mib, "--backing", backing, "--seed", "7", "--workers", "4"});
+    Process dest({kPeer, "dest", "--size", size_mib, "--backing", backing, "--seed", "7", "--workers", "4", "--psk-file", lazymig::test::psk_file()});
     REQUIRE(dest.started());
     auto uri = dest.until("uri ");
     REQUIRE_MESSAGE(uri, dest.output());
-    Process source({kPeer, "source", "--size", size_mib, "--backing", backing, "--seed", "7", "--uri", uri->substr(4),
+    Process source({kPeer, "source", "--size", size_mib, "--backing", backing, "--seed", "7", "--uri", uri->substr(4), "--psk-file", lazymig::test::psk_file(),
                     "--bulk-channels", std::to_string(bulk_channels)});
     REQUIRE(source.started());
     const int src_rc = source.wait();
@@ -55,11 +55,11 @@ TEST_CASE("postcopy/two-process/source-dies") {
     // but the few the workers demanded is still missing, on any machine speed.
     for (const std::string backing : {"anon", "memfd"}) {
         CAPTURE(backing);
-        Process dest({kPeer, "dest", "--size", "256", "--backing", backing, "--seed", "3", "--workers", "4"});
+        Process dest({kPeer, "dest", "--size", "256", "--backing", backing, "--seed", "3", "--workers", "4", "--psk-file", lazymig::test::psk_file()});
         REQUIRE(dest.started());
         auto uri = dest.until("uri ");
         REQUIRE_MESSAGE(uri, dest.output());
-        Process source({kPeer, "source", "--size", "256", "--backing", backing, "--seed", "3", "--uri", uri->substr(4)},
+        Process source({kPeer, "source", "--size", "256", "--backing", backing, "--seed", "3", "--uri", uri->substr(4), "--psk-file", lazymig::test::psk_file()},
                        {"LAZYMIG_FAILPOINTS=source_push_batch=hold"});
         REQUIRE(source.started());
         REQUIRE_MESSAGE(dest.until("resumed"), dest.output());

@@ -20,12 +20,14 @@
 #include <future>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
 #include "lazymig/lazymig.hpp"
 #include "src/failpoint.hpp"
 #include "tests/flag.hpp"
+#include "tests/tls_key.hpp"
 
 namespace race {
 
@@ -160,10 +162,16 @@ struct Counts {
     std::atomic<int> dst_pause{0}, dst_resume{0}, src_pause{0}, src_resume{0};
 };
 
+// Deadlines a test shortens (the defaults are the library's).
+struct Limits {
+    std::chrono::milliseconds handshake{5'000}, switchover{30'000}, heartbeat{2'000};
+    std::optional<lazymig::Security> dst_security, src_security;  // default: the test PSK
+};
+
 // Source and destination memory of the same shape, and the two endpoints.
 class Pair {
 public:
-    Pair(Backing backing, std::size_t size, lazymig::Parameters source_params = {})
+    Pair(Backing backing, std::size_t size, lazymig::Parameters source_params = {}, Limits limits = {})
         : size_(size), counts_(std::make_shared<Counts>()) {
         auto s = lazymig::GuestMemory::create("ram0", size, backing, true);
         REQUIRE_MESSAGE(s.has_value(), err_of(s));
@@ -179,8 +187,12 @@ public:
                              .save_device_state = {},
                              .load_device_state = [](std::span<const std::byte>) -> lazymig::Result<void> { return {}; },
                              .on_epoch_committed = {}, .on_event = {}};
+        auto sec = testkey::security();
+        sec.handshake_timeout = limits.handshake;
         auto dst = lazymig::Destination::listen(
-            {.regions = {dst_mem_.region()}, .hooks = dh, .uri = "tcp:127.0.0.1:0", .parameters = {}});
+            {.regions = {dst_mem_.region()}, .hooks = dh, .uri = "tcp:127.0.0.1:0",
+             .parameters = {.heartbeat_timeout = limits.heartbeat},
+             .security = limits.dst_security.value_or(sec)});
         REQUIRE_MESSAGE(dst.has_value(), err_of(dst));
         dst_ = std::move(*dst);
         lazymig::VmmHooks sh{.pause_vcpus = [c] { ++c->src_pause; }, .resume_vcpus = [c] { ++c->src_resume; },
@@ -188,9 +200,12 @@ public:
                                  return std::vector<std::byte>(64, std::byte{9});
                              },
                              .load_device_state = {}, .on_epoch_committed = {}, .on_event = {}};
+        source_params.heartbeat_timeout = limits.heartbeat;
         auto src = lazymig::Source::create({.regions = {src_mem_.region()}, .hooks = sh, .uri = dst_->local_uri(),
                                             .mode = lazymig::Mode::postcopy, .parameters = source_params,
-                                            .connect_timeout = std::chrono::milliseconds(10'000)});
+                                            .connect_timeout = std::chrono::milliseconds(10'000),
+                                            .security = limits.src_security.value_or(sec),
+                                            .switchover_timeout = limits.switchover});
         REQUIRE_MESSAGE(src.has_value(), err_of(src));
         src_ = std::move(*src);
     }
@@ -220,6 +235,15 @@ public:
     void cancel() { dst_->cancel(); }
 
     [[nodiscard]] std::uint64_t pages() const { return size_ / kPage; }
+    // The source's memory still holds exactly what it was filled with.
+    [[nodiscard]] bool source_intact() const {
+        std::vector<std::uint64_t> want(kWords);
+        for (std::uint64_t p = 0; p < pages(); ++p) {
+            expected_page(p, want.data());
+            if (std::memcmp(src_mem_.data() + p * kPage, want.data(), kPage) != 0) return false;
+        }
+        return true;
+    }
     [[nodiscard]] std::uint64_t* dst_page(std::uint64_t p) const {
         return reinterpret_cast<std::uint64_t*>(dst_mem_.data() + p * kPage);
     }

@@ -145,7 +145,8 @@ TEST_CASE("uffd-handler/snapshot") {
 TEST_CASE("uffd-handler/remote") {
     TempDir dir;
     const auto snap = make_snapshot(dir, 24 * kMiB);
-    auto h = Handler::start(dir, {"--listen", "tcp:127.0.0.1:0"});
+    // The remote Source proves the migration's key; the handler refuses anyone else.
+    auto h = Handler::start(dir, {"--listen", "tcp:127.0.0.1:0", "--tls-psk-file", dir.key_file()});
     auto vm = fc::Vmm::create({16 * kMiB, 8 * kMiB});
     REQUIRE_MESSAGE(vm, why(vm));
     REQUIRE(vm->handshake(h.socket));
@@ -153,7 +154,7 @@ TEST_CASE("uffd-handler/remote") {
     const std::string uri = serving.substr(serving.find("serving on ") + 11);
     std::vector<std::string> argv{binary("LAZYMIG_SNAPSHOT_SOURCE"), snap, uri};
     for (const auto& r : vm->regions()) argv.push_back(fmt::format("{}:{}", r.size, r.offset));
-    auto src = Process::spawn(argv, dir.file("source.log"));
+    auto src = Process::spawn(argv, dir.file("source.log"), {"LAZYMIG_PSK_FILE=" + dir.key_file()});
     touch_and_check(*vm, 3, 150);
     const std::string done = h.expect("(pid ");
     CHECK_MESSAGE(done.find("completed") != std::string::npos, done);

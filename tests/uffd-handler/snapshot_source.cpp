@@ -1,12 +1,14 @@
 // snapshot_source FILE URI SIZE:OFFSET... — a lazymig Source in its own process whose
 // pages come from a snapshot memory file (SourceConfig::read_pages): the remote page
 // source of lazymig-uffd-handler --listen. Regions are named ram0, ram1, ... as the
-// handler names the VMM's mappings. Exits 0 once the destination has every page.
+// handler names the VMM's mappings; the key is the file named by LAZYMIG_PSK_FILE. Exits 0
+// once the destination has every page.
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -39,7 +41,8 @@ int main(int argc, char** argv) {
              if (n != static_cast<ssize_t>(dst.size())) return lazymig::sys_error("pread snapshot", n < 0 ? errno : EIO);
              return {};
          },
-         .uri = argv[2], .mode = lazymig::Mode::postcopy});
+         .uri = argv[2], .mode = lazymig::Mode::postcopy,
+         .security = {.auth = lazymig::Auth::psk, .psk_file = std::getenv("LAZYMIG_PSK_FILE") ? std::getenv("LAZYMIG_PSK_FILE") : ""}});
     if (!src) return std::fprintf(stderr, "snapshot_source: %s\n", src.error().message().c_str()), 1;
     if (auto m = (*src)->migrate(); !m) return std::fprintf(stderr, "snapshot_source: %s\n", m.error().message().c_str()), 1;
     if (auto w = (*src)->wait(); !w) return std::fprintf(stderr, "snapshot_source: %s\n", w.error().message().c_str()), 1;

@@ -19,6 +19,8 @@
 #include <doctest/doctest.h>
 #include <fmt/format.h>
 
+#include "tests/tls_key.hpp"
+
 extern char** environ;
 
 namespace vmm::test {
@@ -27,6 +29,15 @@ TempDir::TempDir() {
     char tmpl[] = "/tmp/lazymig-vmm-test.XXXXXX";
     if (!::mkdtemp(tmpl)) throw std::runtime_error(fmt::format("mkdtemp: {}", std::strerror(errno)));
     path_ = tmpl;
+}
+
+const std::string& TempDir::key_file() const {
+    if (key_file_.empty()) {
+        const std::string path = file("migration.key");
+        if (!testkey::write_file(path)) throw std::runtime_error(fmt::format("writing {}", path));
+        key_file_ = path;
+    }
+    return key_file_;
 }
 
 TempDir::~TempDir() {
@@ -156,6 +167,12 @@ std::unique_ptr<VmProcess> VmProcess::start(const TempDir& dir, const std::strin
     vm->log = dir.file(name + ".log");
     std::vector<std::string> argv{vmm_binary(), "run", "--memory", "64M", "--vcpus", "2", "--qmp", vm->qmp};
     argv.insert(argv.end(), args.begin(), args.end());
+    // Authentication is on by default: every VM of a test directory shares its key,
+    // unless the test chose its own (--tls-psk-file, --tls-creds, --auth).
+    const bool chose = std::ranges::any_of(args, [](const std::string& a) {
+        return a == "--tls-psk-file" || a == "--tls-creds" || a == "--auth";
+    });
+    if (!chose) argv.insert(argv.end(), {"--tls-psk-file", dir.key_file()});
     vm->proc = Process::spawn(argv, vm->log, env);
     for (;;) {
         auto line = vm->proc->read_line(30s);

@@ -37,9 +37,12 @@ public:
     TempDir& operator=(const TempDir&) = delete;
     [[nodiscard]] const std::string& path() const noexcept { return path_; }
     [[nodiscard]] std::string file(const std::string& name) const { return path_ + "/" + name; }
+    // A migration key for the VMs of this directory (hex, mode 0600), made on first use.
+    [[nodiscard]] const std::string& key_file() const;
 
 private:
     std::string path_;
+    mutable std::string key_file_;
 };
 
 class Process {

@@ -121,9 +121,10 @@ LAZYMIG_API void lazymig_destination_destroy(lazymig_destination *dst);
 /* As _listen, serving `uffd`, a userfaultfd another process (the VMM) created and
  * registered for MISSING faults over `regions` (its addresses; fd -1): pages are placed
  * with UFFDIO_COPY/ZEROPAGE into its memory (DestinationConfig::uffd in lazymig.hpp).
- * lazymig owns `uffd` from the call on, also when it fails. */
+ * lazymig owns `uffd` from the call on, also when it fails. `auth` as for
+ * lazymig_destination_listen_auth (below). */
 LAZYMIG_API int lazymig_destination_listen_uffd(int uffd, const lazymig_region *regions, size_t count,
-                                                const lazymig_hooks *hooks, const char *uri,
+                                                const lazymig_hooks *hooks, const char *uri, const char *auth,
                                                 lazymig_destination **out);
 
 /* Pre-copy (modes LAZYMIG_MODE_PRECOPY and _HYBRID), as lazymig::Parameters: read at
@@ -147,6 +148,18 @@ LAZYMIG_API int lazymig_source_set_precopy(lazymig_source *src, const lazymig_pr
  * copied into buf (NUL-terminated, cut to len). */
 LAZYMIG_API int lazymig_source_precopy_stats(const lazymig_source *src, uint32_t *rounds, uint64_t *pages_resent,
                                              uint64_t *stale_pages, char *why, size_t len);
+
+/* Authentication of the migration's channels (TLS 1.3), on by default: _source_create
+ * and _destination_listen have no key and fail saying so. `auth` is "psk-file:PATH" (a
+ * 0600 file holding the per-migration key in hex, e.g. `openssl rand -hex 32`),
+ * "x509:DIR" (ca-cert.pem, server-/client-cert.pem and -key.pem, as QEMU's
+ * tls-creds-x509), optionally "x509:DIR:PEERNAME" (the name the peer's certificate must
+ * carry), or "none" (explicit: no authentication, no encryption). */
+LAZYMIG_API int lazymig_source_create_auth(const lazymig_region *regions, size_t count, const lazymig_hooks *hooks,
+                                           const char *uri, int mode, const char *auth, lazymig_source **out);
+LAZYMIG_API int lazymig_destination_listen_auth(const lazymig_region *regions, size_t count,
+                                                const lazymig_hooks *hooks, const char *uri, const char *auth,
+                                                lazymig_destination **out);
 
 #ifdef __cplusplus
 }

@@ -156,6 +156,36 @@ struct Parameters {
     // rate at or above the bandwidth over the last two rounds, or the dirty set not
     // shrinking over the last three.
     Compression compression = Compression::automatic;  // pre-copy pages (source)
+    std::chrono::milliseconds heartbeat_timeout{2'000};  // post-copy: heartbeats cross
+                                          // the urgent channel both ways (every timeout/4);
+                                          // a side that receives nothing for this long
+                                          // fails with class transport_lost. Fixed at
+                                          // migrate() (source) / listen() (destination).
+};
+
+// How the channels of a migration are authenticated and encrypted (TLS 1.3, OpenSSL).
+// Authentication is on by default: a Source or Destination without a key or
+// certificates is refused at create()/listen(); Auth::none must be chosen explicitly,
+// and then anyone who reaches the port can take the VM over.
+enum class Auth : std::uint8_t { invalid = 0, psk, x509, none };
+struct Security {
+    Auth auth = Auth::psk;
+    // psk: the per-migration key (16 to 48 bytes), given to both sides by the management
+    // plane; or read from psk_file (hex, as `openssl rand -hex 32` writes it, optionally
+    // "IDENTITY:HEX" as in QEMU's keys.psk; the file must not be readable by others).
+    std::vector<std::byte> psk;
+    std::string psk_file;
+    std::string psk_identity = "lazymig";
+    // x509: a directory as QEMU's tls-creds-x509 reads it: ca-cert.pem, and
+    // server-cert.pem/server-key.pem (destination) or client-cert.pem/client-key.pem
+    // (source). Both sides verify the other against the CA.
+    std::string creds_dir;
+    // x509: the name the peer's certificate must carry (subject alt name or CN); empty:
+    // any certificate the CA signed (like tls-authz absent).
+    std::string peer_name;
+    // A connection that has not authenticated within this time is closed (destination:
+    // that connection only; the listener goes on).
+    std::chrono::milliseconds handshake_timeout{5'000};
 };
 
 // The number of bulk channels used when Parameters::bulk_channels is 0: one per two
@@ -241,6 +271,12 @@ struct Stats {
     double compression_ratio = 0;         // their bytes / their bytes on the wire; 0: none
     std::uint64_t pages_removed = 0;     // destination with a handed-over uffd: pages the
                                          // VMM discarded (UFFD_EVENT_REMOVE), served as zero
+    std::string tls;                     // "userspace" (OpenSSL), "kernel" (kTLS) or "none"
+    std::string auth;                    // "psk", "x509" or "none"
+    std::uint64_t refused_peers = 0;     // destination: connections refused before
+                                         // authentication (wrong key, silent, not TLS)
+    bool uffd_user_mode_only = false;    // destination: userfaultfd catches user-mode
+                                         // faults only (allow_user_mode_only)
 };
 
 // Reads `dst.size()` bytes of guest RAM from `offset` bytes into region `region`, through
@@ -275,6 +311,10 @@ struct SourceConfig {
     std::chrono::milliseconds connect_timeout{10'000};
     DirtyTracking dirty_tracking = DirtyTracking::automatic;  // pre-copy and hybrid only
     DirtyLogFn dirty_log;                 // the VMM's dirty log (DirtyTracking::vmm)
+    Security security{};
+    // Switchover: how long the source waits for the destination to load the device
+    // state (DEVICE_LOADED). Past it the source resumes its VM (the destination never ran).
+    std::chrono::milliseconds switchover_timeout{30'000};
 };
 
 class LAZYMIG_API Source {
@@ -309,6 +349,17 @@ struct DestinationConfig {
     // from the call on, also when the call fails. The VMM's vCPUs keep running: the hooks
     // pause_vcpus/resume_vcpus may do nothing.
     int uffd = -1;
+    Security security{};
+    // Largest device state accepted (DEVICE_STATE is refused before allocation past it).
+    std::size_t max_device_state = 64u << 20;
+    // How long the authenticated source may take between its first channel and its
+    // device state (region table, bulk channels), and from DEVICE_LOADED to GO.
+    std::chrono::milliseconds setup_timeout{30'000};
+    // Without full userfaultfd (vm.unprivileged_userfaultfd=0 and no CAP_SYS_PTRACE),
+    // listen() fails saying how to grant it. true: use user-mode-only userfaultfd
+    // instead — then a kernel access to a missing page (vhost, O_DIRECT into guest
+    // RAM, a syscall's buffer) fails with EFAULT instead of waiting for the page.
+    bool allow_user_mode_only = false;
 };
 
 class LAZYMIG_API Destination {
