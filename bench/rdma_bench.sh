@@ -4,6 +4,10 @@
 #   rdma_bench.sh PEER SIZE_MIB
 # Prints "rdma-bench KEY=VALUE ..." lines; the last one carries every figure.
 peer=$1 size=${2:-128}
+# The migration's key, as every lazymig migration is authenticated (TLS 1.3 on the
+# control channels; the pages move by RDMA READ).
+key=/tmp/rdma-bench.psk
+(umask 077 && head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$key")
 addr=${LAZYMIG_RDMA_ADDR:-192.0.2.1}
 dev=$(ls /sys/class/infiniband | head -1)
 gid=$(grep -l "ffff:$(printf '%02x%02x:%02x%02x' $(echo "$addr" | tr . ' '))" \
@@ -24,11 +28,11 @@ echo "rdma-bench floor ib_read_lat_4k_typical_us=${lat% *} ib_read_lat_4k_p99_us
 # One migration per transport and backing: 4 workers fault at random while the bulk pull
 # runs; then one without workers for the bulk rate alone.
 run() {  # uri backing workers
-    "$peer" dest --size "$size" --backing "$2" --seed 5 --workers "$3" --uri "$1" >/tmp/dst.out 2>/tmp/dst.err &
+    "$peer" dest --size "$size" --backing "$2" --seed 5 --workers "$3" --uri "$1" --psk-file "$key" >/tmp/dst.out 2>/tmp/dst.err &
     dpid=$!
     for i in $(seq 1 100); do grep -q '^uri ' /tmp/dst.out && break; sleep 0.1; done
     to=$(awk '/^uri / {print $2}' /tmp/dst.out)
-    "$peer" source --size "$size" --backing "$2" --seed 5 --uri "$to" >/tmp/src.out 2>/tmp/src.err
+    "$peer" source --size "$size" --backing "$2" --seed 5 --uri "$to" --psk-file "$key" >/tmp/src.out 2>/tmp/src.err
     wait $dpid
     grep -q 'wrong_units=0' /tmp/dst.out || { echo "rdma-bench FAILED $1 $2"; cat /tmp/dst.out /tmp/dst.err; exit 1; }
     sed -n 's/^stats .*fault_p50_us=\([0-9]*\) fault_p99_us=\([0-9]*\) postcopy_ms=\([0-9]*\).*/\1 \2 \3/p' /tmp/dst.out

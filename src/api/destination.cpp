@@ -256,7 +256,7 @@ private:
         }
         ureader.set_max_device_state(cfg_.max_device_state);  // legal from here to the device state
         auto dev = switchover_frames(ureader);
-        ureader.set_max_device_state(0);
+        ureader.set_max_device_state(proto::kMaxControlPayload);
         if (!dev) return std::unexpected(dev.error());
         device_bytes_ = dev->size();
         if (cfg_.hooks.load_device_state)

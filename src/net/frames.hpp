@@ -33,10 +33,11 @@ public:
 
     [[nodiscard]] const std::string& where() const { return channel_.where(); }
     [[nodiscard]] Channel& channel() const { return channel_; }
-    // The largest payload a DEVICE_STATE may announce now (0 until the session says one is
-    // legal, then the configured maximum); other control frames are held to
-    // kMaxControlPayload, page frames to kMaxPagesPayload. next() refuses a larger one
-    // from its header, before anything is allocated for it.
+    // The largest payload a DEVICE_STATE may announce now: kMaxControlPayload like any
+    // control frame, raised by the session (to the configured maximum) only while a
+    // DEVICE_STATE is legal; page frames are held to kMaxPagesPayload. next() refuses a
+    // larger one from its header, before anything is allocated for it (one that fits is
+    // then refused by the session's order checks, naming what it expected).
     void set_max_device_state(std::size_t bytes) { max_device_state_ = bytes; }
 
 private:
@@ -44,7 +45,7 @@ private:
     const std::string& where_;
     std::vector<std::byte> buf_;
     std::size_t head_ = 0, tail_ = 0;  // unread bytes are buf_[head_, tail_)
-    std::size_t max_device_state_ = 0;
+    std::size_t max_device_state_ = proto::kMaxControlPayload;
     std::array<std::byte, proto::kHeaderSize> raw_{};
 };
 

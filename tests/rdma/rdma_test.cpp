@@ -34,13 +34,15 @@ struct Run {
 Run migrate(const std::string& backing, const std::string& mib, const std::string& dest_uri, unsigned workers = 4,
             std::vector<std::string> src_env = {}, bool kill_source_at_resume = false) {
     Process dest({kPeer, "dest", "--size", mib, "--backing", backing, "--seed", "11", "--workers",
-                  std::to_string(workers), "--uri", dest_uri});
+                  std::to_string(workers), "--uri", dest_uri, "--psk-file", lazymig::test::psk_file()});
     REQUIRE(dest.started());
     auto uri = dest.until("uri ");
     REQUIRE_MESSAGE(uri, dest.output());
     std::string to = uri->substr(4);
     if (to.starts_with("tcp:") && dest_uri.starts_with("tcp:")) to = "rdma:" + to.substr(4);  // an RDMA source
-    Process source({kPeer, "source", "--size", mib, "--backing", backing, "--seed", "11", "--uri", to}, src_env);
+    Process source({kPeer, "source", "--size", mib, "--backing", backing, "--seed", "11", "--uri", to, "--psk-file",
+                    lazymig::test::psk_file()},
+                   src_env);
     REQUIRE(source.started());
     if (kill_source_at_resume) {
         REQUIRE_MESSAGE(dest.until("resumed"), dest.output());
