@@ -1,5 +1,12 @@
 #include "qmp_commands.hpp"
 
+#include <fcntl.h>
+#include <poll.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
 #include <expected>
 #include <map>
 #include <set>
@@ -89,22 +96,42 @@ std::string parse_error_desc(const json::parse_error& e) {
 }
 }  // namespace
 
+namespace {
+// Test hook (tests/vmm/qmp.cpp): with LAZYMIG_VMM_HOLD_CHECK=FIFO a deferred command waits,
+// at most 60 s, for a byte on that named pipe, so a test can show that other clients are
+// answered while it runs, without depending on how long a check takes.
+void hold_for_test() {
+    const char* fifo = std::getenv("LAZYMIG_VMM_HOLD_CHECK");
+    if (!fifo) return;
+    const int fd = ::open(fifo, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) return log_event("qmp_hold_error", "open {}: {} (errno {})", fifo, std::strerror(errno), errno);
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, 60'000) <= 0) log_event("qmp_hold_error", "no byte on {} within 60 s", fifo);
+    char b;
+    [[maybe_unused]] auto n = ::read(fd, &b, 1);
+    ::close(fd);
+}
+
+// One response message: `return` or `error`, and the request's id as it was sent.
+std::string response(const Reply& r, const json& id) {
+    nlohmann::ordered_json out;
+    if (r) {
+        out["return"] = *r;
+    } else {
+        nlohmann::ordered_json error;
+        error["class"] = r.error().cls;
+        error["desc"] = r.error().desc;
+        out["error"] = std::move(error);
+    }
+    if (!id.is_null()) out["id"] = id;
+    return qmp_message(out);
+}
+}  // namespace
+
 std::string QmpCommands::handle(std::string_view line, QmpServer::Session& session) {
     json req;
     json id;
-    auto respond = [&](const Reply& r) {
-        nlohmann::ordered_json out;
-        if (r) {
-            out["return"] = *r;
-        } else {
-            nlohmann::ordered_json error;
-            error["class"] = r.error().cls;
-            error["desc"] = r.error().desc;
-            out["error"] = std::move(error);
-        }
-        if (!id.is_null()) out["id"] = id;
-        return qmp_message(out);
-    };
+    auto respond = [&](const Reply& r) { return response(r, id); };
     try {
         req = json::parse(line);
     } catch (const json::parse_error& e) {
@@ -242,6 +269,21 @@ std::string QmpCommands::handle(std::string_view line, QmpServer::Session& sessi
          }},
     };
     auto it = table.find(cmd);
+    if (cmd == "check-workload" && it != table.end()) {
+        // Reads all of guest RAM (seconds for a large guest): run on the server's worker,
+        // so other clients are answered meanwhile; this client's next request waits.
+        session.deferred = [run = it->second, args_json, id] {
+            hold_for_test();
+            Args a(args_json);
+            try {
+                return response(run(a), id);
+            } catch (const std::exception& e) {
+                log_event("qmp_command_exception", "command=check-workload what=\"{}\"", e.what());
+                return response(generic(fmt::format("internal error in check-workload: {}", e.what())), id);
+            }
+        };
+        return {};
+    }
     if (cmd == "query-commands") {
         json names = json::array();
         for (const auto& [name, h] : table) names.push_back({{"name", name}});

@@ -59,6 +59,10 @@ lazymig::Result<std::unique_ptr<QmpServer>> QmpServer::start(std::string path, E
     auto stop = EventFd::create();
     if (!stop) return std::unexpected(stop.error().wrap("qmp"));
     s->stop_ = std::move(*stop);
+    auto done = EventFd::create();
+    if (!done) return std::unexpected(done.error().wrap("qmp"));
+    s->job_done_ = std::move(*done);
+    s->worker_ = std::thread([srv = s.get()] { srv->work(); });
     s->thread_ = std::thread([srv = s.get()] { srv->run(); });
     log_event("qmp_listening", "path={}", s->path_);
     return s;
@@ -70,6 +74,14 @@ void QmpServer::stop() {
     if (!thread_.joinable()) return;
     stop_.signal();
     thread_.join();
+    {
+        std::lock_guard lock(jobs_mu_);
+        stopping_ = true;
+        todo_.clear();  // deferred commands not begun are not run: the server is going away
+    }
+    jobs_cv_.notify_all();
+    worker_.join();  // after the job it is running, if any
+    collect_done();
     for (auto& c : clients_)
         if (c.fd) flush(c);  // a last try, e.g. the reply to `quit`
     clients_.clear();
@@ -82,11 +94,15 @@ void QmpServer::run() {
     std::vector<pollfd> fds;
     std::vector<Client*> owner;
     for (;;) {
-        fds.assign({{stop_.fd(), POLLIN, 0}, {listen_.get(), POLLIN, 0}, {events_.fd(), POLLIN, 0}});
+        fds.assign({{stop_.fd(), POLLIN, 0}, {listen_.get(), POLLIN, 0}, {events_.fd(), POLLIN, 0},
+                    {job_done_.fd(), POLLIN, 0}});
         owner.clear();
         for (auto& c : clients_) {
             if (!c.fd) continue;
-            fds.push_back({c.fd.get(), static_cast<short>(POLLIN | (c.out.empty() ? 0 : POLLOUT)), 0});
+            // A busy client's requests wait in the socket until its reply is out; its
+            // hangup still shows (POLLHUP is reported whatever the events).
+            const short in = c.busy ? 0 : POLLIN;
+            fds.push_back({c.fd.get(), static_cast<short>(in | (c.out.empty() ? 0 : POLLOUT)), 0});
             owner.push_back(&c);
         }
         if (::poll(fds.data(), fds.size(), -1) < 0) {
@@ -102,8 +118,9 @@ void QmpServer::run() {
         // to the client's next command. Clients before the listener: slots freed by
         // clients that left are free for a newcomer that arrived in the same round.
         if (fds[2].revents) deliver_events();
-        for (std::size_t i = 3; i < fds.size(); ++i) {
-            Client& c = *owner[i - 3];
+        if (fds[3].revents) collect_done();
+        for (std::size_t i = 4; i < fds.size(); ++i) {
+            Client& c = *owner[i - 4];
             if (fds[i].revents & POLLOUT) flush(c);
             if (c.fd && (fds[i].revents & (POLLIN | POLLHUP | POLLERR))) read_from(c);
         }
@@ -124,6 +141,8 @@ void QmpServer::accept_one() {
         c.in.clear();
         c.out = greeting_;  // QMP: the server speaks first
         c.session = {};
+        c.generation = ++generations_;
+        c.busy = false;
         flush(c);
         return;
     }
@@ -144,8 +163,13 @@ void QmpServer::read_from(Client& c) {
         return;
     }
     c.in.append(buf, static_cast<std::size_t>(n));
+    process(c);
+}
+
+// Runs the client's complete request lines in order, until one is deferred.
+void QmpServer::process(Client& c) {
     std::size_t start = 0;
-    for (auto nl = c.in.find('\n'); nl != std::string::npos; nl = c.in.find('\n', start)) {
+    for (auto nl = c.in.find('\n'); !c.busy && nl != std::string::npos; nl = c.in.find('\n', start)) {
         std::string_view line(c.in.data() + start, nl - start);
         start = nl + 1;
         if (line.size() > kMaxLine) {
@@ -154,9 +178,19 @@ void QmpServer::read_from(Client& c) {
         }
         if (line.find_first_not_of(" \t\r") == std::string_view::npos) continue;
         c.out += handler_(line, c.session);
+        if (c.session.deferred) {
+            c.busy = true;
+            {
+                std::lock_guard lock(jobs_mu_);
+                todo_.push_back({.slot = static_cast<std::size_t>(&c - clients_.data()), .generation = c.generation,
+                                 .run = std::move(c.session.deferred), .response = {}});
+            }
+            c.session.deferred = nullptr;
+            jobs_cv_.notify_one();
+        }
     }
     c.in.erase(0, start);
-    if (c.in.size() > kMaxLine) {
+    if (c.in.size() > kMaxLine && c.in.find('\n') == std::string::npos) {
         c.out += error_line("GenericError", fmt::format("request line longer than {} bytes", kMaxLine));
         flush(c);
         log_event("qmp_client_dropped", "reason=line-too-long");
@@ -164,6 +198,43 @@ void QmpServer::read_from(Client& c) {
         return;
     }
     flush(c);
+}
+
+// The worker: runs deferred commands one at a time, in the order they came.
+void QmpServer::work() {
+    std::unique_lock lock(jobs_mu_);
+    for (;;) {
+        jobs_cv_.wait(lock, [&] { return stopping_ || !todo_.empty(); });
+        if (stopping_) return;
+        Job job = std::move(todo_.front());
+        todo_.pop_front();
+        lock.unlock();
+        job.response = job.run();
+        job.run = nullptr;
+        lock.lock();
+        done_.push_back(std::move(job));
+        job_done_.signal();
+    }
+}
+
+// Server thread: hands finished responses to their clients (if still connected) and
+// goes on with the requests they sent meanwhile.
+void QmpServer::collect_done() {
+    job_done_.drain();
+    std::deque<Job> done;
+    {
+        std::lock_guard lock(jobs_mu_);
+        done.swap(done_);
+    }
+    for (Job& job : done) {
+        if (job.slot >= clients_.size()) continue;
+        Client& c = clients_[job.slot];
+        if (!c.fd || c.generation != job.generation) continue;  // it left meanwhile
+        c.busy = false;
+        c.out += job.response;
+        process(c);
+        flush(c);
+    }
 }
 
 void QmpServer::deliver_events() {

@@ -14,12 +14,23 @@
 // dropped). A client that leaves mid-line leaves nothing behind: half a line is never
 // executed.
 //
-// Ownership: QmpServer owns the socket, its path (unlinked on stop) and the thread;
-// stop() or the destructor signals, joins, and tries once more to flush responses.
+// A command that takes long (check-workload reads all of guest RAM) never blocks the
+// other clients: its handler sets Session::deferred and returns nothing; the server's
+// worker thread runs it while the server goes on, and that client's later requests wait
+// for its reply (QMP answers in order). One deferred command per client at a time, so
+// the worker's queue holds at most kMaxClients jobs.
+//
+// Ownership: QmpServer owns the socket, its path (unlinked on stop) and both threads;
+// stop() or the destructor signals, joins (the worker after the job it is running), and
+// tries once more to flush responses.
 #pragma once
 
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -38,6 +49,9 @@ public:
     // What the server keeps per client that a command may change.
     struct Session {
         bool negotiated = false;  // qmp_capabilities succeeded: commands run, events flow
+        // Set by a handler whose command would block: run on the worker thread, its
+        // result is the response. The handler then returns an empty string.
+        std::function<std::string()> deferred;
     };
     // One request line (without the newline) in, one response message (CRLF-terminated,
     // qmp_message()) out.
@@ -60,6 +74,14 @@ private:
         UniqueFd fd;
         std::string in, out;
         Session session;
+        std::uint64_t generation = 0;  // which connection holds this slot
+        bool busy = false;             // a deferred command of its runs on the worker
+    };
+    struct Job {  // a deferred command, then its response
+        std::size_t slot = 0;
+        std::uint64_t generation = 0;
+        std::function<std::string()> run;
+        std::string response;
     };
     QmpServer(std::string path, EventBus& events, std::string greeting, Handler handler)
         : path_(std::move(path)), events_(events), greeting_(std::move(greeting)), handler_(std::move(handler)) {}
@@ -67,7 +89,10 @@ private:
     void run();
     void accept_one();
     void read_from(Client& c);
+    void process(Client& c);
     void flush(Client& c);
+    void work();
+    void collect_done();
 
     std::string path_;
     EventBus& events_;
@@ -76,7 +101,13 @@ private:
     UniqueFd listen_;
     EventFd stop_;
     std::vector<Client> clients_{kMaxClients};  // the server thread's only
-    std::thread thread_;
+    std::uint64_t generations_ = 0;
+    std::mutex jobs_mu_;
+    std::condition_variable jobs_cv_;
+    std::deque<Job> todo_, done_;  // each at most kMaxClients: one job per client
+    bool stopping_ = false;        // under jobs_mu_
+    EventFd job_done_;
+    std::thread thread_, worker_;
 };
 
 }  // namespace vmm

@@ -106,7 +106,9 @@ printf '%q ' env "${envs[@]}" "$program" "${@:2}" >"$root/command"
 cat >"$root/init" <<'INIT'
 #!/bin/sh
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-mount -t tmpfs tmp /tmp; mount -t tmpfs run /run
+# /tmp stays on the initramfs itself (writable): a tmpfs there would hide the test
+# programs when the build tree lives under /tmp.
+mount -t tmpfs run /run
 mkdir -p /dev/shm && mount -t tmpfs shm /dev/shm
 mount -t configfs none /sys/kernel/config 2>/dev/null
 finish() { echo "lazymig-guest-exit $1"; poweroff -f; }

@@ -161,9 +161,51 @@ TEST_CASE("vmm/qmp/client-disconnects-mid-command") {
         REQUIRE(c.send_raw("{\"execute\": \"check-workload\"}\n").has_value());
         c.close();
     }
+    // Deferred commands run in order: once this check answers, the abandoned one is done
+    // (a check pauses the vCPUs while it reads, so query-status before it may say paused).
+    CHECK(vm->execute("check-workload")["ok"] == true);
     auto st = vm->execute("query-status");
     CHECK(st["status"] == "running");
-    CHECK(vm->execute("check-workload")["ok"] == true);
+    CHECK(vm->quit() == 0);
+}
+
+TEST_CASE("vmm/qmp/long-command-blocks-no-other-client") {
+    // check-workload reads all of guest RAM; it runs on the server's worker, held here
+    // on a FIFO (LAZYMIG_VMM_HOLD_CHECK) until the other clients have been answered.
+    TempDir dir;
+    const std::string release = dir.file("hold");
+    REQUIRE(::mkfifo(release.c_str(), 0600) == 0);
+    auto vm = VmProcess::start(dir, "vm", {"--workload", "bank"}, {"LAZYMIG_VMM_HOLD_CHECK=" + release});
+    INFO("vm log: " << vm->log_tail());
+    auto slow = vm->connect();
+    // Two requests in one write: the second waits behind the first (QMP answers in order).
+    REQUIRE(slow.send_raw("{\"execute\": \"check-workload\", \"id\": 1}\n"
+                          "{\"execute\": \"query-version\", \"id\": 2}\n").has_value());
+    for (int i = 0; i < 3; ++i) {
+        auto other = vm->connect();
+        auto st = other.execute("query-status");
+        REQUIRE_MESSAGE(st.has_value(), st.error().message());
+        CHECK((*st)["status"] == "running");
+    }
+    CHECK(vm->execute("query-status")["status"] == "running");
+    // Nothing for the held client yet: its check has not run.
+    CHECK_FALSE(slow.read_line(0ms).has_value());
+    {
+        const int w = ::open(release.c_str(), O_WRONLY | O_CLOEXEC);
+        REQUIRE(w >= 0);
+        REQUIRE(::write(w, "x", 1) == 1);
+        ::close(w);
+    }
+    auto first = slow.read_line(60s);
+    REQUIRE(first.has_value());
+    const json a = json::parse(*first);
+    CHECK(a["id"] == 1);
+    CHECK(a["return"]["ok"] == true);
+    auto second = slow.read_line(60s);
+    REQUIRE(second.has_value());
+    const json b = json::parse(*second);
+    CHECK(b["id"] == 2);
+    CHECK(b["return"].contains("package"));
     CHECK(vm->quit() == 0);
 }
 
