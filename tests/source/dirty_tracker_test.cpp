@@ -206,21 +206,6 @@ TEST_CASE("source/dirty-tracker/unpopulated") {
 
 // Registered as its own meson test: exits 77 (skip) when no huge pages can be had.
 TEST_CASE("source/dirty-tracker-hugetlbfs") {
-    const char* nr = "/proc/sys/vm/nr_hugepages";
-    long before = -1;
-    std::ifstream(nr) >> before;
-    if (before < 0) {
-        std::puts("skip: no hugetlbfs support");
-        std::exit(77);
-    }
-    { std::ofstream(nr) << before + 8; }
-    auto mem = TestMemory::create("huge0", 8 << 20, Backing::hugetlbfs);
-    if (!mem) {
-        { std::ofstream(nr) << before; }
-        std::printf("skip: %s\n", mem.error().message().c_str());
-        std::exit(77);
-    }
+    source_test::HugeTestMemory mem("huge0", 8 << 20, 8);
     for (auto method : {DirtyTracking::wp_async, DirtyTracking::wp_sync}) exercise(mem->region(), method);
-    *mem = TestMemory();
-    std::ofstream(nr) << before;
 }

@@ -96,20 +96,7 @@ TEST_CASE("source/page-reader-memfd-guest-memory") {
 
 // Registered as its own meson test: exits 77 (skip) when no huge pages can be had.
 TEST_CASE("source/page-reader-hugetlbfs") {
-    const char* nr = "/proc/sys/vm/nr_hugepages";
-    long before = -1;
-    std::ifstream(nr) >> before;
-    if (before < 0) {
-        std::puts("skip: no hugetlbfs support");
-        std::exit(77);
-    }
-    { std::ofstream(nr) << before + 2; }
-    auto mem = TestMemory::create("huge0", 4 << 20, Backing::hugetlbfs);
-    if (!mem) {
-        { std::ofstream(nr) << before; }
-        std::printf("skip: %s\n", mem.error().message().c_str());
-        std::exit(77);
-    }
+    HugeTestMemory mem("huge0", 4 << 20, 2);
     const std::size_t huge = mem->region().page_size;
     fill(mem->data(), 2, huge);
     const GuestRegion g = mem->region();
@@ -119,8 +106,6 @@ TEST_CASE("source/page-reader-hugetlbfs") {
         read_and_check(**r, 0, 2, huge);
         read_and_check(**r, 1, 1, huge);
     }
-    *mem = TestMemory();
-    std::ofstream(nr) << before;
 }
 
 TEST_CASE("source/page-reader-vmm") {

@@ -10,7 +10,10 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <optional>
 #include <string>
 #include <thread>
@@ -70,6 +73,40 @@ public:
 
 private:
     lazymig::GuestRegion r_{};
+};
+
+// hugetlbfs guest RAM for a test registered on its own (it exits 77, skip, when no huge
+// pages can be had): raises vm.nr_hugepages by `pages`, maps `size` bytes; the destructor
+// unmaps, then puts the count back.
+class HugeTestMemory {
+public:
+    HugeTestMemory(const char* name, std::size_t size, long pages) {
+        std::ifstream(kNr) >> before_;
+        if (before_ < 0) {
+            std::puts("skip: no hugetlbfs support");
+            std::exit(77);
+        }
+        { std::ofstream(kNr) << before_ + pages; }
+        auto m = TestMemory::create(name, size, lazymig::Backing::hugetlbfs);
+        if (!m) {
+            { std::ofstream(kNr) << before_; }
+            std::printf("skip: %s\n", m.error().message().c_str());
+            std::exit(77);
+        }
+        mem_ = std::move(*m);
+    }
+    ~HugeTestMemory() {
+        mem_ = TestMemory();
+        std::ofstream(kNr) << before_;
+    }
+    HugeTestMemory(const HugeTestMemory&) = delete;
+    HugeTestMemory& operator=(const HugeTestMemory&) = delete;
+    const TestMemory* operator->() const { return &mem_; }
+
+private:
+    static constexpr const char* kNr = "/proc/sys/vm/nr_hugepages";
+    long before_ = -1;
+    TestMemory mem_;
 };
 
 // Both ends of a stream socketpair with large buffers.
