@@ -332,6 +332,19 @@ Result<rdma_event_channel*> make_channel(std::string_view where) {
     return ec;
 }
 
+// An event channel and an RC (RDMA_PS_TCP) cm id on it; on failure neither is left.
+Result<std::pair<rdma_event_channel*, rdma_cm_id*>> make_cm_id(std::string_view where) {
+    auto ec = make_channel(where);
+    if (!ec) return std::unexpected(ec.error());
+    rdma_cm_id* id = nullptr;
+    if (rdma_create_id(*ec, &id, nullptr, RDMA_PS_TCP) != 0) {
+        const int e = errno;
+        rdma_destroy_event_channel(*ec);
+        return sys_error(fmt::format("{}: rdma_create_id", where), e);
+    }
+    return std::pair{*ec, id};
+}
+
 class CmListener final : public Listener {
 public:
     CmListener(rdma_event_channel* ec, rdma_cm_id* id, int shutdown_fd) : ec_(ec), id_(id), shutdown_fd_(shutdown_fd) {}
@@ -395,14 +408,10 @@ Result<std::unique_ptr<QueuePair>> connect(const std::string& host, std::uint16_
                                            std::chrono::milliseconds timeout) {
     auto to = socket_address(host, port);
     if (!to) return std::unexpected(to.error().wrap(where));
-    auto ec = make_channel(where);
-    if (!ec) return std::unexpected(ec.error());
-    rdma_cm_id* id = nullptr;
-    if (rdma_create_id(*ec, &id, nullptr, RDMA_PS_TCP) != 0) {
-        const int e = errno;
-        rdma_destroy_event_channel(*ec);
-        return sys_error(fmt::format("{}: rdma_create_id", where), e);
-    }
+    auto cm = make_cm_id(where);
+    if (!cm) return std::unexpected(cm.error());
+    rdma_event_channel* ec = cm->first;
+    rdma_cm_id* id = cm->second;
     auto qp = std::make_unique<RcQueuePair>(where, shutdown_fd);
     const auto deadline = Clock::now() + timeout;
     const int ms = static_cast<int>(std::clamp<long long>(timeout.count(), 100, 60'000));
@@ -410,19 +419,19 @@ Result<std::unique_ptr<QueuePair>> connect(const std::string& host, std::uint16_
     if (auto b = [&]() -> Result<void> {
             if (rdma_resolve_addr(id, nullptr, reinterpret_cast<sockaddr*>(&*to), ms) != 0)
                 return sys_error(fmt::format("{}: rdma_resolve_addr", where));
-            if (auto r = expect_event(*ec, id, RDMA_CM_EVENT_ADDR_RESOLVED, shutdown_fd, deadline, where); !r) return r;
+            if (auto r = expect_event(ec, id, RDMA_CM_EVENT_ADDR_RESOLVED, shutdown_fd, deadline, where); !r) return r;
             if (rdma_resolve_route(id, ms) != 0) return sys_error(fmt::format("{}: rdma_resolve_route", where));
-            return expect_event(*ec, id, RDMA_CM_EVENT_ROUTE_RESOLVED, shutdown_fd, deadline, where);
+            return expect_event(ec, id, RDMA_CM_EVENT_ROUTE_RESOLVED, shutdown_fd, deadline, where);
         }();
         !b) {
         rdma_destroy_id(id);
-        rdma_destroy_event_channel(*ec);
+        rdma_destroy_event_channel(ec);
         return std::unexpected(b.error());
     }
-    if (auto b = qp->build(*ec, id, std::move(domain), 4); !b) return std::unexpected(b.error());
+    if (auto b = qp->build(ec, id, std::move(domain), 4); !b) return std::unexpected(b.error());
     auto param = qp->conn_param(priv);
     if (rdma_connect(id, &param) != 0) return sys_error(fmt::format("{}: rdma_connect", where));
-    if (auto r = expect_event(*ec, id, RDMA_CM_EVENT_ESTABLISHED, shutdown_fd, deadline, where); !r)
+    if (auto r = expect_event(ec, id, RDMA_CM_EVENT_ESTABLISHED, shutdown_fd, deadline, where); !r)
         return std::unexpected(r.error());
     LZ_LOG(info, "rdma_connected", "where=\"{}\" device={}", where, device_name(*qp->domain()));
     return qp;
@@ -432,15 +441,11 @@ Result<std::unique_ptr<Listener>> listen(const std::string& host, std::uint16_t 
     const std::string where = fmt::format("rdma listener on {}:{}", host, port);
     auto at = socket_address(host, port);
     if (!at) return std::unexpected(at.error().wrap(where));
-    auto ec = make_channel(where);
-    if (!ec) return std::unexpected(ec.error());
-    rdma_cm_id* id = nullptr;
-    if (rdma_create_id(*ec, &id, nullptr, RDMA_PS_TCP) != 0) {
-        const int e = errno;
-        rdma_destroy_event_channel(*ec);
-        return sys_error(fmt::format("{}: rdma_create_id", where), e);
-    }
-    auto l = std::make_unique<CmListener>(*ec, id, shutdown_fd);
+    auto cm = make_cm_id(where);
+    if (!cm) return std::unexpected(cm.error());
+    rdma_event_channel* ec = cm->first;
+    rdma_cm_id* id = cm->second;
+    auto l = std::make_unique<CmListener>(ec, id, shutdown_fd);
     if (rdma_bind_addr(id, reinterpret_cast<sockaddr*>(&*at)) != 0)
         return sys_error(fmt::format("{}: rdma_bind_addr (is there an RDMA device with this address?)", where));
     if (rdma_listen(id, 8) != 0) return sys_error(fmt::format("{}: rdma_listen", where));
