@@ -13,6 +13,7 @@
 // page on a random access, so a sequential scan costs few round trips and a random one
 // does not wait for pages it will not use.
 #include <poll.h>
+#include <sys/eventfd.h>
 
 #include <array>
 
@@ -27,6 +28,10 @@ namespace lazymig::pager {
 Result<void> Pager::start(net::Outbox& out, std::function<void(const Error&)> on_error) {
     if (thread_.joinable()) return logic_error("pager: fault thread already running");
     outbox_ = &out;
+    const int wfd = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (wfd < 0) return sys_error("pager: eventfd for the fault thread's link handover", errno);
+    wake_fd_ = net::Fd(wfd);
+    fault_thread_done_ = false;
     on_error_ = std::move(on_error);
     try {
         thread_ = std::thread([this] { fault_thread(); });
@@ -43,36 +48,74 @@ void Pager::stop() {
 }
 
 void Pager::fault_thread() {
+    auto done = [&] {
+        std::lock_guard lock(link_mu_);
+        fault_thread_done_ = true;
+        link_cv_.notify_all();
+    };
     auto fail = [&](const Error& e) {
         LZ_LOG(error, "pager_fault_thread_failed", "{}", e.message());
+        done();
+        if (on_error_) on_error_(e);
+    };
+    // A send on the link failed: the link is down, the thread goes on without it (the
+    // session decides whether that pauses or ends the migration).
+    auto link_failed = [&](const Error& e) {
+        LZ_LOG(warn, "pager_link_failed", "{}", e.message());
+        outbox_ = nullptr;
+        pending_.reset();
         if (on_error_) on_error_(e);
     };
     for (;;) {
+        {
+            std::lock_guard lock(link_mu_);
+            if (link_seen_ != link_gen_) {  // detach_outbox / attach_outbox
+                outbox_ = next_outbox_;
+                pending_.reset();  // its pages stay REQUESTED: asked again after an attach
+                link_seen_ = link_gen_;
+                link_cv_.notify_all();
+            }
+        }
         // Faults wait in the uffd (bounded by the guest's threads) while a request is
         // blocked on a full outbox: only the blocked request and the rest of its batch
         // are held here.
         const bool blocked = pending_.has_value();
-        const bool want_out = blocked || outbox_->pending();
-        pollfd fds[3] = {{stop_event_.fd(), POLLIN, 0},
+        const bool want_out = outbox_ && (blocked || outbox_->pending());
+        pollfd fds[4] = {{stop_event_.fd(), POLLIN, 0},
                          {blocked ? -1 : uffd_.fd(), POLLIN, 0},
-                         {want_out ? outbox_->poll_fd() : -1, POLLOUT, 0}};
-        const int n = ::poll(fds, 3, -1);
+                         {want_out ? outbox_->poll_fd() : -1, POLLOUT, 0},
+                         {wake_fd_.get(), POLLIN, 0}};
+        const int n = ::poll(fds, 4, -1);
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) {
             const int e = errno;
             return fail(Error{e, "pager: poll on the userfaultfd, the stop eventfd and the urgent channel"});
         }
-        if (fds[0].revents) return;
+        if (fds[0].revents) return done();
+        if (fds[3].revents) {
+            std::uint64_t v;
+            [[maybe_unused]] auto got = ::read(wake_fd_.get(), &v, sizeof v);
+            continue;  // the handover is taken at the top of the loop
+        }
         if (fds[2].revents) {
             auto drained = outbox_->flush();
-            if (!drained) return fail(drained.error().wrap("pager: sending page requests"));
-            if (!*drained && (fds[2].revents & (POLLERR | POLLHUP | POLLNVAL)))
-                return fail(Error{0, fmt::format("{}: poll reports events {:#x} while page requests wait to be sent",
+            if (!drained) {
+                link_failed(drained.error().wrap("pager: sending page requests"));
+                continue;
+            }
+            if (!*drained && (fds[2].revents & (POLLERR | POLLHUP | POLLNVAL))) {
+                link_failed(Error{0, fmt::format("{}: poll reports events {:#x} while page requests wait to be sent",
                                                  outbox_->where(), fds[2].revents),
                                   ErrorClass::transport_lost});
+                continue;
+            }
             if (blocked) {
                 auto r = post_request();
-                if (!r) return fail(r.error());
+                if (!r) {
+                    if (r.error().kind != ErrorClass::transport_lost) return fail(r.error());
+                    link_failed(r.error());
+                    continue;
+                }
                 if (pending_) continue;  // still no room
             }
         }
@@ -85,7 +128,10 @@ void Pager::fault_thread() {
             batch_len_ = *got;
         }
         while (!pending_ && batch_pos_ < batch_len_) {
-            if (auto r = handle_fault(batch_[batch_pos_++]); !r) return fail(r.error());
+            if (auto r = handle_fault(batch_[batch_pos_++]); !r) {
+                if (r.error().kind != ErrorClass::transport_lost) return fail(r.error());
+                link_failed(r.error());
+            }
         }
     }
 }
@@ -102,7 +148,10 @@ Result<void> Pager::post_request() {
             return sys_error("pager: failpoint pager_request_blocked", e);
         return {};
     }
-    return std::unexpected(r.error().wrap("pager: sending a page request"));
+    // Whatever the channel reports, a send that failed means the link is down.
+    auto e = r.error().wrap("pager: sending a page request");
+    if (e.kind == ErrorClass::local) e.kind = ErrorClass::transport_lost;
+    return std::unexpected(std::move(e));
 }
 
 Result<void> Pager::handle_fault(const uffd::Event& ev) {
@@ -177,6 +226,7 @@ Result<void> Pager::handle_fault(const uffd::Event& ev) {
     stats_.requests.add();
     LZ_LOG(debug, "pager_request", "region={} page={} count={}", ri, page, count);
     if (sink_) return sink_->request(ri, page, count);
+    if (!outbox_) return {};  // link down: the pages stay REQUESTED and are asked for after recover
     pending_ = proto::encode(proto::PageRequest{.region = ri, .count = count, .first = page});
     return post_request();
 }

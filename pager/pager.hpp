@@ -21,6 +21,7 @@
 #pragma once
 
 #include <array>
+#include <condition_variable>
 #include <chrono>
 #include <optional>
 #include <functional>
@@ -100,6 +101,25 @@ public:
     [[nodiscard]] std::vector<Region>& mutable_regions() { return regions_; }
     // Stops and joins the fault thread (idempotent).
     void stop();
+
+    // ── Recovery (post-copy link lost; pager/link.cpp) ──
+    // The fault thread keeps running while the link is down: a fault on a MISSING page
+    // still marks it (and its prefetch window) REQUESTED, but nothing is queued — the
+    // page-state table is the only record, so nothing grows while the link is down. A
+    // request that waited for room is dropped (its pages stay REQUESTED).
+    // detach_outbox() returns once the fault thread no longer touches the old outbox
+    // (at most `limit`; ETIMEDOUT otherwise). The fault thread also detaches by itself
+    // when a send on the outbox fails, and reports that error through on_error.
+    [[nodiscard]] Result<void> detach_outbox(std::chrono::milliseconds limit = std::chrono::seconds(10));
+    // Gives the fault thread the new link's outbox. The caller then asks again for
+    // requested_runs() (a page REQUESTED before the attach may never have been asked for
+    // on this link; one asked twice is placed once).
+    [[nodiscard]] Result<void> attach_outbox(net::Outbox& out, std::chrono::milliseconds limit = std::chrono::seconds(10));
+    // Runs of REQUESTED pages, at most kMaxPagesPerFrame each, as PAGE_REQUESTs.
+    [[nodiscard]] std::vector<proto::PageRequest> requested_runs() const;
+    // Runs of pages not here (MISSING, REQUESTED, PLACING: neither PRESENT nor STAGED),
+    // at most UINT32_MAX pages each: what the source must send again.
+    [[nodiscard]] std::vector<proto::StaleRun> lacking_runs() const;
 
     // Places pages [first, first+count) of region `ri` (Placer::place). `data` holds the
     // non-zero pages back to back, in order; zero pages are flagged in `zero`. Pages
@@ -181,8 +201,16 @@ private:
     std::function<void()> on_complete_;
     // Fault thread only: the outbox, a request it had no room for, and the fault
     // messages read after it that wait for it.
-    net::Outbox* outbox_ = nullptr;
+    net::Outbox* outbox_ = nullptr;  // null while the link is down
     RequestSink* sink_ = nullptr;
+    // Handing the fault thread another outbox (link.cpp): under link_mu_, next_outbox_
+    // and a generation the fault thread acknowledges at the top of its loop.
+    std::mutex link_mu_;
+    std::condition_variable link_cv_;
+    net::Outbox* next_outbox_ = nullptr;
+    std::uint64_t link_gen_ = 0, link_seen_ = 0;
+    bool fault_thread_done_ = false;
+    net::Fd wake_fd_;  // eventfd: ends the fault thread's poll for a handover
     std::optional<proto::Frame> pending_;
     std::array<uffd::Event, 64> batch_;
     std::size_t batch_pos_ = 0, batch_len_ = 0;

@@ -26,8 +26,8 @@ private:
 Result<void> serve_loop(net::FrameReader& frames, net::Channel& urgent, std::span<const GuestRegion> regions,
                         PageFramer& framer, SentMap& sent, Pusher* pusher, SourceStats& stats, DemandGate& gate,
                         const std::function<Result<void>()>& on_resumed,
-                        const std::function<Result<void>()>& on_device_loaded) {
-    bool resumed = false, loaded = !on_device_loaded;
+                        const std::function<Result<void>()>& on_device_loaded, bool resumed) {
+    bool loaded = !on_device_loaded;
     for (;;) {
         auto h = frames.next();
         if (!h) return std::unexpected(h.error());

@@ -264,7 +264,9 @@ private:
                                       std::span<const GuestRegion> regions, PageFramer& framer, SentMap& sent,
                                       Pusher* pusher, SourceStats& stats, DemandGate& gate,
                                       const std::function<Result<void>()>& on_resumed,
-                                      const std::function<Result<void>()>& on_device_loaded = {});
+                                      const std::function<Result<void>()>& on_device_loaded = {},
+                                      bool resumed = false);
+// resumed: the destination runs the VM already (a link after recover): no RESUMED comes.
 // With on_device_loaded: DEVICE_LOADED must come (once) before RESUMED and calls it (the
 // session sends GO there); requests are served meanwhile. HEARTBEATs are echoed.
 

@@ -146,6 +146,9 @@ std::string_view to_string(Type t) noexcept {
     case Type::zero_bitmap: return "ZERO_BITMAP";
     case Type::sample_crcs: return "SAMPLE_CRCS";
     case Type::scan_done: return "SCAN_DONE";
+    case Type::resume: return "RESUME";
+    case Type::lacking: return "LACKING";
+    case Type::lacking_end: return "LACKING_END";
     case Type::invalid: break;
     }
     return "INVALID";
@@ -280,6 +283,14 @@ Frame encode(const StaleSet& m) {
     return w.finish();
 }
 Frame encode(Type type, const RoundMark& m) { return Writer(type).num(m.round).finish(); }
+Frame encode(const Resume& m) { return Writer(Type::resume).num(m.version).num(m.session).num(m.bulk_channels).finish(); }
+Frame encode(const Lacking& m) {
+    Writer w(Type::lacking);
+    w.num(static_cast<std::uint32_t>(m.runs.size()));
+    for (const auto& r : m.runs) w.num(r.region).num(r.count).num(r.first);
+    return w.finish();
+}
+Frame encode(const LackingEnd& m) { return Writer(Type::lacking_end).num(m.pages).finish(); }
 Frame encode_empty(Type type) { return Writer(type).finish(); }
 
 Result<Hello> decode_hello(std::span<const std::byte> payload) {
@@ -355,22 +366,53 @@ Result<PageRequest> decode_page_request(std::span<const std::byte> payload) {
     return PageRequest{region, count, first};
 }
 
-Result<StaleSet> decode_stale(std::span<const std::byte> payload) {
-    Reader r(payload, Type::stale);
+namespace {
+// STALE and LACKING: u32 n | n × (u32 region | u32 count | u64 first).
+Result<std::vector<StaleRun>> decode_runs(std::span<const std::byte> payload, Type type) {
+    Reader r(payload, type);
     LZ_TRY(n, r.num<std::uint32_t>());
     if (n == 0 || n > kMaxStaleRuns)
-        return peer_violation(fmt::format("STALE: {} runs (expected 1 to {})", n, kMaxStaleRuns));
-    StaleSet s;
-    s.runs.reserve(n);
+        return peer_violation(fmt::format("{}: {} runs (expected 1 to {})", to_string(type), n, kMaxStaleRuns));
+    std::vector<StaleRun> runs;
+    runs.reserve(n);
     for (std::uint32_t i = 0; i < n; ++i) {
         LZ_TRY(region, r.num<std::uint32_t>());
         LZ_TRY(count, r.num<std::uint32_t>());
         LZ_TRY(first, r.num<std::uint64_t>());
-        if (count == 0) return peer_violation(fmt::format("STALE: run {} of region {} has no pages", i, region));
-        s.runs.push_back({region, count, first});
+        if (count == 0)
+            return peer_violation(fmt::format("{}: run {} of region {} has no pages", to_string(type), i, region));
+        runs.push_back({region, count, first});
     }
     if (auto d = r.done(); !d) return std::unexpected(d.error());
-    return s;
+    return runs;
+}
+}  // namespace
+
+Result<StaleSet> decode_stale(std::span<const std::byte> payload) {
+    LZ_TRY(runs, decode_runs(payload, Type::stale));
+    return StaleSet{std::move(runs)};
+}
+Result<Lacking> decode_lacking(std::span<const std::byte> payload) {
+    LZ_TRY(runs, decode_runs(payload, Type::lacking));
+    return Lacking{std::move(runs)};
+}
+Result<LackingEnd> decode_lacking_end(std::span<const std::byte> payload) {
+    Reader r(payload, Type::lacking_end);
+    LZ_TRY(pages, r.num<std::uint64_t>());
+    if (auto d = r.done(); !d) return std::unexpected(d.error());
+    return LackingEnd{pages};
+}
+Result<Resume> decode_resume(std::span<const std::byte> payload) {
+    Reader r(payload, Type::resume);
+    LZ_TRY(version, r.num<std::uint32_t>());
+    if (version != kVersion)
+        return peer_violation(fmt::format("RESUME: peer speaks version {}, we speak {}", version, kVersion));
+    LZ_TRY(session, r.num<std::uint64_t>());
+    LZ_TRY(bulk, r.num<std::uint8_t>());
+    if (auto d = r.done(); !d) return std::unexpected(d.error());
+    if (bulk == 0 || bulk > kMaxBulkChannels)
+        return peer_violation(fmt::format("RESUME: {} bulk channels (expected 1 to {})", bulk, kMaxBulkChannels));
+    return Resume{version, session, bulk};
 }
 
 Result<RoundMark> decode_round(Type type, std::span<const std::byte> payload) {

@@ -45,6 +45,25 @@
 //   ─ urgent ─ DEVICE_STATE ─►         then as above (post-copy of what is missing)
 //   The destination resumes only after PRECOPY_END on every bulk channel.
 //
+// Recovery (post-copy, TCP). The link is lost (heartbeat silence, reset, EOF, a send
+// deadline) or a side pause()s: both sides close every channel and move to `paused`,
+// keeping the page-state table, the sent map and the pusher's sweep. Faults meanwhile
+// stay REQUESTED (bounded by the table; nothing is queued). recover(uri) on each side
+// (the destination listens again, same or new address, same credentials) then:
+//   source                                  destination (listening again)
+//   ─ urgent ─ RESUME{v, session, N} ─────►  another session id: ERROR, connection closed,
+//                                            the destination keeps listening
+//            ◄── LACKING{runs} ...          every page not PRESENT (QEMU's receive bitmap)
+//            ◄── LACKING_END{pages}         the sum of the runs
+//   [source: sent map := present pages only, so the push resends what was lost in flight]
+//   ─ bulk i ─ HELLO{v, bulk, i, N, session} ─►  for i in 0..N-1, as at first
+//            ◄── HELLO_ACK
+//   [destination: PAGE_REQUEST again for every REQUESTED page; back to `postcopy`]
+//            ◄── PAGE_REQUEST ... / PAGES ... / PUSH_DONE / COMPLETE as before
+// A failure in here goes back to `paused`; a later recover() starts over. The channels
+// reopened are opened in one function on each side (Source: open_link_channels;
+// Destination: accept_link_channels).
+//
 // PRECOPY_LZ4 payload: the PAGES meta (region, count, first, zero bitmap), then for each
 // non-zero page u32 stored | `stored` bytes: stored == page size is the page as it is,
 // less is an LZ4 block that decompresses to exactly one page. The checksum is that of the
@@ -119,10 +138,15 @@ enum class Type : std::uint8_t {
     zero_bitmap = 64,
     sample_crcs = 65,
     scan_done = 66,
+    // Recovery (70..79): a post-copy whose link was lost resumes on a new link (below).
+    resume = 70,       // urgent, to the destination: u32 version | u64 session | u8 bulk_channels
+    lacking = 71,      // urgent, to the source: runs of pages not present (STALE's layout)
+    lacking_end = 72,  // urgent, to the source: u64 pages lacking in all (the runs' sum)
 };
 inline constexpr std::uint8_t kTypeLast = 11;
 inline constexpr std::uint8_t kPrecopyTypeFirst = 50, kPrecopyTypeLast = 55;
 inline constexpr std::uint8_t kRdmaTypeFirst = 60, kRdmaTypeLast = 66;
+inline constexpr std::uint8_t kRecoverTypeFirst = 70, kRecoverTypeLast = 72;
 // A type this build speaks (any of the ranges above).
 [[nodiscard]] bool known_type(std::uint8_t t) noexcept;
 // PAGES, PRECOPY_PAGES, PRECOPY_LZ4: page data, bounded by kMaxPagesPayload.
@@ -204,6 +228,20 @@ inline constexpr std::size_t kMaxStaleRuns = (kMaxControlPayload - 4) / 16;
 struct StaleSet {
     std::vector<StaleRun> runs;
 };
+// RESUME payload: u32 version | u64 session | u8 bulk_channels.
+struct Resume {
+    std::uint32_t version = kVersion;
+    std::uint64_t session = 0;
+    std::uint8_t bulk_channels = 1;
+};
+// LACKING payload: as STALE (u32 n | n × (u32 region | u32 count | u64 first)), 1 to
+// kMaxStaleRuns runs; LACKING_END: u64 the number of pages of all the runs sent.
+struct Lacking {
+    std::vector<StaleRun> runs;
+};
+struct LackingEnd {
+    std::uint64_t pages = 0;
+};
 
 // A whole control frame (header + payload, checksum set), ready to send.
 using Frame = std::vector<std::byte>;
@@ -215,6 +253,9 @@ using Frame = std::vector<std::byte>;
 [[nodiscard]] Frame encode(const PageRequest&);
 [[nodiscard]] Frame encode(const StaleSet&);  // REQUIRES: runs.size() <= kMaxStaleRuns
 [[nodiscard]] Frame encode(Type round_end_or_ack, const RoundMark&);
+[[nodiscard]] Frame encode(const Resume&);
+[[nodiscard]] Frame encode(const Lacking&);  // REQUIRES: runs.size() <= kMaxStaleRuns
+[[nodiscard]] Frame encode(const LackingEnd&);
 [[nodiscard]] Frame encode_empty(Type type);  // region_ack, resumed, push_done, complete
 
 // Decoders take the payload of a frame whose header and checksum were verified.
@@ -225,6 +266,9 @@ using Frame = std::vector<std::byte>;
 [[nodiscard]] Result<PageRequest> decode_page_request(std::span<const std::byte> payload);
 [[nodiscard]] Result<StaleSet> decode_stale(std::span<const std::byte> payload);
 [[nodiscard]] Result<RoundMark> decode_round(Type type, std::span<const std::byte> payload);
+[[nodiscard]] Result<Resume> decode_resume(std::span<const std::byte> payload);
+[[nodiscard]] Result<Lacking> decode_lacking(std::span<const std::byte> payload);
+[[nodiscard]] Result<LackingEnd> decode_lacking_end(std::span<const std::byte> payload);
 
 // Compares the source's table with the destination's regions; the error names the
 // first mismatch ("region 0 'ram0': size 1073741824 here, 536870912 from the source").

@@ -2,14 +2,22 @@
 //
 // Threads: the session thread (accepts the channels, handshakes, loads device state,
 // resumes the VM, then receives and places the urgent channel's demand replies), one
-// receiver per bulk channel, and the pager's fault thread. One shutdown eventfd stops
-// them all; the first error wins. Phases follow src/session_phase.hpp.
+// receiver per bulk channel, and the pager's fault thread. Two shutdown eventfds: the
+// session's `stop_` (cancel(), the destructor, the first fatal error) stops them all;
+// the link's `link_stop_` (one per connection generation, signalled too by stop_all())
+// ends the waits of that link's channels only. The first error wins. Phases follow
+// src/session_phase.hpp.
+//
+// Pause and recover (post-copy, TCP): the section "Link loss: pause and recover" below,
+// the diagram in src/protocol.hpp. The fault thread runs throughout; the bulk receivers
+// and the urgent loop end with a link and start again on the next.
 //
 // Every frame the destination sends goes out on the urgent channel through one Outbox
 // (src/net/outbox.hpp): PAGE_REQUEST from the fault thread never blocks there; acks,
 // RESUMED and COMPLETE from the other threads wait (with a deadline) until sent.
 
 #include <condition_variable>
+#include <optional>
 
 #include <fmt/format.h>
 
@@ -37,9 +45,11 @@ constexpr std::chrono::milliseconds kChannelTimeout{30'000};
 class DestinationImpl final : public Destination {
 public:
     DestinationImpl(DestinationConfig config, std::unique_ptr<pager::Pager> pager,
-                    std::unique_ptr<net::Transport> transport, net::ShutdownEvent stop)
+                    std::unique_ptr<net::Transport> transport, net::ShutdownEvent stop, net::ShutdownEvent link_stop,
+                    std::shared_ptr<net::TlsContext> tls)
         : cfg_(std::move(config)), pager_(std::move(pager)), transport_(std::move(transport)),
-          local_uri_(transport_->local_uri()), stop_(std::move(stop)), state_(cfg_.hooks, "destination") {}
+          local_uri_(transport_->local_uri()), stop_(std::move(stop)), link_stop_(std::move(link_stop)),
+          tls_(std::move(tls)), state_(cfg_.hooks, "destination") {}
 
     Result<void> start() {
         pager_->on_complete([this] { maybe_send_complete(); });
@@ -55,11 +65,14 @@ public:
     }
 
     ~DestinationImpl() override {
-        stop_.signal();
+        stop_all();
         join();
     }
 
-    std::string local_uri() const override { return local_uri_; }
+    std::string local_uri() const override {
+        std::lock_guard lock(chan_mu_);
+        return local_uri_;
+    }
 
     void set_vcpu_threads(std::vector<VcpuThread> threads) override { pager_->set_vcpu_threads(std::move(threads)); }
 
@@ -72,9 +85,52 @@ public:
     }
 
     // From a hook on the session's own thread this only requests the stop.
+    // While paused: the source is taken as lost (the end of session()).
     void cancel() override {
-        fail(Error{ECANCELED, "destination: migration cancelled"});
+        end_session(Error{ECANCELED, "destination: migration cancelled"});
         if (api::SessionState::current != this) join();
+    }
+
+    Result<void> pause() override {
+        if (rdma_ready_.load()) return logic_error(kRdmaNoRecover);
+        const Phase p = state_.phase();
+        if (p != Phase::postcopy && p != Phase::recovering)
+            return logic_error(fmt::format("destination: pause() during {}: only a post-copy can pause (before it "
+                                           "the source still holds the VM; after it there is nothing to pause)",
+                                           to_string(p)));
+        fail(Error{ECONNABORTED, "destination: paused on purpose (pause())", ErrorClass::transport_lost});
+        return {};
+    }
+
+    // Listens here, on the caller's thread, so that a refusal (address in use) is its
+    // answer and local_uri() tells the port at once; the session thread accepts.
+    Result<void> recover(std::string uri) override {
+        if (rdma_ready_.load()) return logic_error(kRdmaNoRecover);
+        if (net::is_rdma_uri(uri)) return logic_error(kRdmaNoRecover);
+        {
+            std::lock_guard lock(link_mu_);
+            const Phase p = state_.phase();
+            if (p != Phase::paused || !link_down_)
+                return logic_error(fmt::format("destination: recover() during {}: only a paused post-copy can "
+                                               "recover", to_string(p)));
+            if (next_transport_) return logic_error("destination: recover() already asked for");
+        }
+        auto fresh = net::ShutdownEvent::create();
+        if (!fresh) return std::unexpected(fresh.error().wrap("destination: recover"));
+        auto transport = net::tcp_listener(uri, fresh->fd(), tls_);
+        if (!transport) return std::unexpected(transport.error().wrap("destination: recover"));
+        std::lock_guard lock(link_mu_);
+        if (state_.phase() != Phase::paused || next_transport_ || stop_.signalled())
+            return logic_error("destination: recover(): the migration left the paused phase meanwhile");
+        {
+            std::lock_guard clock(chan_mu_);
+            local_uri_ = (*transport)->local_uri();
+        }
+        next_link_stop_ = std::move(*fresh);
+        next_transport_ = std::move(*transport);
+        link_cv_.notify_all();
+        LZ_LOG(info, "destination_recover_listening", "uri={}", local_uri_);
+        return {};
     }
 
     void set_parameters(const Parameters& p) override { pager_->set_prefetch(p.prefetch_pages); }
@@ -113,7 +169,17 @@ public:
         s.tls = transport_->security();
         s.auth = net::to_string(cfg_.security.auth);
         s.refused_peers = transport_->refused();
+        {
+            std::lock_guard lock(chan_mu_);
+            s.refused_peers += refused_before_;
+            if (link_transport_) s.refused_peers += link_transport_->refused();
+        }
         s.uffd_user_mode_only = pager_->user_mode_only();
+        s.pauses = pauses_.load();
+        s.recoveries = recoveries_.load();
+        s.refused_resumes = refused_resumes_.load();
+        s.pages_poisoned = pages_poisoned_.load();
+        s.vm_stopped = vm_stopped_.load();
         return s;
     }
 
@@ -125,8 +191,10 @@ private:
 
     // Live: each channel counts what it received (the channels exist from accept on).
     std::uint64_t bytes_received() const {
-        if (!channels_ready_.load(std::memory_order_acquire)) return 0;
-        std::uint64_t n = urgent_ ? urgent_->bytes_received() : 0;
+        std::lock_guard lock(chan_mu_);
+        std::uint64_t n = bytes_before_;
+        if (!channels_ready_.load(std::memory_order_acquire)) return n;
+        n += urgent_ ? urgent_->bytes_received() : 0;
         for (const auto& c : bulk_) n += c->bytes_received();
         return n;
     }
@@ -134,14 +202,25 @@ private:
     // The first error stops every thread. Once every page is present nothing can fail
     // the migration any more: later errors are echoes of the channels closing, and a
     // cancel() then changes nothing.
+    // A post-copy link loss pauses instead (link_lost).
     void fail(const Error& e) {
         if (pager_->complete()) {
             LZ_LOG(debug, "session_error_after_complete", "side=destination {}", e.message());
             return;
         }
-        if (state_.record(e)) stop_.signal();
+        if (link_lost(e)) return;
+        end_session(e);
+    }
+    void end_session(const Error& e) {
+        if (state_.record(e)) stop_all();
         std::lock_guard lock(precopy_mu_);  // ends a wait for PRECOPY_END
         precopy_cv_.notify_all();
+    }
+    void stop_all() {
+        stop_.signal();
+        std::lock_guard lock(link_mu_);
+        link_stop_.signal();
+        link_cv_.notify_all();
     }
 
     Result<void> send_small(const proto::Frame& f, std::string_view what) {
@@ -159,10 +238,16 @@ private:
 
     void session() {
         auto r = run();
-        if (!r) fail(r.error());
+        // Link loss: pause, wait for recover(), resume; as often as it happens.
+        while (!r) {
+            fail(r.error());
+            if (!link_is_down() || pager_->complete()) break;
+            teardown_link();
+            r = pause_and_recover();
+        }
         if (watchdog_) watchdog_->stop();
         pager_->stop();
-        stop_.signal();  // the bulk receivers end on EOF after success; make sure either way
+        stop_all();  // the bulk receivers end on EOF after success; make sure either way
         for (auto& t : bulk_threads_)
             if (t.joinable()) t.join();
         if (rdma_) {
@@ -187,15 +272,26 @@ private:
         if (!state_.error()) state_.record(Error{0, "destination: the migration ended before every page arrived"});
         auto e = *state_.error();
         if (resumed_) {
-            // The VM ran here and pages are missing: it cannot continue. Poison what never
-            // arrived (a touch raises SIGBUS, never reads zeroes) and stop the vCPUs.
+            // The source is lost and pages are missing. Poison what never arrived (a touch
+            // raises SIGBUS, never reads zeroes; a vCPU blocked on one is released with
+            // it); then, unless poison_on_loss, stop the vCPUs.
             const std::uint64_t missing = pager_->total_pages() - pager_->present_pages();
             pages_missing_ = missing;
+            const std::string which = describe_runs(pager_->lacking_runs());
             auto poisoned = pager_->poison_missing();
-            cfg_.hooks.pause_vcpus();
-            e.context = fmt::format("{}; the VM cannot continue: {} of {} pages never arrived{}", e.context, missing,
-                                    pager_->total_pages(),
-                                    poisoned ? " (poisoned: a touch raises SIGBUS)" : "; " + poisoned.error().message());
+            if (poisoned) pages_poisoned_ = *poisoned;
+            const std::string how = poisoned ? "" : "; " + poisoned.error().message();
+            if (cfg_.poison_on_loss && poisoned) {
+                e.context = fmt::format("{}; the source is lost: {} of {} pages never arrived ({}): poisoned "
+                                        "(poison_on_loss): the guest gets a memory error (SIGBUS) on those pages "
+                                        "only and keeps running", e.context, missing, pager_->total_pages(), which);
+            } else {
+                cfg_.hooks.pause_vcpus();
+                vm_stopped_ = true;
+                e.context = fmt::format("{}; the VM was stopped: {} of {} pages never arrived ({}){}", e.context,
+                                        missing, pager_->total_pages(), which,
+                                        poisoned ? " (poisoned: a touch raises SIGBUS)" : how);
+            }
             state_.amend(e);
         }
         const std::string text = e.message();
@@ -209,7 +305,7 @@ private:
         auto urgent = transport_->accept("urgent channel", std::chrono::milliseconds(-1), true);
         if (!urgent) return std::unexpected(urgent.error().wrap("destination: urgent channel"));
         urgent_ = std::move(*urgent);
-        outbox_.emplace(*urgent_, stop_.fd());
+        outbox_.emplace(*urgent_, link_fd());
         accepted_at_ = Clock::now();
         accepted_ = true;
         state_.set_phase(Phase::setup);
@@ -224,7 +320,7 @@ private:
         if (!hello) return std::unexpected(hello.error());
         session_id_ = hello->session;
         mode_ = hello->mode;
-        if (auto r = accept_bulk(hello->bulk_channels); !r) return r;
+        if (auto r = accept_link_channels(*transport_, hello->bulk_channels); !r) return r;
 
         auto table_raw = ureader.expect(proto::Type::region_table);
         if (!table_raw) return std::unexpected(table_raw.error());
@@ -268,8 +364,14 @@ private:
                                            "resumed here");
         if (auto r = send_small(proto::encode_empty(proto::Type::device_loaded), "DEVICE_LOADED"); !r) return r;
 
-        // Until GO, pages the VMM's own early touches asked for may arrive: placed, never run.
-        bool go = false;
+        return urgent_loop(ureader, false);
+    }
+
+    // The urgent channel after DEVICE_LOADED (`go` false) or on a recovered link (true):
+    // demand replies, heartbeats, GO; until the source closes it or something fails.
+    // Until GO, pages the VMM's own early touches asked for may arrive: placed, never run.
+    Result<void> urgent_loop(net::FrameReader& ureader, bool go) {
+        const std::string& uwhere = ureader.where();
         auto r = pager::receive_loop(ureader, *pager_, true, [&](const proto::Header& h, std::vector<std::byte> p) -> Result<bool> {
             if (h.type == proto::Type::heartbeat) return true;
             if (h.type == proto::Type::go && !go) {
@@ -299,12 +401,207 @@ private:
         resumed_sent_ = true;
         state_.set_phase(Phase::postcopy);
         if (auto m = map_staged(); !m) return m;
-        static const proto::Frame beat = proto::encode_empty(proto::Type::heartbeat);
-        watchdog_->watch(*urgent_, cfg_.parameters.heartbeat_timeout,
-                         [this] { (void)outbox_->post(beat); },  // full queue: traffic is flowing anyway
-                         fmt::format("destination: {}", uwhere));
+        watch_link(uwhere);
         maybe_send_complete();
         return {};
+    }
+
+    // Heartbeats on the current link's urgent channel (the watchdog thread calls the beat;
+    // teardown_link() takes the outbox from it under beat_mu_ before it is destroyed).
+    void watch_link(const std::string& uwhere) {
+        {
+            std::lock_guard lock(beat_mu_);
+            beat_out_ = &*outbox_;
+        }
+        watchdog_->watch(*urgent_, cfg_.parameters.heartbeat_timeout, [this] {
+            static const proto::Frame beat = proto::encode_empty(proto::Type::heartbeat);
+            std::lock_guard lock(beat_mu_);
+            if (beat_out_) (void)beat_out_->post(beat);  // full queue: traffic is flowing anyway
+        }, fmt::format("destination: {}", uwhere));
+    }
+
+    int link_fd() {
+        std::lock_guard lock(link_mu_);
+        return link_stop_.fd();
+    }
+
+    // ─── Link loss: pause and recover ──────────────────────────────────────────────
+    // fail() → link_lost(): a transport_lost error in post-copy (or recovering), or
+    // pause(), marks the link down and signals link_stop_: the urgent loop and the bulk
+    // receivers end. session() then calls teardown_link() (fault thread detached from the
+    // outbox — it goes on marking faults REQUESTED, sending nothing —, receivers joined,
+    // channels closed) and pause_and_recover(): Phase::paused until recover(uri) (which
+    // listens: next_transport_), cancel(), or Parameters::recover_timeout — the last two
+    // end the session as a source loss (the end of session()). resume() is the resume
+    // handshake of src/protocol.hpp: RESUME (another session id is refused and the
+    // listener goes on), LACKING runs, the bulk channels, the outbox attached again and
+    // every REQUESTED page asked for again; then urgent_loop() as before.
+
+    bool link_lost(const Error& e) {
+        std::lock_guard lock(link_mu_);
+        if (stop_.signalled()) return false;
+        if (link_down_) {
+            LZ_LOG(debug, "destination_link_echo", "{}", e.message());
+            return true;
+        }
+        const Phase p = state_.phase();
+        if (e.kind != ErrorClass::transport_lost || rdma_ready_.load() || (p != Phase::postcopy && p != Phase::recovering))
+            return false;
+        link_down_ = true;
+        link_error_ = e;
+        link_stop_.signal();
+        link_cv_.notify_all();
+        LZ_LOG(warn, "destination_link_lost", "{}", e.message());
+        return true;
+    }
+    bool link_is_down() {
+        std::lock_guard lock(link_mu_);
+        return link_down_ && !stop_.signalled();
+    }
+
+    // Ends what lives with the link; the pager, its fault thread and the page-state
+    // table stay.
+    void teardown_link() {
+        if (auto d = pager_->detach_outbox(); !d) LZ_LOG(error, "destination_detach", "{}", d.error().message());
+        for (auto& t : bulk_threads_)
+            if (t.joinable()) t.join();
+        bulk_threads_.clear();
+        if (watchdog_) {
+            watchdog_->unwatch();
+            watchdog_->disarm();
+        }
+        {
+            std::lock_guard lock(beat_mu_);
+            beat_out_ = nullptr;
+        }
+        outbox_.reset();
+        std::lock_guard lock(chan_mu_);
+        bytes_before_ += (urgent_ ? urgent_->bytes_received() : 0);
+        for (const auto& c : bulk_) bytes_before_ += c->bytes_received();
+        channels_ready_.store(false, std::memory_order_release);
+        urgent_.reset();
+        bulk_.clear();
+        bulk_readers_.clear();
+        if (link_transport_) {
+            refused_before_ += link_transport_->refused();
+            link_transport_.reset();
+        }
+    }
+
+    Result<void> pause_and_recover() {
+        std::string why;
+        {
+            std::lock_guard lock(link_mu_);
+            why = link_error_ ? link_error_->message() : "link lost";
+        }
+        ++pauses_;
+        state_.set_phase(Phase::paused, fmt::format("post-copy paused: {}", why));
+        const auto limit = cfg_.parameters.recover_timeout;
+        {
+            std::unique_lock lock(link_mu_);
+            link_cv_.wait_for(lock, limit, [&] { return next_transport_ != nullptr || stop_.signalled(); });
+            if (stop_.signalled()) return std::unexpected(state_.error().value_or(Error{ECANCELED, "destination: stopped"}));
+            if (!next_transport_) {
+                lock.unlock();
+                Error e{ETIMEDOUT, fmt::format("destination: post-copy paused for {} ms (recover_timeout) without "
+                                               "recover() ({}): the source is taken as lost", limit.count(), why)};
+                end_session(e);
+                return std::unexpected(e);
+            }
+            link_stop_ = std::move(next_link_stop_);
+            std::lock_guard clock(chan_mu_);
+            link_transport_ = std::move(next_transport_);
+            link_down_ = false;
+            link_error_.reset();
+        }
+        state_.set_phase(Phase::recovering, fmt::format("recovering: listening on {}", local_uri()));
+        auto r = resume();
+        if (!r && !stop_.signalled() && r.error().kind != ErrorClass::peer_violation)
+            r.error().kind = ErrorClass::transport_lost;  // back to paused
+        if (!r) return r;
+        ++recoveries_;
+        state_.set_phase(Phase::postcopy, "post-copy resumed after recover");
+        return urgent_loop(*ureader_, true);
+    }
+
+    // The destination's half of the resume handshake (src/protocol.hpp).
+    Result<void> resume() {
+        const auto limit = cfg_.parameters.recover_timeout;
+        for (;;) {
+            auto urgent = link_transport_->accept("urgent channel", limit, true);
+            if (!urgent) return std::unexpected(urgent.error().wrap("destination: recover: waiting for the source"));
+            auto reader = std::make_unique<net::FrameReader>(**urgent);
+            watchdog_->arm(cfg_.setup_timeout, "destination: recover: the source did not send RESUME in time");
+            auto raw = reader->expect(proto::Type::resume);
+            watchdog_->disarm();
+            if (!raw) return std::unexpected(raw.error().wrap("destination: recover"));
+            auto resume = proto::decode_resume(*raw);
+            std::string refusal;
+            if (!resume) refusal = resume.error().wrap(reader->where()).message();
+            else if (resume->session != session_id_)
+                refusal = fmt::format("{}: RESUME from another migration (session {:#x}, expected {:#x})",
+                                      reader->where(), resume->session, session_id_);
+            else if (resume->bulk_channels != bulk_count_.load())
+                refusal = fmt::format("{}: RESUME announces {} bulk channels, this migration has {}", reader->where(),
+                                      resume->bulk_channels, bulk_count_.load());
+            if (refusal.empty()) {
+                std::lock_guard lock(chan_mu_);
+                urgent_ = std::move(*urgent);
+                ureader_ = std::move(reader);
+                break;
+            }
+            // A stranger: told why, closed; the real source may still call.
+            (void)net::send_frame(**urgent, proto::encode(proto::ErrorMsg{0, refusal}));
+            ++refused_resumes_;
+            LZ_LOG(warn, "destination_resume_refused", "{}", refusal);
+        }
+        if (int e = failpoint::check("recover_handshake", 0, 0, 0))
+            return transport_error("destination: recover: failpoint recover_handshake", e);
+        outbox_.emplace(*urgent_, link_fd());
+        // What is still lacking here: the source's sent map becomes the complement.
+        const auto runs = pager_->lacking_runs();
+        std::uint64_t lacking = 0;
+        for (std::size_t i = 0; i < runs.size(); i += proto::kMaxStaleRuns) {
+            proto::Lacking part;
+            part.runs.assign(runs.begin() + i, runs.begin() + std::min(runs.size(), i + proto::kMaxStaleRuns));
+            for (const auto& run : part.runs) lacking += run.count;
+            if (auto r = send_small(proto::encode(part), "LACKING"); !r) return r;
+        }
+        if (auto r = send_small(proto::encode(proto::LackingEnd{lacking}), "LACKING_END"); !r) return r;
+        if (auto r = accept_link_channels(*link_transport_, bulk_count_.load()); !r) return r;
+        if (auto r = start_bulk_receivers(); !r) return r;
+        // The fault thread sends on the new link from here; what it marked REQUESTED
+        // before (and what was in flight when the link broke) is asked for again.
+        if (auto a = pager_->attach_outbox(*outbox_); !a) return a;
+        std::uint64_t again = 0;
+        for (const auto& req : pager_->requested_runs()) {
+            if (auto r = send_small(proto::encode(req), "PAGE_REQUEST (again)"); !r) return r;
+            again += req.count;
+        }
+        LZ_LOG(info, "destination_resume", "lacking={} requested_again={}", lacking, again);
+        watch_link(ureader_->where());
+        return {};
+    }
+
+    // "ram0 pages 100..163, 900..901 and 12 more runs"
+    std::string describe_runs(const std::vector<proto::StaleRun>& runs) const {
+        if (runs.empty()) return "none";
+        constexpr std::size_t kShown = 4;
+        std::string out;
+        std::uint32_t last_region = UINT32_MAX;
+        for (std::size_t i = 0; i < std::min(kShown, runs.size()); ++i) {
+            const auto& r = runs[i];
+            if (r.region != last_region) {
+                if (!out.empty()) out += "; ";
+                out += fmt::format("{} pages ", pager_->guest_regions()[r.region].name);
+                last_region = r.region;
+            } else {
+                out += ", ";
+            }
+            out += r.count == 1 ? fmt::format("{}", r.first) : fmt::format("{}..{}", r.first, r.first + r.count - 1);
+        }
+        if (runs.size() > kShown) out += fmt::format(" and {} more runs", runs.size() - kShown);
+        return out;
     }
 
     // From REGION_ACK to DEVICE_STATE on the urgent channel: nothing in post-copy mode;
@@ -410,14 +707,16 @@ private:
 
     bool stop_requested() const { return state_.error().has_value(); }
 
-    // Accepts the N bulk channels the urgent HELLO announced, in whatever order they
-    // arrive, and starts a receiver for each. The listener closes after the last.
-    Result<void> accept_bulk(std::uint32_t count) {
+    // The channels of a link after the urgent one, at first contact and at every
+    // recover — the one place that accepts them (a replication channel joins here):
+    // the N bulk channels the urgent HELLO (or RESUME) announced, in whatever order they
+    // arrive. The listener closes after the last.
+    Result<void> accept_link_channels(net::Transport& transport, std::uint32_t count) {
         bulk_count_ = count;
         std::vector<std::unique_ptr<net::Channel>> by_index(count);
         std::vector<std::unique_ptr<net::FrameReader>> readers(count);
         for (std::uint32_t n = 0; n < count; ++n) {
-            auto ch = transport_->accept("bulk channel", kChannelTimeout, false);
+            auto ch = transport.accept("bulk channel", kChannelTimeout, false);
             if (!ch) return std::unexpected(ch.error().wrap(fmt::format("destination: bulk channel {} of {}", n + 1, count)));
             auto reader = std::make_unique<net::FrameReader>(**ch);
             auto hello = accept_hello(*reader, proto::Channel::bulk, count);
@@ -430,7 +729,8 @@ private:
             by_index[hello->index] = std::move(*ch);
             readers[hello->index] = std::move(reader);
         }
-        transport_->close_listener();
+        transport.close_listener();
+        std::lock_guard lock(chan_mu_);
         bulk_ = std::move(by_index);
         bulk_readers_ = std::move(readers);
         channels_ready_.store(true, std::memory_order_release);
@@ -520,11 +820,32 @@ private:
         return {};
     }
 
+    static constexpr const char* kRdmaNoRecover =
+        "destination: an RDMA post-copy cannot pause or recover in this build (its queue pairs are not "
+        "re-established); use a tcp: URI for a recoverable post-copy";
+
     DestinationConfig cfg_;
     std::unique_ptr<pager::Pager> pager_;
-    std::unique_ptr<net::Transport> transport_;
-    std::string local_uri_;
+    std::unique_ptr<net::Transport> transport_;  // the first link's
+    std::string local_uri_;  // under chan_mu_ (recover() may change it)
     net::ShutdownEvent stop_;
+    // Link loss (section above): link_stop_ and the transports are replaced under link_mu_.
+    std::mutex link_mu_;
+    std::condition_variable link_cv_;
+    net::ShutdownEvent link_stop_, next_link_stop_;
+    bool link_down_ = false;
+    std::optional<Error> link_error_;
+    std::unique_ptr<net::Transport> next_transport_;  // recover() listened: the session accepts
+    std::unique_ptr<net::Transport> link_transport_;  // a recovered link's (also under chan_mu_)
+    std::unique_ptr<net::FrameReader> ureader_;       // a recovered link's urgent channel
+    std::shared_ptr<net::TlsContext> tls_;
+    mutable std::mutex chan_mu_;  // urgent_, bulk_, link_transport_, local_uri_ against stats()
+    std::uint64_t bytes_before_ = 0, refused_before_ = 0;  // of links that ended
+    std::mutex beat_mu_;
+    net::Outbox* beat_out_ = nullptr;
+    std::atomic<std::uint32_t> pauses_{0}, recoveries_{0};
+    std::atomic<std::uint64_t> refused_resumes_{0}, pages_poisoned_{0};
+    std::atomic<bool> vm_stopped_{false};
     api::SessionState state_;
     // Written by the session thread before channels_ready_ is set; read by stats().
     std::unique_ptr<net::Channel> urgent_;
@@ -571,16 +892,20 @@ Result<std::unique_ptr<Destination>> Destination::listen(DestinationConfig confi
     auto pager = adopted ? pager::Pager::adopt(std::move(**adopted), config.regions, config.parameters.prefetch_pages)
                          : pager::Pager::create(config.regions, config.parameters.prefetch_pages, config.allow_user_mode_only);
     if (!pager) return std::unexpected(pager.error());
+    if (config.parameters.recover_timeout.count() <= 0)
+        return logic_error("destination: parameters.recover_timeout must be positive");
     auto stop = net::ShutdownEvent::create();
     if (!stop) return std::unexpected(stop.error());
+    auto link_stop = net::ShutdownEvent::create();
+    if (!link_stop) return std::unexpected(link_stop.error());
     auto tls = net::tls_for(config.security, true);
     if (!tls) return std::unexpected(tls.error().wrap("destination"));
     // An rdma: URI gets RDMA or an error that says why, never TCP instead.
-    auto transport = rdma ? net::rdma_listener(config.uri, stop->fd(), std::move(*tls))
-                          : net::tcp_listener(config.uri, stop->fd(), std::move(*tls));
+    auto transport = rdma ? net::rdma_listener(config.uri, link_stop->fd(), *tls)
+                          : net::tcp_listener(config.uri, link_stop->fd(), *tls);
     if (!transport) return std::unexpected(transport.error().wrap("destination"));
     auto d = std::make_unique<DestinationImpl>(std::move(config), std::move(*pager), std::move(*transport),
-                                               std::move(*stop));
+                                               std::move(*stop), std::move(*link_stop), std::move(*tls));
     if (auto s = d->start(); !s) return std::unexpected(s.error());
     return d;
 }

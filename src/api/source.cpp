@@ -1,9 +1,15 @@
 // The source endpoint: connect, handshake, switchover, then serve and push.
 //
 // Threads: the session thread (opens the channels, hands over, then serves the urgent
-// channel) and the pusher's, one per bulk channel. cancel()/wait()/~SourceImpl stop them
-// all through one shutdown eventfd, which ends every wait of every channel.
-// Phases follow src/session_phase.hpp.
+// channel) and the pusher's, one per bulk channel. Two shutdown eventfds: the session's
+// `stop_` (cancel()/wait()/~SourceImpl, the first fatal error) ends everything; the
+// link's `link_stop_` (one per connection generation, signalled too by stop_all())
+// ends every wait of that link's channels only. Phases follow src/session_phase.hpp.
+//
+// Pause and recover (post-copy, TCP): see the section "Link loss: pause and recover"
+// below and the diagram in src/protocol.hpp.
+#include <condition_variable>
+#include <optional>
 #include <random>
 
 #include <fmt/format.h>
@@ -29,9 +35,11 @@ using Clock = std::chrono::steady_clock;
 class SourceImpl final : public Source {
 public:
     SourceImpl(SourceConfig config, std::unique_ptr<net::Transport> transport, net::ShutdownEvent stop,
+               net::ShutdownEvent link_stop, std::shared_ptr<net::TlsContext> tls,
                std::unique_ptr<source::PageReader> reader)
         : cfg_(std::move(config)), transport_(std::move(transport)), stop_(std::move(stop)),
-          state_(cfg_.hooks, "source"), sent_(cfg_.regions), reader_(std::move(reader)) {
+          link_stop_(std::move(link_stop)), tls_(std::move(tls)), state_(cfg_.hooks, "source"), sent_(cfg_.regions),
+          reader_(std::move(reader)) {
         bandwidth_ = cfg_.parameters.max_bandwidth;
         params_ = cfg_.parameters;
         batch_ = cfg_.parameters.push_batch_pages;
@@ -39,7 +47,7 @@ public:
         for (const auto& r : cfg_.regions) total_pages_ += r.size / r.page_size;
     }
     ~SourceImpl() override {
-        stop_.signal();
+        stop_all();
         join();
     }
 
@@ -81,9 +89,34 @@ public:
     void cancel() override {
         if (!completed_) {
             cancelled_ = true;
-            fail(Error{ECANCELED, "source: migration cancelled"});
+            end_session(Error{ECANCELED, "source: migration cancelled"});
         }
         if (api::SessionState::current != this) join();
+    }
+
+    Result<void> pause() override {
+        if (rdma_mode_) return logic_error(kRdmaNoRecover);
+        const Phase p = state_.phase();
+        if (p != Phase::postcopy && p != Phase::recovering)
+            return logic_error(fmt::format("source: pause() during {}: only a post-copy can pause (before it the VM "
+                                           "runs here and cancel() keeps it here; after it there is nothing to pause)",
+                                           to_string(p)));
+        fail(Error{ECONNABORTED, "source: paused on purpose (pause())", ErrorClass::transport_lost});
+        return {};
+    }
+
+    Result<void> recover(std::string uri) override {
+        if (rdma_mode_) return logic_error(kRdmaNoRecover);
+        if (auto at = net::parse_uri(uri); !at) return std::unexpected(at.error().wrap("source: recover"));
+        std::lock_guard lock(link_mu_);
+        const Phase p = state_.phase();
+        if (p != Phase::paused || !link_down_)
+            return logic_error(fmt::format("source: recover() during {}: only a paused post-copy can recover",
+                                           to_string(p)));
+        if (recover_uri_) return logic_error(fmt::format("source: recover() already asked for, to {}", *recover_uri_));
+        recover_uri_ = std::move(uri);
+        link_cv_.notify_all();
+        return {};
     }
 
     // bulk_channels takes effect only before migrate() (0 leaves it as it is).
@@ -105,7 +138,10 @@ public:
         s.mode = cfg_.mode;
         s.total_pages = total_pages_;
         // RDMA: the destination read the pages itself; its COMPLETE says they all arrived.
-        s.pages_present = rdma_mode_ && completed_ ? total_pages_ : stats_.sent_pages.get();
+        s.pages_present = rdma_mode_ && completed_ ? total_pages_ : stats_.sent_pages.get() - lost_in_flight_.load();
+        s.pages_lost_in_flight = lost_in_flight_.load();
+        s.pauses = pauses_.load();
+        s.recoveries = recoveries_.load();
         s.pages_pushed = stats_.pushed_pages.get();
         s.pages_demanded = stats_.demanded_pages.get();
         s.zero_pages = stats_.zero_pages.get();
@@ -142,23 +178,41 @@ private:
         if (thread_.joinable()) thread_.join();
     }
 
-    // The first error stops both threads; after COMPLETE nothing fails the migration.
+    // The first error stops every thread — unless it is the loss of a post-copy link,
+    // which pauses (link_lost); after COMPLETE nothing fails the migration.
     void fail(const Error& e) {
         if (completed_) {
             LZ_LOG(debug, "session_error_after_complete", "side=source {}", e.message());
             return;
         }
+        if (link_lost(e)) return;
+        end_session(e);
+    }
+    // Ends the migration with `e` (if it is the first error): every wait ends.
+    void end_session(const Error& e) {
         stopping_ = true;
-        if (state_.record(e)) stop_.signal();
+        if (state_.record(e)) stop_all();
+    }
+    void stop_all() {
+        stop_.signal();
+        std::lock_guard lock(link_mu_);
+        link_stop_.signal();
+        link_cv_.notify_all();
     }
 
     void session() {
         auto r = run();
+        // Link loss: pause, wait for recover(), resume; as often as it happens.
+        while (!r) {
+            fail(r.error());
+            if (!link_is_down()) break;
+            teardown_link();
+            r = pause_and_recover();
+        }
         if (r) completed_ = true;
-        else fail(r.error());
         // The pusher may still be sending (the destination had every page before the
         // sweep ended): stop it before its socket closes.
-        stop_.signal();
+        stop_all();
         if (pusher_) {
             pusher_->stop();  // ends a sender's wait at the demand gate
             pusher_->join();
@@ -195,7 +249,8 @@ private:
 
     Result<void> run() {
         state_.set_phase(Phase::setup);
-        const std::uint64_t session_id = std::random_device{}() | (std::uint64_t(std::random_device{}()) << 32);
+        session_id_ = std::random_device{}() | (std::uint64_t(std::random_device{}()) << 32);
+        const std::uint64_t session_id = session_id_;
         auto dog = Watchdog::start(stop_.fd(), [this](const Error& e) { fail(e); });
         if (!dog) return std::unexpected(dog.error().wrap("source"));
         watchdog_ = std::move(*dog);
@@ -207,13 +262,7 @@ private:
         urgent_ = std::move(*urgent);
         net::FrameReader ureader(*urgent_);
         if (auto r = handshake(ureader, proto::Channel::urgent, 0, session_id); !r) return r;
-        for (std::uint32_t i = 0; i < bulk_count_; ++i) {
-            auto bulk = transport_->connect(fmt::format("bulk channel {}", i), false);
-            if (!bulk) return std::unexpected(bulk.error().wrap("source"));
-            net::FrameReader breader(**bulk);
-            if (auto r = handshake(breader, proto::Channel::bulk, i, session_id); !r) return r;
-            bulk_.push_back(std::move(*bulk));
-        }
+        if (auto r = open_link_channels(*transport_); !r) return r;
         LZ_LOG(info, "source_channels", "transport={} auth={} tls={} bulk={}", transport_->name(),
                net::to_string(cfg_.security.auth), transport_->security(), bulk_count_);
 
@@ -232,8 +281,10 @@ private:
         // cost up to 13 ms of it here.
         auto framer = source::PageFramer::create(cfg_.regions, *reader_);
         if (!framer) return std::unexpected(framer.error().wrap("source: urgent channel"));
+        framer_ = std::move(*framer);
+        gate_ = std::make_unique<source::DemandGate>();
         pusher_ = std::make_unique<source::Pusher>(cfg_.regions, *reader_, sent_, stats_,
-                                                   source::PushConfig{&bandwidth_, &batch_, &gate_, 0});
+                                                   source::PushConfig{&bandwidth_, &batch_, gate_.get(), 0});
         if (auto p = pusher_->prepare(bulk_.size()); !p) return p;
 
         watchdog_->disarm();
@@ -268,7 +319,7 @@ private:
         // pusher waits for RESUMED: started earlier, its bulk frames compete for the CPUs
         // with the destination's resume and stretch the downtime (2-15 ms measured here
         // against ~0.5 ms when held back).
-        return source::serve_loop(ureader, *urgent_, cfg_.regions, **framer, sent_, pusher_.get(), stats_, gate_,
+        return source::serve_loop(ureader, *urgent_, cfg_.regions, *framer_, sent_, pusher_.get(), stats_, *gate_,
                                   [&]() -> Result<void> {
             handed_over_ = true;
             downtime_ms_ = api::ms_since(paused_at);
@@ -314,6 +365,194 @@ private:
         return {};
     }
 
+    // The channels of a link after the urgent one, at first contact and at every
+    // recover: the one place that opens them (a replication channel joins here).
+    Result<void> open_link_channels(net::Transport& transport) {
+        std::vector<std::unique_ptr<net::Channel>> bulk;
+        for (std::uint32_t i = 0; i < bulk_count_; ++i) {
+            auto ch = transport.connect(fmt::format("bulk channel {}", i), false);
+            if (!ch) return std::unexpected(ch.error().wrap("source"));
+            net::FrameReader breader(**ch);
+            if (auto r = handshake(breader, proto::Channel::bulk, i, session_id_); !r) return r;
+            bulk.push_back(std::move(*ch));
+        }
+        bulk_ = std::move(bulk);
+        return {};
+    }
+
+    // ─── Link loss: pause and recover ──────────────────────────────────────────────
+    // fail() → link_lost(): a transport_lost error in post-copy (or recovering), or
+    // pause(), marks the link down and signals link_stop_: every wait on this link's
+    // channels ends, the session thread's serve loop returns, and session() calls
+    // teardown_link() (pusher joined, heartbeats off, channels closed: the destination
+    // sees the link end and pauses too), then pause_and_recover(): Phase::paused until
+    // recover(uri) (→ resume(), the handshake drawn in src/protocol.hpp), cancel(), or
+    // Parameters::recover_timeout (→ failed: the destination may be running the VM, so it
+    // is not resumed here). The sent map and stats are kept; resume() resets the sent
+    // map to what the destination lacks, and a new pusher sweeps what is unsent.
+
+    // True when `e` pauses the migration (or is an echo of the link that already did).
+    bool link_lost(const Error& e) {
+        std::lock_guard lock(link_mu_);
+        if (stop_.signalled()) return false;
+        if (link_down_) {
+            LZ_LOG(debug, "source_link_echo", "{}", e.message());
+            return true;
+        }
+        const Phase p = state_.phase();
+        if (e.kind != ErrorClass::transport_lost || rdma_mode_ || cancelled_ ||
+            (p != Phase::postcopy && p != Phase::recovering))
+            return false;
+        link_down_ = true;
+        link_error_ = e;
+        link_stop_.signal();
+        link_cv_.notify_all();
+        LZ_LOG(warn, "source_link_lost", "{}", e.message());
+        return true;
+    }
+    bool link_is_down() {
+        std::lock_guard lock(link_mu_);
+        return link_down_ && !stop_.signalled();
+    }
+
+    // Stops and joins what lives with the link; keeps the sent map and counters.
+    void teardown_link() {
+        if (pusher_) {
+            pusher_->stop();
+            pusher_->join();
+        }
+        if (watchdog_) {
+            watchdog_->unwatch();
+            watchdog_->disarm();
+        }
+        urgent_.reset();
+        bulk_.clear();
+        link_transport_.reset();
+    }
+
+    Result<void> pause_and_recover() {
+        std::string why;
+        {
+            std::lock_guard lock(link_mu_);
+            why = link_error_ ? link_error_->message() : "link lost";
+        }
+        ++pauses_;
+        state_.set_phase(Phase::paused, fmt::format("post-copy paused: {}", why));
+        const auto limit = cfg_.parameters.recover_timeout;
+        std::string uri;
+        {
+            std::unique_lock lock(link_mu_);
+            link_cv_.wait_for(lock, limit, [&] { return recover_uri_.has_value() || stop_.signalled(); });
+            if (stop_.signalled()) return std::unexpected(state_.error().value_or(Error{ECANCELED, "source: stopped"}));
+            if (!recover_uri_) {
+                lock.unlock();
+                Error e{ETIMEDOUT, fmt::format("source: post-copy paused for {} ms (recover_timeout) without "
+                                               "recover() ({}); the destination may be running the VM: it was not "
+                                               "resumed here", limit.count(), why)};
+                end_session(e);  // gives up: not a link loss any more
+                return std::unexpected(e);
+            }
+            uri = std::move(*recover_uri_);
+            recover_uri_.reset();
+            auto fresh = net::ShutdownEvent::create();
+            if (!fresh) return std::unexpected(fresh.error().wrap("source: recover"));
+            link_stop_ = std::move(*fresh);
+            link_down_ = false;
+            link_error_.reset();
+        }
+        state_.set_phase(Phase::recovering, fmt::format("recovering: connecting to {}", uri));
+        auto r = resume(uri);
+        if (!r && !stop_.signalled() && r.error().kind != ErrorClass::peer_violation)
+            r.error().kind = ErrorClass::transport_lost;  // back to paused: a later recover() may succeed
+        if (!r) return r;
+        return serve_resumed();
+    }
+
+    // The resume handshake (src/protocol.hpp): RESUME, LACKING..., LACKING_END, then the
+    // other channels. Every failure here goes back to paused.
+    Result<void> resume(const std::string& uri) {
+        int link_fd;
+        {
+            std::lock_guard lock(link_mu_);
+            link_fd = link_stop_.fd();
+        }
+        auto transport = net::tcp_connector(uri, link_fd, cfg_.connect_timeout, tls_);
+        if (!transport) return std::unexpected(transport.error().wrap("source: recover"));
+        link_transport_ = std::move(*transport);
+        watchdog_->arm(cfg_.switchover_timeout, fmt::format("source: recover: the destination at {} did not finish "
+                                                            "the resume handshake in time", uri));
+        auto urgent = link_transport_->connect("urgent channel", true);
+        if (!urgent) return std::unexpected(urgent.error().wrap("source: recover"));
+        urgent_ = std::move(*urgent);
+        ureader_ = std::make_unique<net::FrameReader>(*urgent_);
+        if (int e = failpoint::check("recover_handshake", 0, 0, 0))
+            return transport_error("source: recover: failpoint recover_handshake", e);
+        auto hello = proto::encode(proto::Resume{.session = session_id_,
+                                                 .bulk_channels = static_cast<std::uint8_t>(bulk_count_.load())});
+        if (auto r = net::send_frame(*urgent_, hello); !r) return std::unexpected(r.error().wrap("source: recover"));
+        // What the destination lacks is all that may still need sending.
+        std::uint64_t lacking = 0, unsent = 0;
+        for (;;) {
+            auto h = ureader_->next();
+            if (!h) return std::unexpected(h.error().wrap("source: recover"));
+            if (!*h) return transport_error(fmt::format("source: recover: {}: the destination closed the connection "
+                                                        "before LACKING_END", ureader_->where()), ECONNRESET);
+            auto payload = ureader_->read_control(**h);
+            if (!payload) return std::unexpected(payload.error());
+            if ((*h)->type == proto::Type::error) return std::unexpected(net::peer_error(*payload, ureader_->where()));
+            if ((*h)->type == proto::Type::lacking_end) {
+                auto end = proto::decode_lacking_end(*payload);
+                if (!end) return std::unexpected(end.error().wrap(ureader_->where()));
+                if (end->pages != lacking)
+                    return peer_violation(fmt::format("{}: LACKING_END says {} pages, the runs held {}",
+                                                      ureader_->where(), end->pages, lacking));
+                break;
+            }
+            if ((*h)->type != proto::Type::lacking)
+                return peer_violation(fmt::format("{}: unexpected {} in the resume handshake", ureader_->where(),
+                                                  proto::to_string((*h)->type)));
+            auto set = proto::decode_lacking(*payload);
+            if (!set) return std::unexpected(set.error().wrap(ureader_->where()));
+            for (const auto& run : set->runs) {
+                const auto& g = cfg_.regions;
+                const std::uint64_t pages = run.region < g.size() ? g[run.region].size / g[run.region].page_size : 0;
+                if (run.region >= g.size() || run.first > pages || run.count > pages - run.first)
+                    return peer_violation(fmt::format("{}: LACKING pages {}..{} of region {}, which has {} pages",
+                                                      ureader_->where(), run.first,
+                                                      proto::last_page(run.first, run.count), run.region, pages));
+                lacking += run.count;
+                // Reset the sent map: a page sent but lacking there was lost in flight.
+                for (std::uint64_t p = run.first; p < run.first + run.count; ++p)
+                    if (sent_.sent(run.region, p)) {
+                        sent_.unmark(run.region, p);
+                        ++unsent;
+                    }
+            }
+        }
+        lost_in_flight_ += unsent;
+        LZ_LOG(info, "source_resume", "lacking={} lost_in_flight={}", lacking, unsent);
+        if (auto r = open_link_channels(*link_transport_); !r) return r;
+        gate_ = std::make_unique<source::DemandGate>();
+        pusher_ = std::make_unique<source::Pusher>(cfg_.regions, *reader_, sent_, stats_,
+                                                   source::PushConfig{&bandwidth_, &batch_, gate_.get(), 0});
+        if (auto p = pusher_->prepare(bulk_.size()); !p) return p;
+        watchdog_->disarm();
+        watchdog_->watch(*urgent_, cfg_.parameters.heartbeat_timeout, {}, fmt::format("source: {}", urgent_->where()));
+        std::vector<net::Channel*> bulk;
+        for (auto& c : bulk_) bulk.push_back(c.get());
+        if (auto p = pusher_->start(std::move(bulk), [this](const Error& e) { fail(e.wrap("source: pusher")); }); !p)
+            return p;
+        return {};
+    }
+
+    // Post-copy again on the new link, until COMPLETE or the next failure.
+    Result<void> serve_resumed() {
+        ++recoveries_;
+        state_.set_phase(Phase::postcopy, "post-copy resumed after recover");
+        return source::serve_loop(*ureader_, *urgent_, cfg_.regions, *framer_, sent_, pusher_.get(), stats_, *gate_,
+                                  {}, {}, /*resumed=*/true);
+    }
+
     Result<void> handshake(net::FrameReader& reader, proto::Channel ch, std::uint32_t index, std::uint64_t id) {
         auto hello = proto::encode(proto::Hello{.version = proto::kVersion, .channel = ch, .mode = cfg_.mode,
                                                 .index = static_cast<std::uint8_t>(index),
@@ -326,13 +565,33 @@ private:
         return {};
     }
 
+    static constexpr const char* kRdmaNoRecover =
+        "source: an RDMA post-copy cannot pause or recover in this build (its queue pairs are not re-established); "
+        "use a tcp: URI for a recoverable post-copy";
+
     SourceConfig cfg_;
-    std::unique_ptr<net::Transport> transport_;
+    std::unique_ptr<net::Transport> transport_;  // the first link's (stats: security())
     net::ShutdownEvent stop_;
+    // Link loss (section above). link_stop_ is replaced for each new link, under link_mu_.
+    std::mutex link_mu_;
+    std::condition_variable link_cv_;
+    net::ShutdownEvent link_stop_;
+    bool link_down_ = false;
+    std::optional<Error> link_error_;
+    std::optional<std::string> recover_uri_;
+    std::shared_ptr<net::TlsContext> tls_;
+    std::unique_ptr<net::Transport> link_transport_;  // a recovered link's
+    std::unique_ptr<net::FrameReader> ureader_;       // a recovered link's urgent channel
+    std::unique_ptr<source::PageFramer> framer_;
+    std::uint64_t session_id_ = 0;
+    std::atomic<std::uint64_t> lost_in_flight_{0};
+    std::atomic<std::uint32_t> pauses_{0}, recoveries_{0};
     api::SessionState state_;
     source::SentMap sent_;
     std::unique_ptr<source::PageReader> reader_;
-    source::DemandGate gate_;  // raised by the serve loop while a demand request is in service
+    // Raised by the serve loop while a demand request is in service; a new one per link
+    // (the pusher's stop() shuts it for good).
+    std::unique_ptr<source::DemandGate> gate_;
     source::SourceStats stats_;
     std::unique_ptr<source::Pusher> pusher_;
     std::unique_ptr<source::RdmaServer> rdma_;  // rdma: URIs only
@@ -380,6 +639,10 @@ Result<std::unique_ptr<Source>> Source::create(SourceConfig config) {
     }
     auto stop = net::ShutdownEvent::create();
     if (!stop) return std::unexpected(stop.error());
+    auto link_stop = net::ShutdownEvent::create();
+    if (!link_stop) return std::unexpected(link_stop.error());
+    if (config.parameters.recover_timeout.count() <= 0)
+        return logic_error("source: parameters.recover_timeout must be positive");
     auto tls = net::tls_for(config.security, false);
     if (!tls) return std::unexpected(tls.error().wrap("source"));
     // An rdma: URI gets RDMA or an error that says why, never TCP instead. Its one TCP
@@ -389,14 +652,14 @@ Result<std::unique_ptr<Source>> Source::create(SourceConfig config) {
         return logic_error(fmt::format("source: mode {} over {}: RDMA carries post-copy only in this build; "
                                        "use a tcp: URI for pre-copy and hybrid", to_string(config.mode), config.uri));
     if (rdma) config.parameters.bulk_channels = 1;
-    auto transport = rdma ? net::rdma_connector(config.uri, stop->fd(), config.connect_timeout, *tls)
-                          : net::tcp_connector(config.uri, stop->fd(), config.connect_timeout, std::move(*tls));
+    auto transport = rdma ? net::rdma_connector(config.uri, link_stop->fd(), config.connect_timeout, *tls)
+                          : net::tcp_connector(config.uri, link_stop->fd(), config.connect_timeout, *tls);
     if (!transport) return std::unexpected(transport.error().wrap("source"));
     // Probes each region's read method now, so a refusal names the region before migrate().
     auto reader = source::make_page_reader(config.regions, config.read_pages);
     if (!reader) return std::unexpected(reader.error().wrap("source"));
     return std::make_unique<SourceImpl>(std::move(config), std::move(*transport), std::move(*stop),
-                                        std::move(*reader));
+                                        std::move(*link_stop), std::move(*tls), std::move(*reader));
 }
 
 }  // namespace lazymig

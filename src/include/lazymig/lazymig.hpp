@@ -22,12 +22,30 @@
 // while pages arrive) → on_event(completed). Hooks run on lazymig's session thread,
 // never on a vCPU thread; pause_vcpus must return only when vCPUs are parked.
 //
-// When the source is lost after the destination resumed, the VM cannot be saved: every
-// page that never arrived is poisoned (UFFDIO_POISON), so a vCPU that touches one — or
-// is blocked on one at that moment — gets SIGBUS (BUS_MCEERR_AR), never a page of
-// zeroes. Then pause_vcpus is called, then on_event(failed), whose Event and Stats carry
-// pages_missing. A VMM must handle that SIGBUS on its vCPU threads (as it would a
-// hardware memory error) and its pause_vcpus must not wait for a vCPU it stopped.
+// Link loss during post-copy (TCP; modes postcopy and hybrid): an error of class
+// transport_lost (heartbeat silence, reset, EOF, a send deadline) or pause() on either
+// side moves both sides to Phase::paused. Both keep every page and all state; a vCPU that
+// faults on a missing page stays blocked. recover(uri) on both sides (the destination
+// first: it listens again, same or new address; then the source connects there)
+// resumes: the destination says which pages it still lacks, asks again for those its
+// vCPUs wait on, and post-copy goes on (Phase::recovering → postcopy). A failure while
+// recovering goes back to paused; recover() may be called again. RDMA refuses both.
+//
+// Every pause has an end: Parameters::recover_timeout. A source paused longer fails;
+// the destination may be running the VM then, so the source never resumes it. A
+// destination paused longer takes the source as lost (so does cancel() while paused),
+// as it does when the source is lost any other way after the destination resumed:
+//   default            the VM is stopped: every page that never arrived is poisoned
+//                      (UFFDIO_POISON) so that a vCPU blocked on one — or touching one
+//                      later — gets SIGBUS (BUS_MCEERR_AR), never a page of zeroes; then
+//                      pause_vcpus, then on_event(failed). The error names the missing
+//                      pages ("ram0 pages 100..163, 900..901 and 12 more runs").
+//   poison_on_loss     only the missing pages are poisoned and the vCPUs are NOT paused:
+//                      the guest sees a memory error on just those pages and keeps
+//                      running (Stats::vm_stopped false, pages_poisoned set).
+// Event and Stats carry pages_missing either way. A VMM must handle that SIGBUS on its
+// vCPU threads (as it would a hardware memory error) and its pause_vcpus must not wait
+// for a vCPU it stopped.
 //
 // on_event(completed|failed|cancelled) is called before wait() returns, and stats().phase
 // is already terminal when it is.
@@ -161,6 +179,11 @@ struct Parameters {
                                           // a side that receives nothing for this long
                                           // fails with class transport_lost. Fixed at
                                           // migrate() (source) / listen() (destination).
+    std::chrono::milliseconds recover_timeout{60'000};  // post-copy: the longest a side
+                                          // stays paused waiting for recover() before it
+                                          // gives up (source: failed; destination: the
+                                          // source is lost, see the top of this file).
+                                          // Fixed at migrate() / listen().
 };
 
 // How the channels of a migration are authenticated and encrypted (TLS 1.3, OpenSSL).
@@ -277,6 +300,15 @@ struct Stats {
                                          // authentication (wrong key, silent, not TLS)
     bool uffd_user_mode_only = false;    // destination: userfaultfd catches user-mode
                                          // faults only (allow_user_mode_only)
+    // Recovery (post-copy link loss, see the top of this file):
+    std::uint32_t pauses = 0;            // times the migration went to Phase::paused
+    std::uint32_t recoveries = 0;        // times it went from recovering back to postcopy
+    std::uint64_t pages_lost_in_flight = 0;  // source: sent, but lacking at the
+                                         // destination at a recover: sent again
+    std::uint64_t refused_resumes = 0;   // destination: RESUMEs refused (another session)
+    std::uint64_t pages_poisoned = 0;    // destination, source lost: pages poisoned
+    bool vm_stopped = false;             // destination, source lost: vCPUs paused (false
+                                         // with poison_on_loss: the VM runs on)
 };
 
 // Reads `dst.size()` bytes of guest RAM from `offset` bytes into region `region`, through
@@ -332,6 +364,13 @@ public:
     virtual void cancel() = 0;
     virtual void set_parameters(const Parameters&) = 0;
     [[nodiscard]] virtual Stats stats() const = 0;
+    // Post-copy only (phase postcopy or recovering; TCP): closes this side's channels on
+    // purpose; both sides go to Phase::paused. Fails with a sentence elsewhere.
+    [[nodiscard]] virtual Result<void> pause() = 0;
+    // Phase paused only: connects to the destination at `uri` ("tcp:HOST:PORT", which
+    // may differ from the first) and resumes. Returns at once; the phases (recovering,
+    // then postcopy, or paused again) and wait() tell the outcome.
+    [[nodiscard]] virtual Result<void> recover(std::string uri) = 0;
 };
 
 struct DestinationConfig {
@@ -360,6 +399,10 @@ struct DestinationConfig {
     // instead — then a kernel access to a missing page (vhost, O_DIRECT into guest
     // RAM, a syscall's buffer) fails with EFAULT instead of waiting for the page.
     bool allow_user_mode_only = false;
+    // When the source is lost after the VM resumed here (see the top of this file):
+    // false stops the VM; true poisons only the pages that never arrived and lets the
+    // vCPUs run on.
+    bool poison_on_loss = false;
 };
 
 class LAZYMIG_API Destination {
@@ -373,9 +416,16 @@ public:
     // Names the VMM's vCPU threads for blocktime (any time; replaces the earlier list).
     virtual void set_vcpu_threads(std::vector<VcpuThread> threads) = 0;
     [[nodiscard]] virtual Result<void> wait() = 0;
+    // cancel() while paused: the source is lost (see the top of this file).
     virtual void cancel() = 0;
     virtual void set_parameters(const Parameters&) = 0;
     [[nodiscard]] virtual Stats stats() const = 0;
+    // As Source::pause().
+    [[nodiscard]] virtual Result<void> pause() = 0;
+    // Phase paused only: listens again on `uri` (same or new address, same credentials;
+    // port 0 picks one, local_uri() then tells it) for the source's recover(). Returns
+    // once listening.
+    [[nodiscard]] virtual Result<void> recover(std::string uri) = 0;
 };
 
 }  // namespace lazymig
