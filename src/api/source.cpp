@@ -420,6 +420,7 @@ private:
         if (pusher_) {
             pusher_->stop();
             pusher_->join();
+            pusher_.reset();  // before its gate, which its destructor shuts
         }
         if (watchdog_) {
             watchdog_->unwatch();

@@ -160,12 +160,32 @@ struct Outcome {
 // Hook calls, counted.
 struct Counts {
     std::atomic<int> dst_pause{0}, dst_resume{0}, src_pause{0}, src_resume{0};
+    // The phases each side reported through on_event, in order.
+    std::mutex mu;
+    std::vector<lazymig::Phase> dst_phases, src_phases;
+    std::vector<std::string> dst_why, src_why;  // each phase event's message
+    void phase(bool dst, const lazymig::Event& e) {
+        std::lock_guard lock(mu);
+        (dst ? dst_phases : src_phases).push_back(e.phase);
+        (dst ? dst_why : src_why).push_back(e.message);
+    }
+    std::vector<std::string> why(bool dst) {
+        std::lock_guard lock(mu);
+        return dst ? dst_why : src_why;
+    }
+    std::vector<lazymig::Phase> phases(bool dst) {
+        std::lock_guard lock(mu);
+        return dst ? dst_phases : src_phases;
+    }
 };
 
 // Deadlines a test shortens (the defaults are the library's).
 struct Limits {
     std::chrono::milliseconds handshake{5'000}, switchover{30'000}, heartbeat{2'000};
     std::optional<lazymig::Security> dst_security, src_security;  // default: the test PSK
+    std::chrono::milliseconds recover_timeout{60'000};
+    bool poison_on_loss = false;
+    std::size_t bulk_channels = 0;  // 0: the library's default
 };
 
 // Source and destination memory of the same shape, and the two endpoints.
@@ -186,21 +206,27 @@ public:
         lazymig::VmmHooks dh{.pause_vcpus = [c] { ++c->dst_pause; }, .resume_vcpus = [c] { ++c->dst_resume; },
                              .save_device_state = {},
                              .load_device_state = [](std::span<const std::byte>) -> lazymig::Result<void> { return {}; },
-                             .on_epoch_committed = {}, .on_event = {}};
+                             .on_epoch_committed = {}, .on_event = [c](const lazymig::Event& e) {
+                                 if (e.kind == lazymig::Event::Kind::phase) c->phase(true, e);
+                             }};
         auto sec = testkey::security();
         sec.handshake_timeout = limits.handshake;
         auto dst = lazymig::Destination::listen(
             {.regions = {dst_mem_.region()}, .hooks = dh, .uri = "tcp:127.0.0.1:0",
-             .parameters = {.heartbeat_timeout = limits.heartbeat},
-             .security = limits.dst_security.value_or(sec)});
+             .parameters = {.heartbeat_timeout = limits.heartbeat, .recover_timeout = limits.recover_timeout},
+             .security = limits.dst_security.value_or(sec), .poison_on_loss = limits.poison_on_loss});
         REQUIRE_MESSAGE(dst.has_value(), err_of(dst));
         dst_ = std::move(*dst);
         lazymig::VmmHooks sh{.pause_vcpus = [c] { ++c->src_pause; }, .resume_vcpus = [c] { ++c->src_resume; },
                              .save_device_state = []() -> lazymig::Result<std::vector<std::byte>> {
                                  return std::vector<std::byte>(64, std::byte{9});
                              },
-                             .load_device_state = {}, .on_epoch_committed = {}, .on_event = {}};
+                             .load_device_state = {}, .on_epoch_committed = {}, .on_event = [c](const lazymig::Event& e) {
+                                 if (e.kind == lazymig::Event::Kind::phase) c->phase(false, e);
+                             }};
         source_params.heartbeat_timeout = limits.heartbeat;
+        source_params.recover_timeout = limits.recover_timeout;
+        if (limits.bulk_channels) source_params.bulk_channels = static_cast<std::uint32_t>(limits.bulk_channels);
         auto src = lazymig::Source::create({.regions = {src_mem_.region()}, .hooks = sh, .uri = dst_->local_uri(),
                                             .mode = lazymig::Mode::postcopy, .parameters = source_params,
                                             .connect_timeout = std::chrono::milliseconds(10'000),
