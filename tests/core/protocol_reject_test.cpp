@@ -82,6 +82,10 @@ TEST_CASE("protocol/rejects-unknown-type") {
     for (unsigned t = proto::kPrecopyTypeFirst; t <= proto::kPrecopyTypeLast; ++t)
         CHECK(header_error(raw_header(t, 0)) == "(accepted)");
     CHECK(header_error(raw_header(56, 0)) == "urgent channel: unknown message type 56");
+    for (unsigned t = proto::kRecoverTypeFirst; t <= proto::kRecoverTypeLast; ++t)
+        CHECK(header_error(raw_header(t, 0)) == "(accepted)");
+    CHECK(header_error(raw_header(69 - 2, 0)) == "urgent channel: unknown message type 67");
+    CHECK(header_error(raw_header(proto::kRecoverTypeLast + 1, 0)) == "urgent channel: unknown message type 73");
 }
 
 TEST_CASE("protocol/rejects-reserved-bits") {

@@ -142,6 +142,65 @@ TEST_CASE("protocol/roundtrip-stale") {
     CHECK(got->runs.size() == proto::kMaxStaleRuns);
 }
 
+TEST_CASE("protocol/roundtrip-recover-frames") {
+    const auto r = proto::encode(proto::Resume{.session = 0x0123456789abcdefull, .bulk_channels = 3});
+    CHECK(r.size() == proto::kHeaderSize + 4 + 8 + 1);
+    parse_verified(r, proto::Type::resume);
+    auto resume = proto::decode_resume(payload_of(r));
+    REQUIRE_MESSAGE(resume.has_value(), err_of(resume));
+    CHECK(resume->version == proto::kVersion);
+    CHECK(resume->session == 0x0123456789abcdefull);
+    CHECK(resume->bulk_channels == 3);
+
+    proto::Lacking in;
+    in.runs = {{.region = 0, .count = 64, .first = 100}, {.region = 1, .count = UINT32_MAX, .first = 7}};
+    const auto l = proto::encode(in);
+    CHECK(l.size() == proto::kHeaderSize + 4 + 2 * 16);
+    parse_verified(l, proto::Type::lacking);
+    auto lacking = proto::decode_lacking(payload_of(l));
+    REQUIRE_MESSAGE(lacking.has_value(), err_of(lacking));
+    REQUIRE(lacking->runs.size() == 2);
+    CHECK(lacking->runs[0].first == 100);
+    CHECK(lacking->runs[0].count == 64);
+    CHECK(lacking->runs[1].region == 1);
+    CHECK(lacking->runs[1].count == UINT32_MAX);
+
+    const auto e = proto::encode(proto::LackingEnd{0x1'0000'0040ull});
+    parse_verified(e, proto::Type::lacking_end);
+    auto end = proto::decode_lacking_end(payload_of(e));
+    REQUIRE_MESSAGE(end.has_value(), err_of(end));
+    CHECK(end->pages == 0x1'0000'0040ull);
+    CHECK(proto::to_string(proto::Type::resume) == "RESUME");
+    CHECK(proto::to_string(proto::Type::lacking) == "LACKING");
+    CHECK(proto::to_string(proto::Type::lacking_end) == "LACKING_END");
+}
+
+TEST_CASE("protocol/rejects-bad-recover-frames") {
+    auto other = proto::encode(proto::Resume{.version = 7, .session = 1, .bulk_channels = 1});
+    auto v = proto::decode_resume(payload_of(other));
+    REQUIRE(!v.has_value());
+    CHECK(v.error().message() == fmt::format("RESUME: peer speaks version 7, we speak {}", proto::kVersion));
+    CHECK(v.error().kind == lazymig::ErrorClass::peer_violation);
+    for (std::uint8_t n : {std::uint8_t{0}, std::uint8_t(proto::kMaxBulkChannels + 1)}) {
+        auto bad = proto::decode_resume(payload_of(proto::encode(proto::Resume{.session = 1, .bulk_channels = n})));
+        REQUIRE(!bad.has_value());
+        CHECK(bad.error().message() ==
+              fmt::format("RESUME: {} bulk channels (expected 1 to {})", n, proto::kMaxBulkChannels));
+    }
+    auto r = proto::encode(proto::Resume{.session = 1});
+    CHECK(!proto::decode_resume(payload_of(r).first(payload_of(r).size() - 1)).has_value());
+    auto empty = proto::decode_lacking(payload_of(proto::encode(proto::Lacking{})));
+    REQUIRE(!empty.has_value());
+    CHECK(empty.error().message() == fmt::format("LACKING: 0 runs (expected 1 to {})", proto::kMaxStaleRuns));
+    proto::Lacking zero;
+    zero.runs = {{.region = 2, .count = 0, .first = 9}};
+    auto z = proto::decode_lacking(payload_of(proto::encode(zero)));
+    REQUIRE(!z.has_value());
+    CHECK(z.error().message() == "LACKING: run 0 of region 2 has no pages");
+    auto e = proto::encode(proto::LackingEnd{5});
+    CHECK(!proto::decode_lacking_end(payload_of(e).first(7)).has_value());
+}
+
 TEST_CASE("protocol/roundtrip-round-marks") {
     for (auto t : {proto::Type::round_end, proto::Type::round_ack}) {
         const auto f = proto::encode(t, proto::RoundMark{7});
