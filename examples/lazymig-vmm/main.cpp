@@ -55,6 +55,9 @@ int main(int argc, char** argv) {
     r->add_option("--tls-peer-name", run.security.peer_name, "x509: the name the peer's certificate must carry");
     r->add_option("--auth", auth, "'none': migrate without authentication or encryption (anyone who reaches "
                                   "the port can take the VM over)");
+    r->add_flag("--poison-on-loss", run.poison_on_loss,
+                "incoming: if the source is lost during post-copy, poison only the pages that never arrived (a vCPU "
+                "touching one stops with a memory error) instead of stopping the VM");
 
     vmm::MigrateOptions mig;
     std::string mode = "postcopy";

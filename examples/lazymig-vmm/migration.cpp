@@ -102,7 +102,9 @@ lazymig::VmmHooks Migration::hooks(Role role) {
 lazymig::Result<std::string> Migration::listen(const std::string& uri) {
     std::lock_guard ctl(ctl_mu_);
     if (role_ != Role::none) return lazymig::logic_error("this VM already takes part in a migration");
-    auto dst = lazymig::Destination::listen({.regions = vm_.regions(), .hooks = hooks(Role::destination), .uri = uri, .parameters = parameters(), .security = security_});
+    auto dst = lazymig::Destination::listen({.regions = vm_.regions(), .hooks = hooks(Role::destination), .uri = uri,
+                                             .parameters = parameters(), .security = security_,
+                                             .poison_on_loss = poison_on_loss_});
     if (!dst) return std::unexpected(dst.error().wrap(fmt::format("incoming migration on {}", uri)));
     {
         std::lock_guard lock(mu_);
@@ -220,6 +222,45 @@ lazymig::Result<void> Migration::cancel() {
     return {};
 }
 
+lazymig::Result<void> Migration::pause() {
+    std::lock_guard ctl(ctl_mu_);
+    lazymig::Source* src = nullptr;
+    lazymig::Destination* dst = nullptr;
+    {
+        std::lock_guard lock(mu_);
+        if (role_ == Role::none || finished_) return lazymig::logic_error("no migration in progress");
+        src = source_.get();
+        dst = dest_.get();
+    }
+    log_event("migration_pause", "role={}", src ? "source" : "destination");
+    return src ? src->pause() : dst->pause();
+}
+
+lazymig::Result<std::string> Migration::recover(const std::string& uri) {
+    std::lock_guard ctl(ctl_mu_);
+    lazymig::Source* src = nullptr;
+    lazymig::Destination* dst = nullptr;
+    {
+        std::lock_guard lock(mu_);
+        if (role_ == Role::none || finished_) return lazymig::logic_error("no migration in progress");
+        src = source_.get();
+        dst = dest_.get();
+    }
+    if (src) {
+        if (auto r = src->recover(uri); !r) return std::unexpected(r.error());
+        log_event("migration_recover", "role=source uri={}", uri);
+        return uri;
+    }
+    if (auto r = dst->recover(uri); !r) return std::unexpected(r.error());
+    const std::string bound = dst->local_uri();
+    {
+        std::lock_guard lock(mu_);
+        incoming_uri_ = bound;
+    }
+    log_event("migration_recover", "role=destination uri={}", bound);
+    return bound;
+}
+
 lazymig::Result<void> Migration::set_parameters(const ParameterUpdate& u) {
     if (u.push_batch_pages && (*u.push_batch_pages == 0 || *u.push_batch_pages > 65536))
         return lazymig::logic_error("push-batch-pages must be 1..65536");
@@ -329,6 +370,11 @@ nlohmann::json Migration::query() const {
                         {"discard-ms", s.discard_ms}, {"compressed-pages", s.compressed_pages},
                         {"compression-ratio", s.compression_ratio}};
     }
+    // Post-copy recovery: pauses, recoveries, and what a lost source left behind.
+    j["recovery"] = {{"pauses", s.pauses}, {"recoveries", s.recoveries},
+                     {"pages-lost-in-flight", s.pages_lost_in_flight}, {"refused-resumes", s.refused_resumes},
+                     {"pages-poisoned", s.pages_poisoned}, {"vm-stopped", s.vm_stopped},
+                     {"pages-missing", s.pages_missing}};
     if (!s.error.empty() && !j.contains("error")) j["error"] = s.error;
     return j;
 }

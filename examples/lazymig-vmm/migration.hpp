@@ -52,8 +52,8 @@ public:
     // `events` (may be null) receives a MIGRATION event at every phase change; the
     // terminal one (completed, failed, cancelled) only once the VM has acted on it.
     // `security`: how its channels authenticate (both roles).
-    Migration(Vm& vm, EventBus* events, lazymig::Security security)
-        : vm_(vm), events_(events), security_(std::move(security)) {}
+    Migration(Vm& vm, EventBus* events, lazymig::Security security, bool poison_on_loss = false)
+        : vm_(vm), events_(events), security_(std::move(security)), poison_on_loss_(poison_on_loss) {}
     ~Migration();
     Migration(const Migration&) = delete;
     Migration& operator=(const Migration&) = delete;
@@ -63,6 +63,11 @@ public:
     // Outgoing: starts migrating to `uri` and returns at once.
     [[nodiscard]] lazymig::Result<void> migrate(const std::string& uri, lazymig::Mode mode);
     [[nodiscard]] lazymig::Result<void> cancel();
+    // migrate-pause: post-copy only, either side (lazymig's pause()).
+    [[nodiscard]] lazymig::Result<void> pause();
+    // migrate-recover: the destination listens again on `uri` (returns the bound uri);
+    // the source reconnects to it (returns `uri`).
+    [[nodiscard]] lazymig::Result<std::string> recover(const std::string& uri);
     [[nodiscard]] lazymig::Result<void> set_parameters(const ParameterUpdate& update);
     [[nodiscard]] lazymig::Parameters parameters() const;
 
@@ -90,6 +95,7 @@ private:
     std::optional<lazymig::Error> error_;  // why the last migration ended, if it failed
     std::string last_event_;
     lazymig::Security security_;
+    bool poison_on_loss_ = false;
     std::string last_error_event_;       // the sentence lazymig ended with, if it failed
     lazymig::Phase last_phase_ = lazymig::Phase::setup;  // the last phase before the end
     std::uint32_t passes_ = 0;           // MIGRATION_PASS events sent for this migration

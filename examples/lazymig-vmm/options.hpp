@@ -16,6 +16,7 @@ struct RunOptions {
     std::string qmp;                      // management socket path
     std::optional<std::string> incoming;  // "tcp:HOST:PORT"
     lazymig::Security security;           // --tls-psk-file, --tls-creds, --auth none
+    bool poison_on_loss = false;          // --poison-on-loss (incoming): see lazymig.hpp
 };
 
 struct MigrateOptions {

@@ -229,6 +229,21 @@ std::string QmpCommands::handle(std::string_view line, QmpServer::Session& sessi
                          {"compression", p.compression == lazymig::Compression::off ? "off"
                                          : p.compression == lazymig::Compression::on ? "on" : "auto"}};
          }},
+        // Post-copy recovery, as QEMU's: migrate-pause on either side closes the link on
+        // purpose (both go to postcopy-paused); migrate-recover listens again on the
+        // destination (returns {"uri": bound}) and reconnects the source.
+        {"migrate-pause", [&](Args& a) -> Reply {
+             if (auto ok = a.done(); !ok) return std::unexpected(ok.error());
+             return from(migration_.pause());
+         }},
+        {"migrate-recover", [&](Args& a) -> Reply {
+             auto uri = a.str("uri");
+             if (!uri) return std::unexpected(uri.error());
+             if (auto ok = a.done(); !ok) return std::unexpected(ok.error());
+             auto r = migration_.recover(*uri);
+             if (!r) return generic(r.error().message());
+             return json{{"uri", *r}};
+         }},
         {"migrate-cancel", [&](Args& a) -> Reply {
              if (auto ok = a.done(); !ok) return std::unexpected(ok.error());
              return from(migration_.cancel());

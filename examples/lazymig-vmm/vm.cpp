@@ -83,7 +83,9 @@ std::string Vm::poisoned(std::uintptr_t addr) const {
         std::abort();
     }
     const std::size_t page = (addr - base) / kGuestPage;
-    return fmt::format("page {} (gpa {:#x}, host {:#x}) never arrived (poisoned)", page, page * kGuestPage, addr);
+    // As a KVM VMM reports a hardware memory error on guest RAM (BUS_MCEERR_AR).
+    return fmt::format("memory error: page {} (gpa {:#x}, host {:#x}) never arrived (poisoned)", page,
+                       page * kGuestPage, addr);
 }
 
 // A vCPU that touches a poisoned page stops for good (its frames are abandoned) and

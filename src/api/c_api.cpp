@@ -338,4 +338,84 @@ int lazymig_destination_listen_uffd(int uffd, const lazymig_region* regions, siz
     });
 }
 
+int lazymig_source_pause(lazymig_source* src) {
+    return guarded([&] {
+        auto r = src->impl->pause();
+        return r ? 0 : fail(r.error());
+    });
+}
+
+int lazymig_source_recover(lazymig_source* src, const char* uri) {
+    if (!uri) return fail_text("lazymig_source_recover: null uri");
+    return guarded([&] {
+        auto r = src->impl->recover(uri);
+        return r ? 0 : fail(r.error());
+    });
+}
+
+int lazymig_destination_pause(lazymig_destination* dst) {
+    return guarded([&] {
+        auto r = dst->impl->pause();
+        return r ? 0 : fail(r.error());
+    });
+}
+
+int lazymig_destination_recover(lazymig_destination* dst, const char* uri) {
+    if (!uri) return fail_text("lazymig_destination_recover: null uri");
+    return guarded([&] {
+        auto r = dst->impl->recover(uri);
+        return r ? 0 : fail(r.error());
+    });
+}
+
+int lazymig_source_set_recover_timeout(lazymig_source* src, uint32_t ms) {
+    if (ms == 0) return fail_text("lazymig_source_set_recover_timeout: the timeout must be positive");
+    std::lock_guard lock(src->mu);
+    src->params.recover_timeout = std::chrono::milliseconds(ms);
+    src->impl->set_parameters(src->params);
+    return 0;
+}
+
+int lazymig_destination_listen_recoverable(const lazymig_region* regions, size_t count, const lazymig_hooks* hooks,
+                                           const char* uri, const char* auth, uint32_t recover_timeout_ms,
+                                           int poison_on_loss, lazymig_destination** out) {
+    if (!regions || !hooks || !uri || !out) return fail_text("lazymig_destination_listen_recoverable: null argument");
+    auto sec = parse_auth(auth);
+    if (!sec) return fail(sec.error());
+    return guarded([&] {
+        lazymig::Parameters params;
+        if (recover_timeout_ms) params.recover_timeout = std::chrono::milliseconds(recover_timeout_ms);
+        auto d = lazymig::Destination::listen({.regions = to_regions(regions, count), .hooks = to_hooks(*hooks),
+                                               .uri = uri, .parameters = params, .security = *sec,
+                                               .poison_on_loss = poison_on_loss != 0});
+        if (!d) return fail(d.error());
+        *out = new lazymig_destination{std::move(*d)};
+        return 0;
+    });
+}
+
+namespace {
+void to_c_recovery(const lazymig::Stats& s, lazymig_recovery_stats* o) {
+    *o = lazymig_recovery_stats{.pauses = s.pauses, .recoveries = s.recoveries,
+                                .pages_lost_in_flight = s.pages_lost_in_flight, .refused_resumes = s.refused_resumes,
+                                .pages_poisoned = s.pages_poisoned, .vm_stopped = s.vm_stopped ? 1 : 0};
+}
+}  // namespace
+
+int lazymig_source_recovery_stats(const lazymig_source* src, lazymig_recovery_stats* out) {
+    if (!out) return fail_text("lazymig_source_recovery_stats: null argument");
+    return guarded([&] {
+        to_c_recovery(src->impl->stats(), out);
+        return 0;
+    });
+}
+
+int lazymig_destination_recovery_stats(const lazymig_destination* dst, lazymig_recovery_stats* out) {
+    if (!out) return fail_text("lazymig_destination_recovery_stats: null argument");
+    return guarded([&] {
+        to_c_recovery(dst->impl->stats(), out);
+        return 0;
+    });
+}
+
 }  // extern "C"

@@ -439,7 +439,10 @@ private:
         }
         ++pauses_;
         state_.set_phase(Phase::paused, fmt::format("post-copy paused: {}", why));
-        const auto limit = cfg_.parameters.recover_timeout;
+        const auto limit = [&] {
+            std::lock_guard lock(params_mu_);
+            return params_.recover_timeout.count() > 0 ? params_.recover_timeout : cfg_.parameters.recover_timeout;
+        }();
         std::string uri;
         {
             std::unique_lock lock(link_mu_);

@@ -212,3 +212,42 @@ TEST_CASE("api/config/handed-over-uffd") {
           std::string::npos);
     CHECK(::fcntl(ufd, F_GETFD) == -1);
 }
+
+TEST_CASE("api/config/c-abi-pause-and-recover-only-in-post-copy") {
+    auto mem = GuestMemory::create("ram0", 1 << 20, Backing::anon, true);
+    REQUIRE(mem);
+    auto dmem = GuestMemory::create("ram0", 1 << 20, Backing::anon, false);
+    REQUIRE(dmem);
+    lazymig_region region{"ram0", mem->data(), mem->size(), 4096, LAZYMIG_BACKING_ANON, -1, 0};
+    lazymig_region dregion{"ram0", dmem->data(), dmem->size(), 4096, LAZYMIG_BACKING_ANON, -1, 0};
+    lazymig_hooks h{};
+    h.pause_vcpus = [](void*) {};
+    h.resume_vcpus = [](void*) {};
+    h.save_device_state = [](void*, void** buf, size_t* len) { *buf = nullptr; *len = 0; return 0; };
+    lazymig_destination* dst = nullptr;
+    REQUIRE(lazymig_destination_listen_recoverable(&dregion, 1, &h, "tcp:127.0.0.1:0", "none", 5000, 1, &dst) == 0);
+    lazymig_source* src = nullptr;
+    REQUIRE(lazymig_source_create_auth(&region, 1, &h, "tcp:127.0.0.1:9", LAZYMIG_MODE_POSTCOPY, "none", &src) == 0);
+    CHECK(lazymig_source_set_recover_timeout(src, 0) == -EINVAL);
+    CHECK(lazymig_source_set_recover_timeout(src, 5000) == 0);
+    CHECK(lazymig_source_pause(src) < 0);
+    CHECK(std::string(lazymig_last_error()) ==
+          "source: pause() during idle: only a post-copy can pause (before it the VM runs here and cancel() keeps it "
+          "here; after it there is nothing to pause)");
+    CHECK(lazymig_source_recover(src, "tcp:127.0.0.1:9") < 0);
+    CHECK(std::string(lazymig_last_error()) == "source: recover() during idle: only a paused post-copy can recover");
+    CHECK(lazymig_destination_pause(dst) < 0);
+    CHECK(std::string(lazymig_last_error()).starts_with("destination: pause() during idle:"));
+    CHECK(lazymig_destination_recover(dst, "tcp:127.0.0.1:0") < 0);
+    CHECK(std::string(lazymig_last_error()) ==
+          "destination: recover() during idle: only a paused post-copy can recover");
+    lazymig_recovery_stats rs{};
+    rs.pauses = 9;
+    CHECK(lazymig_destination_recovery_stats(dst, &rs) == 0);
+    CHECK(rs.pauses == 0);
+    CHECK(rs.vm_stopped == 0);
+    CHECK(lazymig_source_recovery_stats(src, &rs) == 0);
+    CHECK(rs.pages_lost_in_flight == 0);
+    lazymig_source_destroy(src);
+    lazymig_destination_destroy(dst);
+}

@@ -78,7 +78,7 @@ TEST_CASE("vmm/qmp/every-command") {
     CHECK(error_desc(r) == "no migration in progress");
 
     auto names = vm->execute("query-commands");
-    CHECK(names.size() == 13);
+    CHECK(names.size() == 15);
     auto version = vm->execute("query-version");
     CHECK(version["package"] == "lazymig " LAZYMIG_VERSION_STRING);
     CHECK(version["qemu"]["major"] == LAZYMIG_VERSION_MAJOR);

@@ -192,7 +192,7 @@ def python_session(path, version):
         fail(f"query-commands reply: {msg!r}")
     names = sorted(n["name"] for n in json.loads(msg)["return"])
     expect(names, sorted(["migrate", "query-migrate", "migrate-set-parameters", "query-migrate-parameters",
-                          "migrate-cancel", "stop", "cont", "query-status", "query-version", "check-workload",
+                          "migrate-cancel", "migrate-pause", "migrate-recover", "stop", "cont", "query-status", "query-version", "check-workload",
                           "query-commands", "qmp_capabilities", "quit"]), "query-commands")
     ids = ['7', '"s"', '-1.5', 'null', 'true', '[1, 2]', '{"k": "v"}']
     for i, name in enumerate(n for n in names if n != "quit"):

@@ -161,6 +161,37 @@ LAZYMIG_API int lazymig_destination_listen_auth(const lazymig_region *regions, s
                                                 const lazymig_hooks *hooks, const char *uri, const char *auth,
                                                 lazymig_destination **out);
 
+/* Post-copy link loss (lazymig.hpp, "Link loss during post-copy"): both sides go to
+ * LAZYMIG_PHASE_PAUSED and keep all state until _recover. _pause closes this side's
+ * channels on purpose (post-copy only; otherwise -1 with a sentence). _recover: the
+ * destination listens again on `uri` (same or new address; _local_uri then tells the
+ * port), the source connects there; both return at once, the phase tells the outcome.
+ * TCP only: an RDMA migration refuses both. */
+LAZYMIG_API int lazymig_source_pause(lazymig_source *src);
+LAZYMIG_API int lazymig_source_recover(lazymig_source *src, const char *uri);
+LAZYMIG_API int lazymig_destination_pause(lazymig_destination *dst);
+LAZYMIG_API int lazymig_destination_recover(lazymig_destination *dst, const char *uri);
+/* How long the source stays paused without _recover before it fails (default 60000 ms);
+ * before _migrate. */
+LAZYMIG_API int lazymig_source_set_recover_timeout(lazymig_source *src, uint32_t ms);
+/* As _listen_auth, with the destination's recovery settings: recover_timeout_ms (0: the
+ * default 60000) and poison_on_loss (1: when the source is lost, poison only the missing
+ * pages and let the vCPUs run; 0: stop the VM). */
+LAZYMIG_API int lazymig_destination_listen_recoverable(const lazymig_region *regions, size_t count,
+                                                       const lazymig_hooks *hooks, const char *uri, const char *auth,
+                                                       uint32_t recover_timeout_ms, int poison_on_loss,
+                                                       lazymig_destination **out);
+typedef struct lazymig_recovery_stats {
+    uint32_t pauses;                /* times paused */
+    uint32_t recoveries;            /* times back to post-copy after a recover */
+    uint64_t pages_lost_in_flight;  /* source: sent, lacking at a recover, sent again */
+    uint64_t refused_resumes;       /* destination: RESUMEs of another session refused */
+    uint64_t pages_poisoned;        /* destination, source lost: pages poisoned */
+    int vm_stopped;                 /* destination, source lost: 1 if the vCPUs were paused */
+} lazymig_recovery_stats;
+LAZYMIG_API int lazymig_source_recovery_stats(const lazymig_source *src, lazymig_recovery_stats *out);
+LAZYMIG_API int lazymig_destination_recovery_stats(const lazymig_destination *dst, lazymig_recovery_stats *out);
+
 #ifdef __cplusplus
 }
 #endif
