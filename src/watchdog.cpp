@@ -99,8 +99,7 @@ void Watchdog::run() {
                 if (silent >= live_timeout_) {
                     fire = Error{ETIMEDOUT,
                                  fmt::format("{}: nothing received for {} ms (heartbeat timeout {} ms): the link is "
-                                             "lost; recovery is not available yet, so the migration fails",
-                                             who_, silent.count(), live_timeout_.count()),
+                                             "lost", who_, silent.count(), live_timeout_.count()),
                                  ErrorClass::transport_lost};
                     watched_ = nullptr;
                 } else {

@@ -9,7 +9,7 @@
 //   - liveness (watch): during post-copy it calls `beat` every timeout/4 (the
 //     destination sends a HEARTBEAT; the source echoes each one it receives) and fails
 //     the session, class transport_lost, when the watched channel received nothing for
-//     `timeout`.
+//     `timeout` (in post-copy over TCP that pauses the session instead: recover).
 // The watchdog never touches a channel's receiving side; `beat` must not block.
 // Owner: the session; stop() (or the destructor) joins the thread.
 #pragma once

@@ -58,6 +58,9 @@ int main(int argc, char** argv) {
     r->add_flag("--poison-on-loss", run.poison_on_loss,
                 "incoming: if the source is lost during post-copy, poison only the pages that never arrived (a vCPU "
                 "touching one stops with a memory error) instead of stopping the VM");
+    r->add_option("--recover-timeout-ms", run.recover_timeout_ms,
+                  "post-copy: how long a paused migration waits for migrate-recover before it gives up (the "
+                  "destination then takes the source as lost)")->capture_default_str()->check(CLI::Range(1u, 86'400'000u));
 
     vmm::MigrateOptions mig;
     std::string mode = "postcopy";

@@ -17,6 +17,7 @@
 // Threads: every member may be called from any thread.
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -52,8 +53,12 @@ public:
     // `events` (may be null) receives a MIGRATION event at every phase change; the
     // terminal one (completed, failed, cancelled) only once the VM has acted on it.
     // `security`: how its channels authenticate (both roles).
-    Migration(Vm& vm, EventBus* events, lazymig::Security security, bool poison_on_loss = false)
-        : vm_(vm), events_(events), security_(std::move(security)), poison_on_loss_(poison_on_loss) {}
+    // poison_on_loss, recover_timeout: lazymig's (DestinationConfig, Parameters).
+    Migration(Vm& vm, EventBus* events, lazymig::Security security, bool poison_on_loss = false,
+              std::chrono::milliseconds recover_timeout = std::chrono::milliseconds(60'000))
+        : vm_(vm), events_(events), security_(std::move(security)), poison_on_loss_(poison_on_loss) {
+        params_.recover_timeout = recover_timeout;
+    }
     ~Migration();
     Migration(const Migration&) = delete;
     Migration& operator=(const Migration&) = delete;

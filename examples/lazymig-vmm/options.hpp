@@ -17,6 +17,7 @@ struct RunOptions {
     std::optional<std::string> incoming;  // "tcp:HOST:PORT"
     lazymig::Security security;           // --tls-psk-file, --tls-creds, --auth none
     bool poison_on_loss = false;          // --poison-on-loss (incoming): see lazymig.hpp
+    std::uint32_t recover_timeout_ms = 60'000;  // --recover-timeout-ms: Parameters::recover_timeout
 };
 
 struct MigrateOptions {

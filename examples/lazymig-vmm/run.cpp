@@ -64,7 +64,8 @@ int run_vm(const RunOptions& o) {
     int rc = 0;
     {
         (*vm)->set_events(events->get());
-        Migration migration(**vm, events->get(), o.security, o.poison_on_loss);
+        Migration migration(**vm, events->get(), o.security, o.poison_on_loss,
+                            std::chrono::milliseconds(o.recover_timeout_ms));
         if (o.incoming) {
             auto uri = migration.listen(*o.incoming);
             if (!uri) return fail(uri.error());

@@ -516,8 +516,7 @@ private:
         }
         state_.set_phase(Phase::recovering, fmt::format("recovering: listening on {}", local_uri()));
         auto r = resume();
-        if (!r && !stop_.signalled() && r.error().kind != ErrorClass::peer_violation)
-            r.error().kind = ErrorClass::transport_lost;  // back to paused
+        if (!r && !stop_.signalled()) r.error().kind = ErrorClass::transport_lost;  // back to paused
         if (!r) return r;
         ++recoveries_;
         state_.set_phase(Phase::postcopy, "post-copy resumed after recover");

@@ -466,8 +466,9 @@ private:
         }
         state_.set_phase(Phase::recovering, fmt::format("recovering: connecting to {}", uri));
         auto r = resume(uri);
-        if (!r && !stop_.signalled() && r.error().kind != ErrorClass::peer_violation)
-            r.error().kind = ErrorClass::transport_lost;  // back to paused: a later recover() may succeed
+        // Any failure of the handshake (a refusal too: the wrong address) goes back to
+        // paused, where a later recover() may succeed.
+        if (!r && !stop_.signalled()) r.error().kind = ErrorClass::transport_lost;
         if (!r) return r;
         return serve_resumed();
     }

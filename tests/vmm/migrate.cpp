@@ -258,8 +258,9 @@ TEST_CASE("vmm/migrate/hybrid/diverges") {
     }
 }
 
-// The source goes away mid-post-copy (cancelled after the destination resumed): the
-// destination cannot continue. Its first bulk frame is held before placement (fail
+// The source goes away mid-post-copy (killed after the destination resumed): the
+// destination pauses, nobody calls migrate-recover within --recover-timeout-ms, and it
+// cannot continue. Its first bulk frame is held before placement (fail
 // point) until the source is gone, so most pages are certainly missing. Pages that never arrived are poisoned by lazymig; a
 // vCPU that touches one stops (reported, not a crash), the checker names one, and
 // both processes still answer and quit cleanly.
@@ -267,7 +268,8 @@ TEST_CASE("vmm/migrate/postcopy/source-lost") {
     TempDir fifo_dir;
     const std::string release = fifo_dir.file("release-bulk");
     REQUIRE(::mkfifo(release.c_str(), 0600) == 0);
-    Pair p("pattern", {"LAZYMIG_FAILPOINTS=pager_bulk_before_place=hold:" + release});
+    Pair p("pattern", {"LAZYMIG_FAILPOINTS=pager_bulk_before_place=hold:" + release}, "memfd",
+           {"--recover-timeout-ms", "1000"});  // post-copy pauses; nobody recovers it
     INFO("src log: " << p.src->log_tail());
     INFO("dst log: " << p.dst->log_tail());
     auto src_events = p.src->connect();  // negotiated clients receive every event

@@ -244,7 +244,8 @@ TEST_CASE("vmm/qmp/wrong-phase") {
     const std::string release = dir.file("release-bulk");
     REQUIRE(::mkfifo(release.c_str(), 0600) == 0);
     auto src = VmProcess::start(dir, "src", {"--workload", "idle"});
-    auto dst = VmProcess::start(dir, "dst", {"--workload", "idle", "--incoming", "tcp:127.0.0.1:0"},
+    auto dst = VmProcess::start(dir, "dst", {"--workload", "idle", "--incoming", "tcp:127.0.0.1:0",
+                                             "--recover-timeout-ms", "1000"},
                                 {"LAZYMIG_FAILPOINTS=pager_bulk_before_place=hold:" + release});
     INFO("src log: " << src->log_tail());
     INFO("dst log: " << dst->log_tail());
@@ -280,7 +281,8 @@ TEST_CASE("vmm/qmp/wrong-phase") {
     CHECK(error_desc(src->call("migrate-cancel")).starts_with("migrate-cancel is refused during post-copy"));
     CHECK(src->execute("query-migrate")["phase"] == "postcopy");
     src->proc->kill();
-    // The source is gone: let the destination's held frame go, and it finds the rest missing.
+    // The source is gone: let the destination's held frame go; it pauses, nobody calls
+    // migrate-recover within --recover-timeout-ms, and it finds the rest missing.
     {
         const int w = ::open(release.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
         REQUIRE_MESSAGE(w >= 0, "the destination does not hold the release pipe open");
