@@ -533,8 +533,11 @@ private:
             watchdog_->arm(cfg_.setup_timeout, "destination: recover: the source did not send RESUME in time");
             auto raw = reader->expect(proto::Type::resume);
             watchdog_->disarm();
-            if (!raw) return std::unexpected(raw.error().wrap("destination: recover"));
-            auto resume = proto::decode_resume(*raw);
+            // A peer that authenticated but sends something else is refused like a
+            // stranger; the link failing is a failure of this recover.
+            if (!raw && raw.error().kind != ErrorClass::peer_violation)
+                return std::unexpected(raw.error().wrap("destination: recover"));
+            auto resume = raw ? proto::decode_resume(*raw) : Result<proto::Resume>(std::unexpected(raw.error()));
             std::string refusal;
             if (!resume) refusal = resume.error().wrap(reader->where()).message();
             else if (resume->session != session_id_)

@@ -186,6 +186,7 @@ struct Limits {
     std::chrono::milliseconds recover_timeout{60'000};
     bool poison_on_loss = false;
     std::size_t bulk_channels = 0;  // 0: the library's default
+    lazymig::Mode mode = lazymig::Mode::postcopy;
 };
 
 // Source and destination memory of the same shape, and the two endpoints.
@@ -228,7 +229,7 @@ public:
         source_params.recover_timeout = limits.recover_timeout;
         if (limits.bulk_channels) source_params.bulk_channels = static_cast<std::uint32_t>(limits.bulk_channels);
         auto src = lazymig::Source::create({.regions = {src_mem_.region()}, .hooks = sh, .uri = dst_->local_uri(),
-                                            .mode = lazymig::Mode::postcopy, .parameters = source_params,
+                                            .mode = limits.mode, .parameters = source_params,
                                             .connect_timeout = std::chrono::milliseconds(10'000),
                                             .security = limits.src_security.value_or(sec),
                                             .switchover_timeout = limits.switchover});
@@ -269,6 +270,10 @@ public:
             if (std::memcmp(src_mem_.data() + p * kPage, want.data(), kPage) != 0) return false;
         }
         return true;
+    }
+    // The source's page, for a test that plays the guest writing at the source.
+    [[nodiscard]] std::uint64_t* src_page(std::uint64_t p) const {
+        return reinterpret_cast<std::uint64_t*>(src_mem_.data() + p * kPage);
     }
     [[nodiscard]] std::uint64_t* dst_page(std::uint64_t p) const {
         return reinterpret_cast<std::uint64_t*>(dst_mem_.data() + p * kPage);

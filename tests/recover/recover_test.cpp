@@ -182,6 +182,39 @@ TEST_CASE("recover/pause-mid-transfer-then-recover-on-a-new-port") {
     CHECK_MESSAGE(from_postcopy(pair.counts().phases(true)) == want, names(pair.counts().phases(true)));
 }
 
+// Hybrid: the guest writes 1024 pages at the source during the first pre-copy round
+// (played from the fail point at its first batch), so they are stale at switchover and
+// post-copy fetches them; that post-copy is paused and recovered.
+TEST_CASE("recover/hybrid-pause-then-recover") {
+    SigbusGuard guard;
+    Pair pair(Backing::memfd, 8u << 20, {},
+              {.recover_timeout = 30s, .bulk_channels = 1, .mode = lazymig::Mode::hybrid});
+    PushGate gate(2);
+    auto wrote = std::make_shared<std::atomic<bool>>(false);
+    lazymig::failpoint::arm("source_precopy_batch", [&pair, wrote](const lazymig::failpoint::Site&) {
+        if (!wrote->exchange(true))
+            for (std::uint64_t p = 1000; p < 2024; ++p) pair.src_page(p)[7] = 0xfeedull + p;
+        return 0;
+    });
+    pair.migrate();
+    REQUIRE(gate.wait_held());
+    REQUIRE(pair.src().pause().has_value());
+    gate.drop_held();
+    REQUIRE(both_in(pair, Phase::paused));
+    CHECK(pair.dst().stats().pages_present < pair.pages());
+    REQUIRE(pair.dst().recover("tcp:127.0.0.1:0").has_value());
+    REQUIRE(pair.src().recover(pair.dst().local_uri()).has_value());
+    auto outcome = pair.finish();
+    pair.check_clean_end(outcome);
+    CHECK(pair.pages_differing_from_source() == 0);
+    CHECK(pair.src().stats().pages_lost_in_flight > 0);
+    const auto phases = pair.counts().phases(false);
+    CHECK_MESSAGE(std::find(phases.begin(), phases.end(), Phase::precopy) != phases.end(), names(phases));
+    const std::vector<Phase> want{Phase::postcopy, Phase::paused, Phase::recovering, Phase::postcopy,
+                                  Phase::completed};
+    CHECK_MESSAGE(from_postcopy(phases) == want, names(phases));
+}
+
 // The source's serve loop is held on a demand request: the destination hears nothing
 // on the urgent channel for the heartbeat timeout and pauses; its closing the link
 // pauses the source.
