@@ -29,6 +29,7 @@
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <fmt/format.h>
@@ -73,6 +74,7 @@ struct Fault {
     bool new_address = false;         // ... to a new destination address and proxy port
     std::uint64_t throttle = 0;       // the link's rate during the migration (bytes/s); 0: free
     std::vector<std::string> dst_args;  // more `run` options for the destination
+    json params = json::object();     // migrate-set-parameters on the source before migrate
 };
 
 struct Expect {
@@ -208,6 +210,9 @@ Result run_row(const Row& row) {
     auto fault_at = Clock::now();
     {
         auto c = src.vm->connect();
+        if (!row.fault.params.empty())
+            if (auto r = c.execute("migrate-set-parameters", row.fault.params, 30s); !r)
+                throw std::runtime_error("migrate-set-parameters: " + r.error().message());
         auto r = c.execute("migrate", {{"uri", proxy.uri}, {"mode", row.mode}}, 30s);
         if (!r) throw std::runtime_error("migrate: " + r.error().message());
     }
@@ -215,9 +220,23 @@ Result run_row(const Row& row) {
     // The failure.
     if (row.fault.killed != Side::none) {
         SideState& k = row.fault.killed == Side::source ? src : dst;
-        auto st = k.vm->proc->wait(90s);
+        // Its death, or the end of its migration without it (the point was never hit);
+        // both bounded, watched in turn.
+        std::optional<int> st;
+        const auto end = Clock::now() + 90s;
+        while (!(st = k.vm->proc->wait(200ms)) && Clock::now() < end) {
+            auto e = k.events->wait_event("MIGRATION", [](const json& e) {
+                const std::string s = e["data"].value("status", "");
+                return s == "completed" || s == "failed" || s == "cancelled";
+            }, 200ms);
+            if (e) {
+                k.last = *e;
+                break;
+            }
+        }
         if (!st) {
-            res.wrong.push_back(fmt::format("kill point {} was not hit within 90 s", row.fault.failpoint));
+            res.wrong.push_back(fmt::format("kill point {} was not hit (the {} {})", row.fault.failpoint, k.vm->name,
+                                            k.last ? "ended its migration: " + k.last->dump() : "is alive after 90 s"));
         } else {
             fault_at = Clock::now();
             k.dead = true;
@@ -263,7 +282,7 @@ Result run_row(const Row& row) {
 
     // Settle: every live side reports an end (or a pause), bounded.
     for (SideState* s : {&src, &dst}) {
-        if (s->dead) continue;
+        if (s->dead || s->last) continue;
         auto e = s->events->wait_event("MIGRATION", [&](const json& e) {
             const std::string st = e["data"].value("status", "");
             return st == "completed" || st == "failed" || st == "cancelled" || (!recover && st == "postcopy-paused");
@@ -314,8 +333,10 @@ Result run_row(const Row& row) {
     }
     // No VM runs: the destination that stopped may hold pages that never arrived
     // (poisoned), but never a wrong one: its checker may only name poisoned pages.
+    // (Only one that ran the VM: before GO, pages that never arrived are not poisoned and
+    // a check would wait for them.)
     if (res.running == 0 && !dst.dead && res.outcome == Outcome::stopped_with_error &&
-        dst.query("query-status").value("status", "") != "inmigrate") {
+        res.error.find("pages never arrived") != std::string::npos) {
         const json c = dst.query("check-workload");
         const std::string detail = c.value("detail", "");
         res.check = c.value("ok", false) ? "dst ok" : detail.find("never arrived (poisoned)") != std::string::npos ? "dst poisoned" : "FAILED: " + detail;
@@ -381,6 +402,10 @@ std::vector<Row> matrix() {
     const Expect resumed{{O::resumed_on_source}, ""};
     const Expect recovered{{O::recovered}, ""};
     const Expect stopped_missing{{O::stopped_with_error}, "pages never arrived"};
+    // The source died before GO: the destination never ran the VM and says so.
+    const Expect src_lost_early{{O::stopped_with_error}, "the source closed the connection"};
+    // The destination died after GO: the source cannot know it never ran the VM.
+    const Expect dst_lost_after_go{{O::stopped_with_error}, "GO was sent, so the destination may be running the VM: it was not resumed here"};
 
     for (const std::string mode : {"postcopy", "hybrid", "precopy"}) {
         const bool pre = mode != "postcopy";
@@ -393,10 +418,11 @@ std::vector<Row> matrix() {
             // (mid round 1, and at the start of round 2 of a pre-copy the link slows).
             add({.scenario = "src-killed-during-precopy", .mode = mode,
                  .fault = {.killed = Side::source, .failpoint = "source_precopy_batch=kill:8"},
-                 .today = {{O::stopped_with_error}, ""}, .merged = {{O::stopped_with_error}, ""}, .in_short = mode == "precopy" ? "pattern" : ""});
+                 .today = src_lost_early, .merged = src_lost_early, .in_short = mode == "precopy" ? "pattern" : ""});
             add({.scenario = "src-killed-at-precopy-round-2", .mode = mode,
-                 .fault = {.killed = Side::source, .failpoint = "source_precopy_round=kill:2", .throttle = 30'000'000},
-                 .today = {{O::stopped_with_error}, ""}, .merged = {{O::stopped_with_error}, ""}});
+                 .fault = {.killed = Side::source, .failpoint = "source_precopy_round=kill:2", .throttle = 30'000'000,
+                           .params = {{"compression", "off"}, {"downtime-limit", 1}}},
+                 .today = src_lost_early, .merged = src_lost_early});
         }
         // Switchover: the destination dies with the device state in hand, before GO.
         add({.scenario = "dst-killed-before-go", .mode = mode,
@@ -405,7 +431,7 @@ std::vector<Row> matrix() {
         // The source dies just before GO: the destination never got the VM.
         add({.scenario = "src-killed-before-go", .mode = mode,
              .fault = {.killed = Side::source, .failpoint = "source_before_go=kill"},
-             .today = {{O::stopped_with_error}, ""}, .merged = {{O::stopped_with_error}, ""}});
+             .today = src_lost_early, .merged = src_lost_early});
         if (mode == "precopy") continue;  // the rest is post-copy
         // Mid post-copy, the source dies: the pages it still held are gone.
         add({.scenario = "src-killed-mid-postcopy", .mode = mode,
@@ -417,16 +443,18 @@ std::vector<Row> matrix() {
              .today = {}, .merged = {{O::other, O::stopped_with_error}, "", true}, .needs = "recover"});
         // The destination dies after GO: post-copy cannot bring the VM back (it ran
         // there); hybrid resumes it on the source from the last committed epoch.
-        for (const auto& [scenario, fp] : std::vector<std::pair<std::string, std::string>>{
-                 {"dst-killed-after-go", "destination_after_go=kill"},
-                 {"dst-killed-mid-postcopy", "pager_bulk_before_place=kill:6"}}) {
+        // (After GO the source must say that the destination may run the VM; mid
+        // post-copy, that the destination went away.)
+        const Expect dst_lost_mid{{O::stopped_with_error}, "the destination closed the connection"};
+        for (const auto& [scenario, fp, lost] : std::vector<std::tuple<std::string, std::string, Expect>>{
+                 {"dst-killed-after-go", "destination_after_go=kill", dst_lost_after_go},
+                 {"dst-killed-mid-postcopy", "pager_bulk_before_place=kill:6", dst_lost_mid}}) {
             if (mode == "postcopy")
                 add({.scenario = scenario, .mode = mode, .fault = {.killed = Side::destination, .failpoint = fp},
-                     .today = {{O::stopped_with_error}, ""}, .merged = {{O::stopped_with_error}, ""},
-                     .in_short = scenario == "dst-killed-after-go" ? "kv" : ""});
+                     .today = lost, .merged = lost, .in_short = scenario == "dst-killed-after-go" ? "kv" : ""});
             else
                 add({.scenario = scenario, .mode = mode, .fault = {.killed = Side::destination, .failpoint = fp},
-                     .today = {{O::stopped_with_error}, ""}, .merged = resumed, .needs = "replicate"});
+                     .today = lost, .merged = resumed, .needs = "replicate"});
         }
         if (mode == "hybrid") {
             add({.scenario = "dst-killed-mid-epoch-send", .mode = mode,
