@@ -51,13 +51,18 @@ constexpr bool kHaveRecover = false;
 // points; the source resumes from the last committed epoch when the destination is lost.
 constexpr bool kHaveReplicate = false;
 
-enum class Outcome { completed, resumed_on_source, recovered, stopped_with_error, other };
+// A side that lost its peer settles within its heartbeat timeout (2 s by default) plus
+// the time to act on it; after this it counts as a hang.
+constexpr std::chrono::seconds kSettle{30};
+
+enum class Outcome { completed, resumed_on_source, recovered, stopped_with_error, poisoned, other };
 const char* name(Outcome o) {
     switch (o) {
     case Outcome::completed: return "completed";
     case Outcome::resumed_on_source: return "resumed on source";
     case Outcome::recovered: return "recovered after reconnect";
     case Outcome::stopped_with_error: return "VM stopped with error";
+    case Outcome::poisoned: return "runs, missing pages poisoned";
     default: return "other";
     }
 }
@@ -270,7 +275,10 @@ Result run_row(const Row& row) {
         auto d = dst.vm->connect().execute("migrate-recover", {{"uri", dst_uri}}, 30s);
         if (!d) throw std::runtime_error("destination migrate-recover: " + d.error().message());
         if (row.fault.new_address) {
-            const std::string bound = dst.query("query-status").value("incoming", "");
+            // The bound address: in the reply if it says, else query-status's "incoming".
+            std::string bound = d->is_object() ? d->value("uri", "") : "";
+            if (bound.empty()) bound = dst.query("query-status").value("incoming", "");
+            if (bound.empty() || bound.ends_with(":0")) throw std::runtime_error("the destination did not say where it listens again");
             proxy.cmd(fmt::format("target {}", port_of(bound)));
             src_uri = "tcp:127.0.0.1:" + proxy.cmd("listen").substr(3);
             while (!src_uri.empty() && (src_uri.back() == '\n' || src_uri.back() == ' ')) src_uri.pop_back();
@@ -286,9 +294,9 @@ Result run_row(const Row& row) {
         auto e = s->events->wait_event("MIGRATION", [&](const json& e) {
             const std::string st = e["data"].value("status", "");
             return st == "completed" || st == "failed" || st == "cancelled" || (!recover && st == "postcopy-paused");
-        }, 90s);
+        }, kSettle);
         if (!e) {
-            res.wrong.push_back(fmt::format("hang: the {} did not settle within 90 s ({})", s->vm->name, e.error().message()));
+            res.wrong.push_back(fmt::format("hang: the {} did not settle within {} s ({})", s->vm->name, kSettle.count(), e.error().message()));
             continue;
         }
         s->last = *e;
@@ -298,7 +306,7 @@ Result run_row(const Row& row) {
 
     // What runs where.
     SideState* running = nullptr;
-    std::string phases;
+    std::string phases, dst_status;
     for (SideState* s : {&src, &dst}) {
         if (s->dead) {
             phases += fmt::format("{} killed; ", s->vm->name);
@@ -307,6 +315,7 @@ Result run_row(const Row& row) {
         const json st = s->query("query-status");
         const json q = s->query("query-migrate");
         phases += fmt::format("{} {} ({}); ", s->vm->name, st.value("status", "?"), q.value("phase", "?"));
+        if (s == &dst) dst_status = st.value("status", "");
         if (q.contains("error") && q["error"].is_string() && !q["error"].get<std::string>().empty())
             res.error += (res.error.empty() ? "" : " | ") + s->vm->name + ": " + q["error"].get<std::string>();
         if (st.value("status", "") == "running") {
@@ -318,12 +327,16 @@ Result run_row(const Row& row) {
     const bool dst_done = !dst.dead && dst.last && dst.last->at("data").value("status", "") == "completed";
     if (src_done && dst_done && running == &dst) res.outcome = recovered ? Outcome::recovered : Outcome::completed;
     else if (running == &src && res.running == 1) res.outcome = Outcome::resumed_on_source;
+    else if (src.dead && !dst.dead && dst.last && dst.last->at("data").value("status", "") == "failed" &&
+             (running == &dst || dst_status == "internal-error"))
+        res.outcome = Outcome::poisoned;  // --poison-on-loss: the VM went on without its source
     else if (res.running == 0) res.outcome = Outcome::stopped_with_error;
     else res.outcome = Outcome::other;
     if (res.outcome == Outcome::other) res.wrong.push_back("state: " + phases);
 
-    // The workload's own check on the one VM that runs.
-    if (running && res.running == 1) {
+    // The workload's own check on the one VM that runs (or ran on, poisoned).
+    if (res.outcome == Outcome::poisoned && !running) running = &dst;
+    if (running && (res.running == 1 || res.outcome == Outcome::poisoned)) {
         const json c = running->query("check-workload");
         res.check_ok = c.value("ok", false);
         res.check = res.check_ok ? "ok" : "FAILED: " + c.value("detail", "");
@@ -440,7 +453,7 @@ std::vector<Row> matrix() {
         // ... and with --poison-on-loss the VM goes on; only the missing pages fault.
         add({.scenario = "src-killed-mid-postcopy-poison", .mode = mode,
              .fault = {.killed = Side::source, .failpoint = "source_push_batch=kill:4", .dst_args = {"--poison-on-loss"}},
-             .today = {}, .merged = {{O::other, O::stopped_with_error}, "", true}, .needs = "recover"});
+             .today = {}, .merged = {{O::poisoned}, "", true}, .needs = "recover"});
         // The destination dies after GO: post-copy cannot bring the VM back (it ran
         // there); hybrid resumes it on the source from the last committed epoch.
         // (After GO the source must say that the destination may run the VM; mid
@@ -448,11 +461,11 @@ std::vector<Row> matrix() {
         const Expect dst_lost_mid{{O::stopped_with_error}, "the destination closed the connection"};
         for (const auto& [scenario, fp, lost] : std::vector<std::tuple<std::string, std::string, Expect>>{
                  {"dst-killed-after-go", "destination_after_go=kill", dst_lost_after_go},
-                 {"dst-killed-mid-postcopy", "pager_bulk_before_place=kill:6", dst_lost_mid}}) {
+                 {"dst-killed-mid-postcopy", "pager_urgent_before_place=kill:2", dst_lost_mid}}) {
             if (mode == "postcopy")
                 add({.scenario = scenario, .mode = mode, .fault = {.killed = Side::destination, .failpoint = fp},
                      .today = lost, .merged = lost, .in_short = scenario == "dst-killed-after-go" ? "kv" : ""});
-            else
+            else if (scenario == "dst-killed-after-go")  // hybrid mid post-copy: the epoch points below
                 add({.scenario = scenario, .mode = mode, .fault = {.killed = Side::destination, .failpoint = fp},
                      .today = lost, .merged = resumed, .needs = "replicate"});
         }

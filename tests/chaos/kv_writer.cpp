@@ -114,6 +114,10 @@ void KvWriter::stop() {
     if (thread_.joinable()) thread_.join();
 }
 
+void KvWriter::wait_done() {
+    if (thread_.joinable()) thread_.join();
+}
+
 void KvWriter::run() {
     std::size_t at = 0;
     std::optional<Line> conn;

@@ -10,7 +10,7 @@
 // again (SET is idempotent); after kGiveUp without any ack it stops and says why.
 //
 // Threads: start() starts the writer thread, which the object owns; stop() ends and
-// joins it (also from the destructor). The accessors are for after stop().
+// joins it (also from the destructor); wait_done() joins without asking it to stop. The accessors are for after stop().
 #pragma once
 
 #include <atomic>
@@ -35,6 +35,9 @@ public:
 
     void start();
     void stop();
+    // Joins the thread once it ended by itself (all its keys written, or it gave up:
+    // at most kGiveUp without an ack).
+    void wait_done();
 
     [[nodiscard]] std::uint64_t acked() const noexcept { return acked_.size(); }
     [[nodiscard]] std::uint64_t duplicates() const noexcept { return duplicates_; }
