@@ -24,6 +24,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <functional>
 #include <optional>
 #include <set>
@@ -251,7 +252,10 @@ Result run_row(const Row& row) {
         auto e = src.events->wait_event("MIGRATION", [&](const json& e) { return e["data"]["status"] == row.fault.wait_status; }, 60s);
         if (!e) throw std::runtime_error(fmt::format("the source never reached {}: {}", row.fault.wait_status, e.error().message()));
         fault_at = Clock::now();
-        for (const auto& c : row.fault.proxy) proxy.cmd(c);
+        for (const auto& c : row.fault.proxy) {
+            const std::string reply = proxy.cmd(c);
+            if (reply == "ok cut 0 connections\n") res.wrong.push_back("the cut found no connection: the migration had ended");
+        }
     }
 
     // Recovery (recover branch): both sides pause, then reconnect through the proxy.
@@ -302,6 +306,12 @@ Result run_row(const Row& row) {
         s->last = *e;
     }
     res.recover_ms = std::chrono::duration<double, std::milli>(Clock::now() - fault_at).count();
+    // A corrupt fault counts only if a byte was flipped (the proxy's list says where).
+    if (std::ranges::any_of(row.fault.proxy, [](const std::string& c) { return c.starts_with("corrupt"); })) {
+        const std::string l = proxy.cmd("list");
+        if (l.find("corrupted@") == std::string::npos)
+            res.wrong.push_back("the corrupt fault never hit a byte (the transfer ended first): " + l);
+    }
     if (kv) kv->stop();
 
     // What runs where.
@@ -505,7 +515,8 @@ std::vector<Row> matrix() {
         // During pre-copy, the VM never left: today it must keep running on the source.
         if (mode != "postcopy")
             add({.scenario = "corrupt-during-precopy", .mode = mode,
-                 .fault = {.wait_status = "active", .proxy = {"corrupt"}, .recover = true, .throttle = slow},
+                 .fault = {.wait_status = "active", .proxy = {"corrupt"}, .recover = true, .throttle = 4'000'000,
+                           .params = {{"compression", "off"}}},
                  .today = resumed, .merged = recovered, .needs = "recover"});
     }
     return rows;
