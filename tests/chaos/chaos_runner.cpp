@@ -337,7 +337,7 @@ Result run_row(const Row& row) {
     const bool dst_done = !dst.dead && dst.last && dst.last->at("data").value("status", "") == "completed";
     if (src_done && dst_done && running == &dst) res.outcome = recovered ? Outcome::recovered : Outcome::completed;
     else if (running == &src && res.running == 1) res.outcome = Outcome::resumed_on_source;
-    else if (src.dead && !dst.dead && dst.last && dst.last->at("data").value("status", "") == "failed" &&
+    else if (std::ranges::find(row.fault.dst_args, "--poison-on-loss") != row.fault.dst_args.end() && src.dead && !dst.dead &&
              (running == &dst || dst_status == "internal-error"))
         res.outcome = Outcome::poisoned;  // --poison-on-loss: the VM went on without its source
     else if (res.running == 0) res.outcome = Outcome::stopped_with_error;
