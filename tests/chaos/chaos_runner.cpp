@@ -463,7 +463,8 @@ std::vector<Row> matrix() {
         // ... and with --poison-on-loss the VM goes on; only the missing pages fault.
         add({.scenario = "src-killed-mid-postcopy-poison", .mode = mode,
              .fault = {.killed = Side::source, .failpoint = "source_push_batch=kill:4", .dst_args = {"--poison-on-loss"}},
-             .today = {}, .merged = {{O::poisoned}, "", true}, .needs = "recover"});
+             .today = {}, .merged = {{O::poisoned}, "", true}, .needs = "recover",
+             .in_short = mode == "postcopy" ? "pattern" : ""});
         // The destination dies after GO: post-copy cannot bring the VM back (it ran
         // there); hybrid resumes it on the source from the last committed epoch.
         // (After GO the source must say that the destination may run the VM; mid
@@ -477,7 +478,7 @@ std::vector<Row> matrix() {
                      .today = lost, .merged = lost, .in_short = scenario == "dst-killed-after-go" ? "kv" : ""});
             else if (scenario == "dst-killed-after-go")  // hybrid mid post-copy: the epoch points below
                 add({.scenario = scenario, .mode = mode, .fault = {.killed = Side::destination, .failpoint = fp},
-                     .today = lost, .merged = resumed, .needs = "replicate"});
+                     .today = lost, .merged = resumed, .needs = "replicate", .in_short = "kv"});
         }
         if (mode == "hybrid") {
             add({.scenario = "dst-killed-mid-epoch-send", .mode = mode,
@@ -485,7 +486,7 @@ std::vector<Row> matrix() {
                  .today = {}, .merged = resumed, .needs = "replicate"});
             add({.scenario = "dst-killed-after-commit-before-release", .mode = mode,
                  .fault = {.killed = Side::destination, .failpoint = "destination_epoch_committed=kill:2"},
-                 .today = {}, .merged = resumed, .needs = "replicate"});
+                 .today = {}, .merged = resumed, .needs = "replicate", .in_short = "kv"});
             add({.scenario = "src-killed-epoch-apply", .mode = mode,
                  .fault = {.killed = Side::source, .failpoint = "source_epoch_apply=kill:2"},
                  .today = {}, .merged = {{O::completed, O::stopped_with_error}, ""}, .needs = "replicate"});
@@ -496,13 +497,13 @@ std::vector<Row> matrix() {
         const std::string when = mode == "precopy" ? "active" : "postcopy-active";
         const std::uint64_t slow = 20'000'000;  // 64 MiB take seconds: the fault lands mid-transfer
         add({.scenario = "cut", .mode = mode, .fault = {.wait_status = when, .proxy = {"cut"}, .recover = true, .throttle = slow},
-             .today = {}, .merged = recovered, .needs = "recover"});
+             .today = {}, .merged = recovered, .needs = "recover", .in_short = mode == "postcopy" ? "kv" : ""});
         add({.scenario = "cut-recover-new-address", .mode = mode,
              .fault = {.wait_status = when, .proxy = {"cut"}, .recover = true, .new_address = true, .throttle = slow},
              .today = {}, .merged = recovered, .needs = "recover"});
         add({.scenario = "stall-past-heartbeat", .mode = mode,
              .fault = {.wait_status = when, .proxy = {"stall 20000"}, .recover = true, .throttle = slow},
-             .today = {}, .merged = recovered, .needs = "recover"});
+             .today = {}, .merged = recovered, .needs = "recover", .in_short = mode == "hybrid" ? "bank" : ""});
         add({.scenario = "close-one-bulk-channel", .mode = mode,
              .fault = {.wait_status = when, .proxy = {"close 2"}, .recover = true, .throttle = slow},
              .today = {}, .merged = recovered, .needs = "recover"});
@@ -567,7 +568,7 @@ int run_matrix() {
         (ok ? passed : failed) += 1;
         fmt::print("{:<40} {:<9} {:<8} {:<26} {:<12} {:<9} {:<5} {:<8} {:>7.1f}ms  {}\n", r.scenario, r.mode, r.workload,
                    name(res.outcome), res.check.substr(0, 12), res.kv_lost, res.dups, res.running, res.recover_ms,
-                   ok ? "as expected" : "DIFFERS");
+                   (ok ? "as expected" : "DIFFERS") + (r.needs.empty() || r.merged_on() ? "" : " (today's; merged needs " + r.needs + ")"));
         if (!res.error.empty()) fmt::print("    error: {}\n", res.error.substr(0, 300));
         if (!ok) {
             for (const auto& w : res.wrong) fmt::print("    why: {}\n", w);
