@@ -255,6 +255,7 @@ Result<Verdict> Precopy::run_rounds(const std::atomic<bool>& stop, net::FrameRea
     for (std::uint32_t ri = 0; ri < regions_.size(); ++ri) dirty_.set_range(ri, 0, regions_[ri].size / regions_[ri].page_size);
     for (std::uint32_t n = 1;; ++n) {
         if (stop.load()) return sys_error("pre-copy: stopped", ECANCELED);
+        if (int e = failpoint::check("source_precopy_round", 0, n, 0)) return sys_error("pre-copy: failpoint source_precopy_round", e);
         Stats::Round round;
         round.round = n;
         const auto t0 = Clock::now();

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <signal.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -60,6 +61,20 @@ int hold(const std::shared_ptr<Release>& release, std::string_view name) {
     return e;
 }
 
+// SIGKILL of this process on the `at`-th hit (counted over every thread), at once: no
+// destructor, no flush, no goodbye frame — a host that died. The line on stderr is
+// written first (unbuffered) so the log says where it died.
+Action kill_at(std::string_view name, std::uint64_t at) {
+    auto hits = std::make_shared<std::atomic<std::uint64_t>>(0);
+    return [hits, at, n = std::string(name)](const Site& s) {
+        if (hits->fetch_add(1, std::memory_order_relaxed) + 1 != at) return 0;
+        std::fprintf(stderr, "lazymig failpoint %s: kill at hit %llu (region %u, first %llu, count %u)\n", n.c_str(),
+                     static_cast<unsigned long long>(at), s.region, static_cast<unsigned long long>(s.first), s.count);
+        ::kill(::getpid(), SIGKILL);
+        for (;;) ::pause();  // SIGKILL cannot be caught; this thread never goes on
+    };
+}
+
 // One action of the spec, or "" in *why.
 Action parse_action(std::string_view name, std::string_view a, std::string* why) {
     if (a.starts_with("error:")) {
@@ -83,7 +98,18 @@ Action parse_action(std::string_view name, std::string_view a, std::string* why)
         auto release = std::make_shared<Release>(fd);
         return [release, n = std::string(name)](const Site&) { return hold(release, n); };
     }
-    *why = "unknown action '" + std::string(a) + "' (error:E, hold, hold:FIFO)";
+    if (a == "kill") return kill_at(name, 1);
+    if (a.starts_with("kill:")) {
+        const std::string num(a.substr(5));
+        char* end = nullptr;
+        const unsigned long long at = std::strtoull(num.c_str(), &end, 10);
+        if (num.empty() || num[0] == '-' || *end != '\0' || at == 0) {
+            *why = "kill:N needs a hit number from 1, got '" + num + "'";
+            return {};
+        }
+        return kill_at(name, at);
+    }
+    *why = "unknown action '" + std::string(a) + "' (error:E, hold, hold:FIFO, kill, kill:N)";
     return {};
 }
 

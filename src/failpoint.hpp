@@ -8,7 +8,10 @@
 // any claim), pager_before_place_run (claimed, placement time taken, before the ioctl),
 // pager_fault_in_flight (a fault on a page already requested or being placed),
 // pager_request_blocked (the outbox had no room for a page request: it stays pending),
-// source_push_batch, source_serve_request.
+// source_push_batch, source_serve_request, source_precopy_round (the start of each
+// pre-copy round; first = the round's number), source_before_go, destination_after_go.
+// Named for issue 11 (the epoch points; sites pass (0, epoch, pages)):
+// destination_epoch_send, source_epoch_apply, destination_epoch_committed.
 //
 // A process a test starts (lazymig-vmm, a peer) is armed through its environment,
 // read once when the library is loaded:
@@ -23,6 +26,11 @@
 //                the test made with mkfifo), then goes on; from then on the point is
 //                open: later hits pass at once. At the deadline the hit fails with
 //                ETIMEDOUT, so a test that forgot to release fails instead of hanging.
+//   kill         the first hit SIGKILLs this process (tests/chaos: a host that dies
+//                there); a line naming the point goes to stderr first
+//   kill:N       the N-th hit (counted over all threads) SIGKILLs this process; the
+//                hits before pass. `source_push_batch=kill:20`: mid post-copy, always
+//                at the same batch
 // A spec that does not parse is reported on stderr and arms nothing.
 #pragma once
 

@@ -1,7 +1,9 @@
 // The fail point registry and the LAZYMIG_FAILPOINTS spec a child process is armed with.
 #include <doctest/doctest.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -43,7 +45,9 @@ TEST_CASE("failpoint/spec-refused-whole-with-the-reason") {
     DisarmOnExit d;
     CHECK(fp::arm_spec("source_push_batch") == "'source_push_batch' is not name=action");
     CHECK(fp::arm_spec("a=error:x") == "a: error:E needs an errno number, got 'x'");
-    CHECK(fp::arm_spec("a=error:5;b=sideways") == "b: unknown action 'sideways' (error:E, hold, hold:FIFO)");
+    CHECK(fp::arm_spec("a=error:5;b=sideways") == "b: unknown action 'sideways' (error:E, hold, hold:FIFO, kill, kill:N)");
+    CHECK(fp::arm_spec("a=kill:0") == "a: kill:N needs a hit number from 1, got '0'");
+    CHECK(fp::arm_spec("a=kill:x") == "a: kill:N needs a hit number from 1, got 'x'");
     CHECK(fp::arm_spec("a=hold:/nonexistent/fifo") == "a: hold:/nonexistent/fifo: cannot open the pipe (errno 2)");
     CHECK(fp::check("a", 0, 0, 1) == 0);  // nothing of a refused spec was armed
 }
@@ -68,4 +72,46 @@ TEST_CASE("failpoint/hold-until-the-pipe-is-written") {
     fp::disarm_all();
     ::unlink(fifo.c_str());
     ::rmdir(dir);
+}
+
+// kill:N: the hits before the N-th pass; the N-th takes the process down with SIGKILL
+// (a child here, which reports each hit it came back from through a pipe).
+TEST_CASE("failpoint/kill-on-the-nth-hit") {
+    int p[2];
+    REQUIRE(::pipe(p) == 0);
+    const pid_t child = ::fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+        ::close(p[0]);
+        if (!fp::arm_spec("source_push_batch=kill:3").empty()) ::_exit(2);
+        for (int i = 0; i < 10; ++i) {
+            if (fp::check("source_push_batch", 0, std::uint64_t(i), 1) != 0) ::_exit(3);
+            if (::write(p[1], "h", 1) != 1) ::_exit(4);
+        }
+        ::_exit(0);  // not reached when the kill works
+    }
+    ::close(p[1]);
+    std::string seen;
+    char buf[16];
+    for (ssize_t n; (n = ::read(p[0], buf, sizeof buf)) > 0;) seen.append(buf, std::size_t(n));
+    ::close(p[0]);
+    int st = 0;
+    REQUIRE(::waitpid(child, &st, 0) == child);
+    CHECK(WIFSIGNALED(st));
+    CHECK(WTERMSIG(st) == SIGKILL);
+    CHECK(seen == "hh");  // hits 1 and 2 passed; hit 3 never returned
+}
+
+TEST_CASE("failpoint/kill-without-a-number-is-the-first-hit") {
+    const pid_t child = ::fork();
+    REQUIRE(child >= 0);
+    if (child == 0) {
+        if (!fp::arm_spec("source_precopy_round=kill").empty()) ::_exit(2);
+        (void)fp::check("source_precopy_round", 0, 1, 0);
+        ::_exit(0);
+    }
+    int st = 0;
+    REQUIRE(::waitpid(child, &st, 0) == child);
+    CHECK(WIFSIGNALED(st));
+    CHECK(WTERMSIG(st) == SIGKILL);
 }
