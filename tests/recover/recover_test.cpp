@@ -273,14 +273,18 @@ TEST_CASE("recover/second-failure-while-recovering-pauses-again-then-recovers") 
     gate.close();
 
     REQUIRE(pair.dst().recover("tcp:127.0.0.1:0").has_value());
-    REQUIRE(pair.src().recover(pair.dst().local_uri()).has_value());
+    const std::string uri = pair.dst().local_uri();
+    REQUIRE(pair.src().recover(uri).has_value());
     REQUIRE(eventually([&] { return pair.src().stats().pauses == 2 && pair.dst().stats().pauses == 2; }));
     REQUIRE(both_in(pair, Phase::paused));
     CHECK(*hits == 1);
     CHECK(pair.src().stats().recoveries == 0);
 
-    REQUIRE(pair.dst().recover("tcp:127.0.0.1:0").has_value());
-    REQUIRE(pair.src().recover(pair.dst().local_uri()).has_value());
+    // The same address again.
+    auto again = pair.dst().recover(uri);
+    REQUIRE_MESSAGE(again.has_value(), err_of(again));
+    CHECK(pair.dst().local_uri() == uri);
+    REQUIRE(pair.src().recover(uri).has_value());
     gate.open();
     auto outcome = pair.finish();
     pair.check_clean_end(outcome);
