@@ -8,7 +8,9 @@
 // any claim), pager_before_place_run (claimed, placement time taken, before the ioctl),
 // pager_fault_in_flight (a fault on a page already requested or being placed),
 // pager_request_blocked (the outbox had no room for a page request: it stays pending),
-// source_push_batch, source_serve_request.
+// source_push_batch, source_serve_request, recover_handshake (either side, in the
+// resume handshake of a recover(): source after connecting, before RESUME; destination
+// after accepting RESUME, before LACKING — an error there is a link failure: paused again).
 //
 // A process a test starts (lazymig-vmm, a peer) is armed through its environment,
 // read once when the library is loaded:
