@@ -12,6 +12,9 @@
 // pre-copy round; first = the round's number), source_before_go, destination_after_go.
 // Named for issue 11 (the epoch points; sites pass (0, epoch, pages)):
 // destination_epoch_send, source_epoch_apply, destination_epoch_committed.
+// recover_handshake (either side, in the resume handshake of a recover(): source after
+// connecting, before RESUME; destination after accepting RESUME, before LACKING — an
+// error there is a link failure: paused again).
 //
 // A process a test starts (lazymig-vmm, a peer) is armed through its environment,
 // read once when the library is loaded:

@@ -23,7 +23,10 @@
 //   completed, failed, cancelled: terminal
 // precopy is reached in modes precopy and hybrid (precopy/precopy.hpp); a precopy that
 // cannot converge goes precopy → failed with the VM still at the source. paused and
-// recovering are reached once the recoverability issue lands.
+// recovering: post-copy over TCP, on an error of class transport_lost or pause(); see
+// "Link loss: pause and recover" in src/api/source.cpp and src/api/destination.cpp,
+// and the resume handshake in src/protocol.hpp. A paused side that waits longer than
+// Parameters::recover_timeout goes paused → failed (cancel(): → cancelled).
 #pragma once
 
 #include "lazymig/lazymig.hpp"

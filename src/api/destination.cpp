@@ -212,6 +212,10 @@ private:
         end_session(e);
     }
     void end_session(const Error& e) {
+        if (pager_->complete()) {  // every page is here: nothing can fail the migration now
+            LZ_LOG(debug, "session_error_after_complete", "side=destination {}", e.message());
+            return;
+        }
         if (state_.record(e)) stop_all();
         std::lock_guard lock(precopy_mu_);  // ends a wait for PRECOPY_END
         precopy_cv_.notify_all();
@@ -288,9 +292,9 @@ private:
             } else {
                 cfg_.hooks.pause_vcpus();
                 vm_stopped_ = true;
-                e.context = fmt::format("{}; the VM was stopped: {} of {} pages never arrived ({}){}", e.context,
-                                        missing, pager_->total_pages(), which,
-                                        poisoned ? " (poisoned: a touch raises SIGBUS)" : how);
+                e.context = fmt::format("{}; the VM cannot continue: {} of {} pages never arrived{}: {}; its vCPUs "
+                                        "were stopped", e.context, missing, pager_->total_pages(),
+                                        poisoned ? " (poisoned: a touch raises SIGBUS)" : how, which);
             }
             state_.amend(e);
         }

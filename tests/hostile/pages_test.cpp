@@ -49,7 +49,8 @@ TEST_CASE("hostile/pages-wrong-checksum-after-resume") {
                                             sent)),
                   e);
     CHECK_MESSAGE(e.ends_with("); the frame was refused and none of its pages placed; the VM cannot continue: "
-                              "2048 of 2048 pages never arrived (poisoned: a touch raises SIGBUS)"),
+                              "2048 of 2048 pages never arrived (poisoned: a touch raises SIGBUS): ram0 pages 0..2047; "
+                              "its vCPUs were stopped"),
                   e);
     // vCPUs paused after the failure, and the VMM is told the same words.
     CHECK(t.calls().pause == 1);
@@ -74,7 +75,7 @@ TEST_CASE("hostile/pages-wrong-checksum-on-urgent-after-resume") {
                                 "100..101"),
                   e);
     CHECK_MESSAGE(e.ends_with("; the VM cannot continue: 2048 of 2048 pages never arrived (poisoned: a touch raises "
-                              "SIGBUS)"),
+                              "SIGBUS): ram0 pages 0..2047; its vCPUs were stopped"),
                   e);
     CHECK(t.calls().pause == 1);
     t.check_nothing_placed();

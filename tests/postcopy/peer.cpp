@@ -1,6 +1,6 @@
 // lazymig-peer — one side of a two-process migration test, with a checking workload.
 //
-//   lazymig-peer dest   --size MiB --backing B --seed S --workers N
+//   lazymig-peer dest   --size MiB --backing B --seed S --workers N [--recover-timeout-ms MS]
 //   lazymig-peer source --size MiB --backing B --seed S --uri tcp:H:P [--max-bandwidth B/s]
 //   both: --psk-file FILE (the migration's key) or --auth none
 //
@@ -52,6 +52,7 @@ struct Options {
     Backing backing = Backing::anon;
     std::uint64_t seed = 1, max_bandwidth = 0;
     unsigned workers = 4;
+    unsigned recover_timeout_ms = 60'000;  // --recover-timeout-ms (dest): a lost source pauses first
     unsigned bulk_channels = 1;
     Security security{};  // --psk-file FILE, or --auth none
 };
@@ -69,6 +70,7 @@ bool parse(int argc, char** argv, Options& o) {
         } else if (k == "--seed") o.seed = std::stoull(v);
         else if (k == "--uri") o.uri = v;
         else if (k == "--workers") o.workers = static_cast<unsigned>(std::stoul(v));
+        else if (k == "--recover-timeout-ms") o.recover_timeout_ms = static_cast<unsigned>(std::stoul(v));
         else if (k == "--max-bandwidth") o.max_bandwidth = std::stoull(v);
         else if (k == "--bulk-channels") o.bulk_channels = static_cast<unsigned>(std::stoul(v));
         else if (k == "--psk-file") o.security = {.auth = Auth::psk, .psk_file = v};
@@ -171,7 +173,9 @@ int run_dest(const Options& o) {
             return {};
         },
     };
-    auto dst = Destination::listen({.regions = {mem->region()}, .hooks = hooks, .uri = o.uri, .security = o.security});
+    auto dst = Destination::listen({.regions = {mem->region()}, .hooks = hooks, .uri = o.uri,
+                                    .parameters = {.recover_timeout = std::chrono::milliseconds(o.recover_timeout_ms)},
+                                    .security = o.security});
     if (!dst) {
         release(false);
         for (auto& t : threads) t.join();

@@ -55,7 +55,9 @@ TEST_CASE("postcopy/two-process/source-dies") {
     // but the few the workers demanded is still missing, on any machine speed.
     for (const std::string backing : {"anon", "memfd"}) {
         CAPTURE(backing);
-        Process dest({kPeer, "dest", "--size", "256", "--backing", backing, "--seed", "3", "--workers", "4", "--psk-file", lazymig::test::psk_file()});
+        // The link loss pauses the destination first; nobody recovers it within 1 s.
+        Process dest({kPeer, "dest", "--size", "256", "--backing", backing, "--seed", "3", "--workers", "4",
+                      "--recover-timeout-ms", "1000", "--psk-file", lazymig::test::psk_file()});
         REQUIRE(dest.started());
         auto uri = dest.until("uri ");
         REQUIRE_MESSAGE(uri, dest.output());

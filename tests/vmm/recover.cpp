@@ -77,3 +77,38 @@ TEST_CASE("vmm/recover/migrate-pause-and-migrate-recover") {
     CHECK(src->quit() == 0);
     CHECK(dst->quit() == 0);
 }
+
+// --poison-on-loss: the source dies mid post-copy and nobody recovers within 1 s. The
+// destination poisons only the pages that never arrived and does not stop the VM; a
+// vCPU or the checker touching one reports a memory error, the process lives on.
+TEST_CASE("vmm/recover/source-lost-with-poison-on-loss") {
+    TempDir dir;
+    const std::vector<std::string> args{"--workload", "pattern", "--backing", "memfd", "--rate", "2000"};
+    auto dargs = args;
+    dargs.insert(dargs.end(), {"--incoming", "tcp:127.0.0.1:0", "--poison-on-loss", "--recover-timeout-ms", "1000"});
+    auto dst = VmProcess::start(dir, "dst", dargs);
+    auto src = VmProcess::start(dir, "src", args, {"LAZYMIG_FAILPOINTS=source_push_batch=hold"});
+    INFO("src log: " << src->log_tail());
+    INFO("dst log: " << dst->log_tail());
+    auto dst_events = dst->connect();
+    auto status_is = [](const char* s) { return [s](const json& e) { return e["data"]["status"] == s; }; };
+    src->execute("migrate", {{"uri", dst->incoming}});
+    auto active = dst_events.wait_event("MIGRATION", status_is("postcopy-active"), 30s);
+    REQUIRE_MESSAGE(active.has_value(), why(active));
+    src->proc->kill();
+    auto paused = dst_events.wait_event("MIGRATION", status_is("postcopy-paused"), 30s);
+    REQUIRE_MESSAGE(paused.has_value(), why(paused));
+    auto failed = dst_events.wait_event("MIGRATION", status_is("failed"), 30s);
+    REQUIRE_MESSAGE(failed.has_value(), why(failed));
+    const auto dq = dst->execute("query-migrate");
+    CHECK(dq["recovery"]["vm-stopped"] == false);
+    CHECK(dq["recovery"]["pages-poisoned"].get<std::uint64_t>() > 0);
+    CHECK(dq["recovery"]["pages-poisoned"] == dq["recovery"]["pages-missing"]);
+    CHECK_MESSAGE(dq["error"].get<std::string>().find("poisoned (poison_on_loss): the guest gets a memory error") !=
+                      std::string::npos,
+                  dq.dump());
+    auto check = dst->execute("check-workload");
+    CHECK(check["ok"] == false);
+    CHECK_MESSAGE(check["detail"].get<std::string>().starts_with("memory error: page "), check.dump());
+    CHECK(dst->quit() == 0);
+}

@@ -89,8 +89,9 @@ enum class Phase : std::uint8_t {
     completed,
     failed,
     cancelled,
-    paused,      // post-copy, link lost: both sides keep all state and wait (recover issue)
-    recovering,  // reconnecting after a pause (recover issue)
+    paused,      // post-copy, link lost or pause(): both sides keep all state and wait
+                 // for recover() (see "Link loss during post-copy" above)
+    recovering,  // recover() called: reconnecting, resume handshake
 };
 [[nodiscard]] LAZYMIG_API std::string_view to_string(Backing) noexcept;
 [[nodiscard]] LAZYMIG_API std::string_view to_string(Mode) noexcept;
