@@ -264,8 +264,11 @@ private:
                                       std::span<const GuestRegion> regions, PageFramer& framer, SentMap& sent,
                                       Pusher* pusher, SourceStats& stats, DemandGate& gate,
                                       const std::function<Result<void>()>& on_resumed,
-                                      const std::function<Result<void>()>& on_device_loaded = {});
+                                      const std::function<Result<void>()>& on_device_loaded = {},
+                                      const std::function<void()>& on_echo = {});
 // With on_device_loaded: DEVICE_LOADED must come (once) before RESUMED and calls it (the
-// session sends GO there); requests are served meanwhile. HEARTBEATs are echoed.
+// session sends GO there); requests are served meanwhile. HEARTBEATs are echoed, and
+// on_echo is called after each echo was sent (hybrid: the echo renews the destination's
+// lease; the source remembers when it last sent one).
 
 }  // namespace lazymig::source

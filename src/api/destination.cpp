@@ -5,6 +5,10 @@
 // receiver per bulk channel, and the pager's fault thread. One shutdown eventfd stops
 // them all; the first error wins. Phases follow src/session_phase.hpp.
 //
+// Hybrid mode adds the replication channel (opened by the source after the bulk ones)
+// and the Replicator's threads (pager/replicator.hpp) from resume to the end: epochs of
+// dirtied pages to the source, output commit, the lease.
+//
 // Every frame the destination sends goes out on the urgent channel through one Outbox
 // (src/net/outbox.hpp): PAGE_REQUEST from the fault thread never blocks there; acks,
 // RESUMED and COMPLETE from the other threads wait (with a deadline) until sent.
@@ -15,6 +19,7 @@
 
 #include "pager/pager.hpp"
 #include "pager/rdma_pull.hpp"
+#include "pager/replicator.hpp"
 #include "src/api/session.hpp"
 #include "src/net/channel.hpp"
 #include "src/net/frames.hpp"
@@ -79,6 +84,11 @@ public:
 
     void set_parameters(const Parameters& p) override { pager_->set_prefetch(p.prefetch_pages); }
 
+    std::uint64_t open_epoch() const override {
+        auto* r = replicator_ready_.load(std::memory_order_acquire);
+        return r ? r->open_epoch() : 0;
+    }
+
     Stats stats() const override {
         auto& ps = pager_->stats();
         Stats s;
@@ -114,6 +124,21 @@ public:
         s.auth = net::to_string(cfg_.security.auth);
         s.refused_peers = transport_->refused();
         s.uffd_user_mode_only = pager_->user_mode_only();
+        if (auto* r = replicator_ready_.load(std::memory_order_acquire)) {
+            const auto& rs = r->stats();
+            s.epochs = rs.epochs_sent.get();
+            s.epochs_committed = rs.epochs_committed.get();
+            s.epoch_pages = rs.pages.get();
+            s.epoch_bytes = rs.bytes.get();
+            s.epoch_last_pages = rs.last_pages.load();
+            s.epoch_largest_pages = rs.largest_pages.load();
+            s.epoch_overflows = rs.overflows.get();
+            s.epochs_skipped = rs.skipped.get();
+            s.epoch_pause = rs.pause.summary();
+            s.epoch_pause_histogram = rs.pause.buckets();
+            s.epoch_commit = rs.commit.summary();
+            s.fenced = r->fenced();
+        }
         return s;
     }
 
@@ -163,6 +188,10 @@ private:
         if (watchdog_) watchdog_->stop();
         pager_->stop();
         stop_.signal();  // the bulk receivers end on EOF after success; make sure either way
+        if (replicator_) {
+            replicator_->stop();
+            if (pager_->complete()) replicator_->release_all();  // the source can no longer resume the VM
+        }
         for (auto& t : bulk_threads_)
             if (t.joinable()) t.join();
         if (rdma_) {
@@ -225,6 +254,9 @@ private:
         session_id_ = hello->session;
         mode_ = hello->mode;
         if (auto r = accept_bulk(hello->bulk_channels); !r) return r;
+        if (mode_ == Mode::hybrid)
+            if (auto r = accept_replication(); !r) return r;
+        transport_->close_listener();
 
         auto table_raw = ureader.expect(proto::Type::region_table);
         if (!table_raw) return std::unexpected(table_raw.error());
@@ -261,17 +293,23 @@ private:
         device_bytes_ = dev->size();
         if (cfg_.hooks.load_device_state)
             if (auto l = cfg_.hooks.load_device_state(*dev); !l) return refuse(l.error().wrap("load_device_state"));
+        if (mode_ == Mode::hybrid)
+            if (auto r = prepare_replication(); !r) return refuse(r.error());
         // Two-phase: only GO lets the VM run here; until then the source may take it back.
         if (int e = failpoint::check("destination_before_device_loaded", 0, 0, 0))
             return sys_error("destination: failpoint destination_before_device_loaded", e);
         watchdog_->arm(cfg_.setup_timeout, "destination: no GO from the source after DEVICE_LOADED; the VM was not "
                                            "resumed here");
+        device_loaded_at_ = Clock::now();  // GO answers it: the lease's first anchor
         if (auto r = send_small(proto::encode_empty(proto::Type::device_loaded), "DEVICE_LOADED"); !r) return r;
 
         // Until GO, pages the VMM's own early touches asked for may arrive: placed, never run.
         bool go = false;
         auto r = pager::receive_loop(ureader, *pager_, true, [&](const proto::Header& h, std::vector<std::byte> p) -> Result<bool> {
-            if (h.type == proto::Type::heartbeat) return true;
+            if (h.type == proto::Type::heartbeat) {
+                if (replicator_ && go) replicator_->heartbeat_echoed();
+                return true;
+            }
             if (h.type == proto::Type::go && !go) {
                 go = true;
                 if (auto g = on_go(uwhere); !g) return std::unexpected(g.error());
@@ -298,10 +336,18 @@ private:
         if (auto r = send_small(proto::encode_empty(proto::Type::resumed), "RESUMED"); !r) return r;
         resumed_sent_ = true;
         state_.set_phase(Phase::postcopy);
+        if (replicator_) {
+            // Before the heartbeats start: every beat's send time is recorded (lease anchors).
+            if (auto s = replicator_->start(*replication_, device_loaded_at_, [this](const Error& e) { fail(e); }); !s)
+                return s;
+            replicator_ready_.store(replicator_.get(), std::memory_order_release);
+        }
         if (auto m = map_staged(); !m) return m;
         static const proto::Frame beat = proto::encode_empty(proto::Type::heartbeat);
         watchdog_->watch(*urgent_, cfg_.parameters.heartbeat_timeout,
-                         [this] { (void)outbox_->post(beat); },  // full queue: traffic is flowing anyway
+                         [this] {  // full queue: traffic is flowing anyway
+                             if (outbox_->post(beat) && replicator_) replicator_->heartbeat_sent();
+                         },
                          fmt::format("destination: {}", uwhere));
         maybe_send_complete();
         return {};
@@ -430,10 +476,35 @@ private:
             by_index[hello->index] = std::move(*ch);
             readers[hello->index] = std::move(reader);
         }
-        transport_->close_listener();
         bulk_ = std::move(by_index);
         bulk_readers_ = std::move(readers);
         channels_ready_.store(true, std::memory_order_release);
+        return {};
+    }
+
+    // Hybrid: the replication channel, which the source opens after the bulk channels.
+    Result<void> accept_replication() {
+        auto ch = transport_->accept("replication channel", kChannelTimeout, false);
+        if (!ch) return std::unexpected(ch.error().wrap("destination: replication channel"));
+        net::FrameReader reader(**ch);
+        auto hello = accept_hello(reader, proto::Channel::replication);
+        if (!hello) return std::unexpected(hello.error());
+        replication_ = std::move(*ch);
+        return {};
+    }
+
+    // Hybrid, before DEVICE_LOADED (the VM has not run here; a refusal lets the source
+    // resume it): every page write-protected and placed so from now on, and the staging
+    // area populated outside the downtime.
+    Result<void> prepare_replication() {
+        if (auto t = pager_->track_writes(); !t) return t;
+        auto r = pager::Replicator::create(
+            *pager_, cfg_.hooks,
+            pager::ReplicatorConfig{.epoch = std::chrono::milliseconds(std::max<std::uint32_t>(1, cfg_.parameters.epoch_ms)),
+                                    .staging_bytes = cfg_.parameters.epoch_staging_bytes,
+                                    .lease = std::chrono::milliseconds(cfg_.parameters.lease_ms)});
+        if (!r) return std::unexpected(r.error());
+        replicator_ = std::move(*r);
         return {};
     }
 
@@ -470,7 +541,7 @@ private:
         if (hello->channel != want)
             return refuse_here(Error{0, fmt::format("{}: HELLO for the {} channel where the {} channel was expected",
                                                     reader.where(), proto::to_string(hello->channel), proto::to_string(want))});
-        if (want == proto::Channel::bulk && hello->session != session_id_)
+        if (want != proto::Channel::urgent && hello->session != session_id_)
             return refuse_here(Error{0, fmt::format("{}: HELLO from another migration (session {:#x}, expected {:#x})",
                                                     reader.where(), hello->session, session_id_)});
         if (want == proto::Channel::bulk && hello->bulk_channels != bulk_count)
@@ -534,6 +605,10 @@ private:
     std::unique_ptr<pager::RdmaPuller> rdma_;  // rdma: URIs only; threads joined in session()
     std::atomic<pager::RdmaPuller*> rdma_ready_{nullptr};
     std::unique_ptr<Watchdog> watchdog_;  // stopped before the channels close
+    std::unique_ptr<net::Channel> replication_;  // hybrid
+    std::unique_ptr<pager::Replicator> replicator_;  // hybrid; stopped in session()
+    std::atomic<pager::Replicator*> replicator_ready_{nullptr};  // for stats()/open_epoch()
+    Clock::time_point device_loaded_at_{};
     std::atomic<bool> channels_ready_{false};
     std::atomic<std::uint32_t> bulk_count_{0};
     std::mutex join_mu_;
