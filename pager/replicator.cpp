@@ -129,7 +129,7 @@ void Replicator::heartbeat_echoed() {
 void Replicator::lease_loop() {
     std::unique_lock lock(mu_);
     for (;;) {
-        if (stopping_) return;
+        if (stopping_ || done_) return;
         const auto end = lease_end_;
         if (Clock::now() >= end) break;
         cv_.wait_until(lock, end);
@@ -194,8 +194,9 @@ void Replicator::commit(std::uint64_t n) {
     {
         std::lock_guard c(commit_mu_);
         std::unique_lock lock(mu_);
-        const bool lapsed = Clock::now() >= lease_end_;
+        const bool lapsed = Clock::now() >= lease_end_, done = done_;
         lock.unlock();
+        if (done) return;  // complete() released everything
         if (fenced_ || lapsed) {
             LZ_LOG(warn, "replicator_commit_held", "epoch={} the lease lapsed: its output is not released", n);
             return;
@@ -207,11 +208,19 @@ void Replicator::commit(std::uint64_t n) {
     cv_.notify_all();  // an epoch slot is free
 }
 
-void Replicator::release_all() {
+void Replicator::complete() {
+    {
+        std::lock_guard lock(mu_);
+        if (done_) return;
+        done_ = true;
+    }
+    cv_.notify_all();
+    // The epoch thread may be inside an epoch: it ends at its next wait; the vCPUs it
+    // paused it resumes first (vcpu_mu_ orders this after it).
     std::lock_guard c(commit_mu_);
     if (fenced_) return;
     const std::uint64_t n = open_epoch();
-    LZ_LOG(info, "replicator_release_all", "epoch={}", n);
+    LZ_LOG(info, "replicator_complete", "epoch={} committed={}", n, committed());
     if (hooks_.on_epoch_committed) hooks_.on_epoch_committed(n);
 }
 
@@ -222,8 +231,8 @@ void Replicator::epoch_loop() {
         {
             std::unique_lock lock(mu_);
             // A tick waits for its time, and for a free slot among the in-flight epochs.
-            cv_.wait_until(lock, next, [&] { return stopping_; });
-            if (stopping_) return;
+            cv_.wait_until(lock, next, [&] { return stopping_ || done_; });
+            if (stopping_ || done_) return;
             if (last_sent_ - committed() >= kMaxInFlight) {
                 stats_.skipped.add();
                 next = Clock::now() + cfg_.epoch;

@@ -107,9 +107,11 @@ public:
     [[nodiscard]] std::uint64_t open_epoch() const { return open_.load(std::memory_order_acquire); }
     [[nodiscard]] std::uint64_t committed() const { return committed_.load(std::memory_order_acquire); }
     [[nodiscard]] bool fenced() const { return fenced_.load(std::memory_order_acquire); }
-    // The migration completed: the source will never resume the VM, so every epoch's
-    // output is released (on_epoch_committed(open_epoch()) once, unless fenced).
-    void release_all();
+    // Every page arrived and COMPLETE was sent: epochs and the lease end (the source
+    // completes on COMPLETE and never resumes the VM), and every epoch's output is
+    // released: on_epoch_committed(open_epoch()) once, unless fenced. Any thread but the
+    // Replicator's own; idempotent.
+    void complete();
     [[nodiscard]] const ReplicatorStats& stats() const { return stats_; }
     [[nodiscard]] std::size_t staging_bytes() const { return staging_size_; }
 
@@ -159,7 +161,7 @@ private:
 
     std::mutex mu_;  // the lease, in-flight epochs, heartbeat send times, stopping_
     std::condition_variable cv_;  // stop, a renewal, an ack
-    bool stopping_ = false;
+    bool stopping_ = false, done_ = false;  // done_: complete() was called
     Clock::time_point lease_end_{};
     std::array<Clock::time_point, kMaxInFlight> end_sent_{};  // by epoch % kMaxInFlight
     std::uint64_t last_sent_ = 0;

@@ -179,7 +179,11 @@ private:
     void maybe_send_complete() {
         if (!resumed_sent_.load() || !pager_->complete() || complete_sent_.exchange(true)) return;
         postcopy_ms_ = api::ms_since(resumed_at_);
-        if (auto r = send_small(proto::encode_empty(proto::Type::complete), "COMPLETE"); !r) fail(r.error());
+        if (auto r = send_small(proto::encode_empty(proto::Type::complete), "COMPLETE"); !r) return fail(r.error());
+        // The source completes on COMPLETE and never resumes the VM: epochs, the lease and
+        // held output end here. (A link lost before the source read COMPLETE would let it
+        // fail over after the lease while the VM runs on here: not closed yet.)
+        if (auto* rep = replicator_ready_.load(std::memory_order_acquire)) rep->complete();
     }
 
     void session() {
@@ -188,10 +192,7 @@ private:
         if (watchdog_) watchdog_->stop();
         pager_->stop();
         stop_.signal();  // the bulk receivers end on EOF after success; make sure either way
-        if (replicator_) {
-            replicator_->stop();
-            if (pager_->complete()) replicator_->release_all();  // the source can no longer resume the VM
-        }
+        if (replicator_) replicator_->stop();
         for (auto& t : bulk_threads_)
             if (t.joinable()) t.join();
         if (rdma_) {
