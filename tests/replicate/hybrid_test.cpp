@@ -214,7 +214,8 @@ TEST_CASE("replicate/destination-lost-source-resumes-from-checkpoint") {
     h.migrate(2);
     REQUIRE(h.wait_commits());
     const auto t0 = std::chrono::steady_clock::now();
-    h.dst_->cancel();  // the destination goes: its channels close, its vCPUs stop
+    h.dst_->cancel();  // the destination goes silent: its vCPUs stop, it sends nothing more
+    push.release();    // the source's pusher runs on into the silence
     const auto acked = h.commits();
     REQUIRE(!acked.empty());
     auto s = race::bounded_wait(*h.src_);
@@ -255,6 +256,7 @@ TEST_CASE("replicate/lapsed-lease-fences-the-destination") {
                   d.error().message());
     CHECK(h.dst_->stats().fenced);
     const auto commits = h.commits();
+    push.release();
     hold.go->set();  // epoch 3 is applied and acknowledged now — too late
     auto s = race::bounded_wait(*h.src_);
     REQUIRE_FALSE(s.has_value());
