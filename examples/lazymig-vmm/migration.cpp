@@ -95,7 +95,13 @@ lazymig::VmmHooks Migration::hooks(Role role) {
             if (first_pass) events_->emit("MIGRATION_PASS", {{"pass", 1}});
         }
     };
-    h.on_epoch_committed = [](std::uint64_t epoch) { log_event("migration_epoch_committed", "epoch={}", epoch); };
+    if (role == Role::destination) {
+        // Output commit: every epoch up to `epoch` is at the source; acks of those go out.
+        h.on_epoch_committed = [this](std::uint64_t epoch) {
+            log_event("migration_epoch_committed", "epoch={}", epoch);
+            vm_.release_output(epoch);
+        };
+    }
     return h;
 }
 
@@ -107,6 +113,9 @@ lazymig::Result<std::string> Migration::listen(const std::string& uri) {
     {
         std::lock_guard lock(mu_);
         dest_ = std::move(*dst);
+        // Output commit: the kv acks the VM produces here belong to the destination's open
+        // epoch (0, released at once, unless hybrid mode runs epochs).
+        vm_.hold_output([d = dest_.get()] { return d->open_epoch(); });
         role_ = Role::destination;
         incoming_uri_ = dest_->local_uri();
     }
