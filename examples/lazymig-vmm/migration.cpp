@@ -338,6 +338,19 @@ nlohmann::json Migration::query() const {
                         {"discard-ms", s.discard_ms}, {"compressed-pages", s.compressed_pages},
                         {"compression-ratio", s.compression_ratio}};
     }
+    if (s.epochs || s.resumed_on_source || s.fenced) {
+        // Back-replication (hybrid): epochs sent/applied, their pause and commit latency.
+        auto ms = [](const lazymig::LatencySummary& l) {
+            return nlohmann::json{{"count", l.count}, {"p50", l.p50_us / 1e3}, {"p99", l.p99_us / 1e3},
+                                  {"max", l.max_us / 1e3}};
+        };
+        j["replication"] = {{"epochs", s.epochs}, {"committed", s.epochs_committed}, {"pages", s.epoch_pages},
+                            {"bytes", s.epoch_bytes}, {"largest-pages", s.epoch_largest_pages},
+                            {"overflows", s.epoch_overflows}, {"skipped", s.epochs_skipped},
+                            {"pause-ms", ms(s.epoch_pause)}, {"commit-ms", ms(s.epoch_commit)},
+                            {"fenced", s.fenced}, {"resumed-on-source", s.resumed_on_source},
+                            {"resumed-from-epoch", s.resumed_from_epoch}};
+    }
     if (!s.error.empty() && !j.contains("error")) j["error"] = s.error;
     return j;
 }

@@ -52,8 +52,13 @@ public:
     // `events` (may be null) receives a MIGRATION event at every phase change; the
     // terminal one (completed, failed, cancelled) only once the VM has acted on it.
     // `security`: how its channels authenticate (both roles).
-    Migration(Vm& vm, EventBus* events, lazymig::Security security)
-        : vm_(vm), events_(events), security_(std::move(security)) {}
+    // `replication`: epoch_ms and lease_ms for hybrid mode (Parameters).
+    Migration(Vm& vm, EventBus* events, lazymig::Security security, std::uint32_t epoch_ms = 50,
+              std::uint32_t lease_ms = 1000)
+        : vm_(vm), events_(events), security_(std::move(security)) {
+        params_.epoch_ms = epoch_ms;
+        params_.lease_ms = lease_ms;
+    }
     ~Migration();
     Migration(const Migration&) = delete;
     Migration& operator=(const Migration&) = delete;

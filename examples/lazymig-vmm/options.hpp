@@ -16,6 +16,9 @@ struct RunOptions {
     std::string qmp;                      // management socket path
     std::optional<std::string> incoming;  // "tcp:HOST:PORT"
     lazymig::Security security;           // --tls-psk-file, --tls-creds, --auth none
+    std::uint32_t epoch_ms = 50;          // --epoch-ms: hybrid back-replication epochs
+                                          // (0: none; both sides must agree)
+    std::uint32_t lease_ms = 1000;        // --lease-ms: hybrid lease (both sides)
 };
 
 struct MigrateOptions {

@@ -64,7 +64,7 @@ int run_vm(const RunOptions& o) {
     int rc = 0;
     {
         (*vm)->set_events(events->get());
-        Migration migration(**vm, events->get(), o.security);
+        Migration migration(**vm, events->get(), o.security, o.epoch_ms, o.lease_ms);
         if (o.incoming) {
             auto uri = migration.listen(*o.incoming);
             if (!uri) return fail(uri.error());

@@ -255,7 +255,7 @@ private:
         session_id_ = hello->session;
         mode_ = hello->mode;
         if (auto r = accept_bulk(hello->bulk_channels); !r) return r;
-        if (mode_ == Mode::hybrid)
+        if (replicating())
             if (auto r = accept_replication(); !r) return r;
         transport_->close_listener();
 
@@ -294,7 +294,7 @@ private:
         device_bytes_ = dev->size();
         if (cfg_.hooks.load_device_state)
             if (auto l = cfg_.hooks.load_device_state(*dev); !l) return refuse(l.error().wrap("load_device_state"));
-        if (mode_ == Mode::hybrid)
+        if (replicating())
             if (auto r = prepare_replication(); !r) return refuse(r.error());
         // Two-phase: only GO lets the VM run here; until then the source may take it back.
         if (int e = failpoint::check("destination_before_device_loaded", 0, 0, 0))
@@ -483,6 +483,8 @@ private:
         return {};
     }
 
+    bool replicating() const { return mode_ == Mode::hybrid && cfg_.parameters.epoch_ms != 0; }
+
     // Hybrid: the replication channel, which the source opens after the bulk channels.
     Result<void> accept_replication() {
         auto ch = transport_->accept("replication channel", kChannelTimeout, false);
@@ -501,7 +503,7 @@ private:
         if (auto t = pager_->track_writes(); !t) return t;
         auto r = pager::Replicator::create(
             *pager_, cfg_.hooks,
-            pager::ReplicatorConfig{.epoch = std::chrono::milliseconds(std::max<std::uint32_t>(1, cfg_.parameters.epoch_ms)),
+            pager::ReplicatorConfig{.epoch = std::chrono::milliseconds(cfg_.parameters.epoch_ms),
                                     .staging_bytes = cfg_.parameters.epoch_staging_bytes,
                                     .lease = std::chrono::milliseconds(cfg_.parameters.lease_ms)});
         if (!r) return std::unexpected(r.error());

@@ -228,7 +228,7 @@ private:
             if (auto r = handshake(breader, proto::Channel::bulk, i, session_id); !r) return r;
             bulk_.push_back(std::move(*bulk));
         }
-        if (cfg_.mode == Mode::hybrid)
+        if (replicating())
             if (auto r = open_replication(session_id); !r) return r;
         LZ_LOG(info, "source_channels", "transport={} auth={} tls={} bulk={}", transport_->name(),
                net::to_string(cfg_.security.auth), transport_->security(), bulk_count_);
@@ -268,7 +268,7 @@ private:
         device_bytes_ = blob->size();
         // Hybrid: the VM stays paused here from now on, so this memory and this device
         // state are epoch 0's checkpoint, until the destination's epochs replace it.
-        if (cfg_.mode == Mode::hybrid) {
+        if (replicating()) {
             applier_ = std::make_unique<source::EpochApplier>(cfg_.regions, *blob);
             applier_ready_.store(applier_.get(), std::memory_order_release);
         }
@@ -340,6 +340,8 @@ private:
         }
         return {};
     }
+
+    bool replicating() const { return cfg_.mode == Mode::hybrid && cfg_.parameters.epoch_ms != 0; }
 
     // Hybrid: opens and authenticates the replication channel (at setup; the recovery
     // path calls it again to reopen it).

@@ -170,7 +170,11 @@ struct Parameters {
                                           // migrate() (source) / listen() (destination).
     // Back-replication (hybrid mode, from the destination's resume until every page
     // arrived). Each side reads its own, fixed at migrate() / listen().
-    std::uint32_t epoch_ms = 50;          // destination: an epoch every epoch_ms
+    std::uint32_t epoch_ms = 50;          // destination: an epoch every epoch_ms. 0 (both
+                                          // sides, to measure its cost): no back-
+                                          // replication, no lease, and the source never
+                                          // resumes the VM after GO (hybrid = bounded
+                                          // pre-copy + post-copy only)
     std::uint64_t epoch_staging_bytes = 64ull << 20;  // destination: the staging area an
                                           // epoch's pages are copied into while the vCPUs
                                           // are paused; an epoch that does not fit keeps
