@@ -35,12 +35,17 @@ std::uint64_t wp_features_for(std::span<const GuestRegion> regions) {
 
 }  // namespace
 
-Result<void> Pager::track_writes() {
-    if (tracking_writes_) return {};
+Result<void> Pager::can_track_writes() const {
     if (!wp_missing_.empty())
         return logic_error(fmt::format("destination: hybrid mode back-replicates the pages the VM writes here, which "
                                        "needs userfaultfd write-protect with WP_ASYNC; the kernel lacks {} (Linux 6.7+)",
                                        wp_missing_));
+    return {};
+}
+
+Result<void> Pager::track_writes() {
+    if (tracking_writes_) return {};
+    if (auto c = can_track_writes(); !c) return c;
     for (std::size_t i = 0; i < regions_.size(); ++i) {
         const auto& g = regions_[i].guest;
         const std::string where = fmt::format("destination region {} '{}': write tracking", i, g.name);
@@ -190,6 +195,8 @@ Result<std::unique_ptr<Pager>> Pager::adopt(uffd::Uffd uffd, std::span<const Gue
     if (!stop) return std::unexpected(stop.error());
     p->stop_event_ = std::move(*stop);
     p->uffd_ = std::move(uffd);
+    p->wp_missing_ = "nothing: the userfaultfd was handed over (DestinationConfig::uffd), and lazymig registers "
+                     "nothing on one";
     const std::uint64_t features = p->uffd_.enabled_features();
     p->blocktime_ = std::make_unique<Blocktime>((features & UFFD_FEATURE_THREAD_ID) != 0);
     if (features & UFFD_FEATURE_EVENT_REMOVE) p->gate_ = std::make_unique<RemoveGate>();

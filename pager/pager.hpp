@@ -147,6 +147,8 @@ public:
     // Fails with a sentence naming the missing feature when the kernel lacks one.
     // REQUIRES: vCPUs paused; created, not adopted.
     [[nodiscard]] Result<void> track_writes();
+    // Whether track_writes() can work here: the error names the missing feature.
+    [[nodiscard]] Result<void> can_track_writes() const;
     [[nodiscard]] bool tracking_writes() const { return tracking_writes_; }
 
     // Every page present: unregisters the regions; the guest memory is plain memory again.

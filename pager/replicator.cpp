@@ -29,7 +29,6 @@ double ms(std::chrono::steady_clock::duration d) { return std::chrono::duration<
 }  // namespace
 
 Result<std::unique_ptr<Replicator>> Replicator::create(Pager& pager, const VmmHooks& hooks, ReplicatorConfig config) {
-    if (!pager.tracking_writes()) return logic_error("destination replication: the pager does not track writes");
     std::unique_ptr<Replicator> r(new Replicator(pager, hooks, config));
     auto scan = PagemapScan::open();
     if (!scan) return std::unexpected(scan.error().wrap("destination replication"));
@@ -62,6 +61,7 @@ Replicator::~Replicator() {
 
 Result<void> Replicator::start(net::Channel& channel, Clock::time_point lease_anchor,
                                std::function<void(const Error&)> on_error) {
+    if (!pager_.tracking_writes()) return logic_error("destination replication: the pager does not track writes");
     channel_ = &channel;
     on_error_ = std::move(on_error);
     {

@@ -81,15 +81,17 @@ public:
     using Clock = std::chrono::steady_clock;
     static constexpr std::size_t kMaxInFlight = 4;
 
-    // Allocates and populates the staging area and the scan bitmaps, opens PAGEMAP_SCAN.
-    // REQUIRES: pager.tracking_writes(); `pager` and `hooks` outlive the Replicator.
+    // Allocates and populates the staging area and the scan bitmaps, opens PAGEMAP_SCAN
+    // (at setup: populating 64 MiB inside the downtime cost ~20 ms here).
+    // REQUIRES: `pager` and `hooks` outlive the Replicator.
     [[nodiscard]] static Result<std::unique_ptr<Replicator>> create(Pager& pager, const VmmHooks& hooks,
                                                                     ReplicatorConfig config);
     ~Replicator();  // stop()
     Replicator(const Replicator&) = delete;
     Replicator& operator=(const Replicator&) = delete;
 
-    // Starts the threads on `channel` (authenticated, HELLO done). The lease runs from
+    // Starts the threads on `channel` (authenticated, HELLO done). REQUIRES:
+    // pager.tracking_writes(). The lease runs from
     // `lease_anchor` (this side's send time of what the source's GO answered).
     // `on_error` is called at most once, from one of the threads (a fence, a send or
     // receive failure, a bad ack). REQUIRES: the channel outlives stop().

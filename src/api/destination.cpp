@@ -255,8 +255,10 @@ private:
         session_id_ = hello->session;
         mode_ = hello->mode;
         if (auto r = accept_bulk(hello->bulk_channels); !r) return r;
-        if (replicating())
+        if (replicating()) {
             if (auto r = accept_replication(); !r) return r;
+            if (auto r = create_replicator(); !r) return refuse(r.error());
+        }
         transport_->close_listener();
 
         auto table_raw = ureader.expect(proto::Type::region_table);
@@ -496,11 +498,10 @@ private:
         return {};
     }
 
-    // Hybrid, before DEVICE_LOADED (the VM has not run here; a refusal lets the source
-    // resume it): every page write-protected and placed so from now on, and the staging
-    // area populated outside the downtime.
-    Result<void> prepare_replication() {
-        if (auto t = pager_->track_writes(); !t) return t;
+    // Hybrid, at setup: the staging area is populated outside the downtime, and a
+    // kernel without WP_ASYNC is refused before any page moves.
+    Result<void> create_replicator() {
+        if (auto p = pager_->can_track_writes(); !p) return p;
         auto r = pager::Replicator::create(
             *pager_, cfg_.hooks,
             pager::ReplicatorConfig{.epoch = std::chrono::milliseconds(cfg_.parameters.epoch_ms),
@@ -510,6 +511,10 @@ private:
         replicator_ = std::move(*r);
         return {};
     }
+
+    // Hybrid, before DEVICE_LOADED (the VM has not run here; a refusal lets the source
+    // resume it): every page write-protected and placed so from now on.
+    Result<void> prepare_replication() { return pager_->track_writes(); }
 
     // Starts a receiver per bulk channel: only after the region table was accepted, so
     // no PAGES frame is read, let alone placed, before it.

@@ -202,10 +202,10 @@ TEST_CASE("replicate/staging-overflow-pauses-longer-and-stays-consistent") {
     REQUIRE(hold.held->wait_for(60s));
     const auto st = h.dst_->stats();
     CHECK(st.epoch_overflows >= 1);
-    CHECK(st.epoch_largest_pages > 1024);
     CHECK(h.src_inconsistent(h.count_of_epoch(2)) == 0);
     hold.go->set();
     complete(h, push);
+    CHECK(h.dst_->stats().epoch_largest_pages > 1024);  // more than the staging area holds
 }
 
 TEST_CASE("replicate/destination-lost-source-resumes-from-checkpoint") {
