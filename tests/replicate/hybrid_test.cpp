@@ -180,13 +180,28 @@ void epochs_keep_source_consistent(Options o) {
     CHECK(h.dst_->open_epoch() >= 4);
     hold.go->set();
     complete(h, push);
-    CHECK(h.dst_->stats().epochs_committed >= 3);
+    const auto end = h.dst_->stats();
+    CHECK(end.epochs_committed >= 3);
+    MESSAGE(fmt::format("{} working-set pages: {} epochs, largest {} pages, pause p50 {:.2f} ms p99 {:.2f} ms max {:.2f} ms, "
+                        "commit p50 {:.2f} ms p99 {:.2f} ms, overflows {}",
+                        o.pages, end.epochs, end.epoch_largest_pages, end.epoch_pause.p50_us / 1e3,
+                        end.epoch_pause.p99_us / 1e3, end.epoch_pause.max_us / 1e3, end.epoch_commit.p50_us / 1e3,
+                        end.epoch_commit.p99_us / 1e3, end.epoch_overflows));
 }
 
 }  // namespace
 
 TEST_CASE("replicate/epochs-leave-the-source-one-consistent-image") {
     epochs_keep_source_consistent({});
+}
+
+TEST_CASE("replicate/epochs-of-10k-dirty-pages") {
+    // The pause an epoch of ~10k dirty pages costs (printed; the target is p99 <= 2 ms on
+    // an idle host, which this shared 2-core machine is not), and the same consistency.
+    Options o;
+    o.pages = 10240;
+    o.cold = 2048;
+    epochs_keep_source_consistent(o);
 }
 
 TEST_CASE("replicate/staging-overflow-pauses-longer-and-stays-consistent") {
