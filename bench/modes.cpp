@@ -15,12 +15,14 @@ bool report_modes(Report& rep, std::size_t bytes, const std::vector<std::uint64_
     rep.line(fmt::format("\nmodes: lazymig-vmm, {} MiB memfd, 1 vCPU running `dirty` (uniform random) at a set rate; "
                          "downtime-limit 50 ms, max 30 rounds, 120 s",
                          bytes >> 20));
-    rep.line(fmt::format("  {:>8} {:<9} {:<9} {:>9} {:>10} {:>9} {:>9} {:>8} {:>6} {:>7} {:>8} {:>8}  {}", "pages/s",
+    rep.line(fmt::format("  {:>8} {:<13} {:<9} {:>9} {:>10} {:>9} {:>9} {:>8} {:>6} {:>7} {:>8} {:>8}  {}", "pages/s",
                          "mode", "result", "total ms", "downtime", "wire MB", "resent", "stale", "lost%", "faults",
                          "p50 us", "p99 us", "switchover"));
     bool ok = true;
     for (const auto rate : rates) {
-        for (const std::string mode : {"postcopy", "precopy", "hybrid"}) {
+        // hybrid-norepl: hybrid with back-replication off (--epoch-ms 0 on both VMs), the
+        // row the replication overhead is read against.
+        for (const std::string mode : {"postcopy", "precopy", "hybrid", "hybrid-norepl"}) {
             const Fields f = run_in_child([&] { return modes_run(bytes, rate, mode); });
             if (f.has("skipped")) {
                 rep.line("  skipped: " + f.str("skipped"));
@@ -29,15 +31,22 @@ bool report_modes(Report& rep, std::size_t bytes, const std::vector<std::uint64_
             const std::string result = f.has("result") ? f.str("result") : "error";
             std::string switchover = f.has("switchover") ? f.str("switchover") : "";
             std::replace(switchover.begin(), switchover.end(), '_', ' ');  // the field's encoding of spaces
-            rep.line(fmt::format("  {:>8} {:<9} {:<9} {:>9.0f} {:>10.2f} {:>9.1f} {:>9.0f} {:>8.0f} {:>6.1f} {:>7.0f} "
+            rep.line(fmt::format("  {:>8} {:<13} {:<9} {:>9.0f} {:>10.2f} {:>9.1f} {:>9.0f} {:>8.0f} {:>6.1f} {:>7.0f} "
                                  "{:>8.1f} {:>8.1f}  {}",
                                  rate, mode, result, f.num("total_ms"), f.num("downtime_ms"), f.num("bytes") / 1e6,
                                  f.num("resent"), f.num("stale"), 100 * f.num("lost"), f.num("faults"), f.num("p50_us"),
                                  f.num("p99_us"), switchover));
             if (f.has("error")) rep.line("    ERROR: " + f.str("error"));
+            if (mode == "hybrid" && f.has("epochs"))
+                rep.line(fmt::format("    back-replication: {:.0f} epochs, {:.0f} pages, pause p50 {:.2f} ms p99 {:.2f} ms "
+                                     "(target p99 <= 2 ms at 10k pages; largest epoch {:.0f} pages), commit p50 {:.2f} ms "
+                                     "p99 {:.2f} ms, {:.0f} staging overflows",
+                                     f.num("epochs"), f.num("epoch_pages"), f.num("pause_p50_ms"), f.num("pause_p99_ms"),
+                                     f.num("epoch_largest"), f.num("commit_p50_ms"), f.num("commit_p99_ms"),
+                                     f.num("overflows")));
             const std::string key = fmt::format("modes_{}_{}_", mode, rate);
             for (const char* k : {"total_ms", "downtime_ms", "bytes", "resent", "stale", "lost", "faults", "p50_us",
-                                  "p99_us", "rounds", "discard_ms"})
+                                  "p99_us", "rounds", "discard_ms", "epochs", "pause_p99_ms", "commit_p99_ms"})
                 rep.json.num(key + k, f.num(k));
             rep.json.boolean(key + "completed", result == "completed");
             // A precopy that gives up is a designed outcome; anything else must complete.
@@ -61,9 +70,12 @@ bool report_modes(Report& rep, std::size_t bytes, const std::vector<std::uint64_
 namespace bench {
 namespace {
 
-Fields run(const std::string& dir, std::size_t bytes, std::uint64_t rate, const std::string& mode) {
+Fields run(const std::string& dir, std::size_t bytes, std::uint64_t rate, const std::string& row) {
+    const bool norepl = row == "hybrid-norepl";
+    const std::string mode = norepl ? "hybrid" : row;
     // Rate 0 is the `idle` workload (the dirty workload takes --rate 0 as unpaced).
     std::vector<std::string> common{"--memory", fmt::format("{}M", bytes >> 20), "--vcpus", "1", "--backing", "memfd"};
+    if (norepl) common.insert(common.end(), {"--epoch-ms", "0"});
     if (rate == 0) common.insert(common.end(), {"--workload", "idle"});
     else common.insert(common.end(), {"--workload", "dirty", "--rate", std::to_string(rate), "--pattern", "random"});
     std::string err;
@@ -133,6 +145,17 @@ Fields run(const std::string& dir, std::size_t bytes, std::uint64_t rate, const 
             .set("p50_us", num(*dq, {"fault-latency-us", "p50"}))
             .set("p99_us", num(*dq, {"fault-latency-us", "p99"}))
             .set("discard_ms", num(*dq, {"precopy", "discard-ms"}));
+        if (dq->contains("replication")) {
+            const json& r = (*dq)["replication"];
+            f.set("epochs", num(r, {"epochs"}))
+                .set("epoch_pages", num(r, {"pages"}))
+                .set("epoch_largest", num(r, {"largest-pages"}))
+                .set("pause_p50_ms", num(r, {"pause-ms", "p50"}))
+                .set("pause_p99_ms", num(r, {"pause-ms", "p99"}))
+                .set("commit_p50_ms", num(r, {"commit-ms", "p50"}))
+                .set("commit_p99_ms", num(r, {"commit-ms", "p99"}))
+                .set("overflows", num(r, {"overflows"}));
+        }
         auto check = dc->execute("check-workload");
         if (!check || !check->value("ok", false))
             f.set_str("error", "modes: check-workload: " + (check ? check->value("detail", "") : check.error().message()));

@@ -27,7 +27,45 @@ std::uint64_t features_for(std::span<const GuestRegion> regions) {
     return f;
 }
 
+std::uint64_t wp_features_for(std::span<const GuestRegion> regions) {
+    std::uint64_t f = UFFD_FEATURE_WP_ASYNC;
+    for (const auto& r : regions) f |= r.fd >= 0 ? UFFD_FEATURE_WP_HUGETLBFS_SHMEM : UFFD_FEATURE_WP_UNPOPULATED;
+    return f;
+}
+
 }  // namespace
+
+Result<void> Pager::can_track_writes() const {
+    if (!wp_missing_.empty())
+        return logic_error(fmt::format("destination: hybrid mode back-replicates the pages the VM writes here, which "
+                                       "needs userfaultfd write-protect with WP_ASYNC; the kernel lacks {} (Linux 6.7+)",
+                                       wp_missing_));
+    return {};
+}
+
+Result<void> Pager::track_writes() {
+    if (tracking_writes_) return {};
+    if (auto c = can_track_writes(); !c) return c;
+    for (std::size_t i = 0; i < regions_.size(); ++i) {
+        const auto& g = regions_[i].guest;
+        const std::string where = fmt::format("destination region {} '{}': write tracking", i, g.name);
+        const std::uint64_t mode = (g.fd >= 0 ? UFFDIO_REGISTER_MODE_MINOR : UFFDIO_REGISTER_MODE_MISSING) |
+                                   UFFDIO_REGISTER_MODE_WP;
+        auto ioctls = uffd_.register_range(g.host, g.size, mode);
+        if (!ioctls) return std::unexpected(ioctls.error().wrap(where));
+        if (!(*ioctls & (1ull << _UFFDIO_WRITEPROTECT)))
+            return logic_error(fmt::format("{}: the kernel offers no UFFDIO_WRITEPROTECT on this mapping", where));
+    }
+    placer_->set_write_protect(true);
+    for (std::size_t i = 0; i < regions_.size(); ++i) {
+        const auto& g = regions_[i].guest;
+        if (auto w = uffd_.writeprotect(g.host, g.size, true); !w)
+            return std::unexpected(w.error().wrap(fmt::format("destination region {} '{}': write tracking", i, g.name)));
+    }
+    tracking_writes_ = true;
+    LZ_LOG(info, "pager_track_writes", "regions={}", regions_.size());
+    return {};
+}
 
 Result<std::unique_ptr<Pager>> Pager::create(std::span<const GuestRegion> regions, std::uint32_t prefetch_pages,
                                              bool allow_user_mode_only) {
@@ -43,7 +81,11 @@ Result<std::unique_ptr<Pager>> Pager::create(std::span<const GuestRegion> region
     auto probed = uffd::Uffd::probe();
     if (!probed) return std::unexpected(probed.error().wrap("destination"));
     const bool thread_id = probed->has(UFFD_FEATURE_THREAD_ID);
-    auto u = uffd::Uffd::open(features_for(regions) | (thread_id ? UFFD_FEATURE_THREAD_ID : 0));
+    // Write tracking for hybrid's back-replication (track_writes()), when the kernel has it.
+    const std::uint64_t wp = wp_features_for(regions);
+    const bool with_wp = probed->has(wp);
+    p->wp_missing_ = with_wp ? "" : probed->missing(wp);
+    auto u = uffd::Uffd::open(features_for(regions) | (thread_id ? UFFD_FEATURE_THREAD_ID : 0) | (with_wp ? wp : 0));
     if (!u) return std::unexpected(u.error().wrap("destination"));
     if (u->features().user_mode_only) {
         if (!allow_user_mode_only)
@@ -153,6 +195,8 @@ Result<std::unique_ptr<Pager>> Pager::adopt(uffd::Uffd uffd, std::span<const Gue
     if (!stop) return std::unexpected(stop.error());
     p->stop_event_ = std::move(*stop);
     p->uffd_ = std::move(uffd);
+    p->wp_missing_ = "nothing: the userfaultfd was handed over (DestinationConfig::uffd), and lazymig registers "
+                     "nothing on one";
     const std::uint64_t features = p->uffd_.enabled_features();
     p->blocktime_ = std::make_unique<Blocktime>((features & UFFD_FEATURE_THREAD_ID) != 0);
     if (features & UFFD_FEATURE_EVENT_REMOVE) p->gate_ = std::make_unique<RemoveGate>();

@@ -154,6 +154,23 @@ public:
     // Called once, by the thread whose placement made the last page present.
     void on_complete(std::function<void()> fn) { on_complete_ = std::move(fn); }
 
+    // Back-replication (hybrid): write tracking for the destination's epochs.
+    // The uffd is opened at create() with UFFD_FEATURE_WP_ASYNC (and WP_UNPOPULATED for
+    // anonymous regions, WP_HUGETLBFS_SHMEM for files) whenever the kernel has them: the
+    // features must be chosen at UFFDIO_API, before the mode is known (HELLO), and cost
+    // nothing while no range is registered for WP. track_writes() then re-registers every
+    // region with the same uffd in its mode plus UFFDIO_REGISTER_MODE_WP (the kernel
+    // replaces a range's modes when the same uffd registers it again), makes the placer
+    // map pages write-protected from then on, and write-protects every region (markers
+    // on pages not yet present: a later MISSING/MINOR fault still reaches the fault
+    // thread). Post-copy mode never calls it and pays nothing.
+    // Fails with a sentence naming the missing feature when the kernel lacks one.
+    // REQUIRES: vCPUs paused; created, not adopted.
+    [[nodiscard]] Result<void> track_writes();
+    // Whether track_writes() can work here: the error names the missing feature.
+    [[nodiscard]] Result<void> can_track_writes() const;
+    [[nodiscard]] bool tracking_writes() const { return tracking_writes_; }
+
     // Every page present: unregisters the regions; the guest memory is plain memory again.
     [[nodiscard]] Result<void> finish();
     // The source is gone: poisons every page that never arrived so a touch raises SIGBUS
@@ -194,6 +211,8 @@ private:
     std::vector<Region> regions_;
     std::vector<GuestRegion> guest_;
     std::uint64_t total_pages_ = 0;
+    std::string wp_missing_ = "created before the kernel was probed";  // empty: WP features enabled
+    bool tracking_writes_ = false;
     std::atomic<std::uint64_t> present_{0};
     std::atomic<std::uint32_t> prefetch_max_{16};
     uffd::Uffd uffd_;

@@ -223,18 +223,23 @@ Result<void> Placer::map_run(Region& r, std::uint64_t first, std::uint64_t count
             return o;
         };
     };
+    const bool wp = wp_.load(std::memory_order_acquire);
+    const std::uint64_t copy_mode = wp ? UFFDIO_COPY_MODE_WP : 0;
     if (r.file_backed())
-        return detail::apply_range(counted([&](std::size_t off, std::size_t n) { return uffd_.continue_range(dst + off, n); }),
+        return detail::apply_range(counted([&](std::size_t off, std::size_t n) {
+                                       return uffd_.continue_range(dst + off, n, wp ? UFFDIO_CONTINUE_MODE_WP : 0);
+                                   }),
                                    len, ps, "UFFDIO_CONTINUE", dst);
     if (zero && ps == 4096)
         return detail::apply_range(counted([&](std::size_t off, std::size_t n) { return uffd_.zeropage(dst + off, n); }),
                                    len, ps, "UFFDIO_ZEROPAGE", dst);
     if (zero)  // hugetlb has no ZEROPAGE: copy from a zero huge page, one page per ioctl
         return detail::apply_range(
-            counted([&](std::size_t off, std::size_t) { return uffd_.copy(dst + off, zero_page_.data(), ps); }), len, ps,
+            counted([&](std::size_t off, std::size_t) { return uffd_.copy(dst + off, zero_page_.data(), ps, copy_mode); }), len, ps,
             "UFFDIO_COPY (zero)", dst);
-    return detail::apply_range(counted([&](std::size_t off, std::size_t n) { return uffd_.copy(dst + off, data + off, n); }),
-                               len, ps, "UFFDIO_COPY", dst);
+    return detail::apply_range(
+        counted([&](std::size_t off, std::size_t n) { return uffd_.copy(dst + off, data + off, n, copy_mode); }), len, ps,
+        "UFFDIO_COPY", dst);
 }
 
 Result<std::uint64_t> Placer::map_claimed(std::uint32_t ri, std::uint64_t first, std::uint32_t count, ZeroBits zero,

@@ -148,6 +148,12 @@ public:
            std::uint32_t chunk = kDefaultChunk);
     // Orders placement against REMOVE events (see RemoveGate). REQUIRES: before any placement.
     void set_remove_gate(RemoveGate* gate) { gate_ = gate; }
+    // Back-replication: from now on pages are mapped write-protected (UFFDIO_COPY_MODE_WP,
+    // UFFDIO_CONTINUE_MODE_WP), so that the guest's first write to each is recorded by
+    // WP_ASYNC. REQUIRES: every region registered in mode WP. A zero page
+    // (UFFDIO_ZEROPAGE, which has no WP mode) maps read-only without the uffd-wp bit: the
+    // next scan reports it as written once (it is sent, as zeroes) and protects it.
+    void set_write_protect(bool on) { wp_.store(on, std::memory_order_release); }
 
     // Places pages [first, first+count) of region `ri`. `data` holds the non-zero pages
     // back to back, in order; zero pages are flagged in `zero`. On failure the claims of
@@ -193,6 +199,7 @@ private:
     std::uint32_t chunk_;
     PlacerCounters counters_;
     RemoveGate* gate_ = nullptr;
+    std::atomic<bool> wp_{false};
 };
 
 }  // namespace lazymig::pager

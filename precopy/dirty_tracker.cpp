@@ -19,25 +19,8 @@
 #include "src/errors.hpp"
 #include "src/log.hpp"
 #include "src/net/socket.hpp"
+#include "src/pagemap_scan.hpp"
 #include "uffd/uffd.hpp"
-
-// PAGEMAP_SCAN (Linux 6.7, include/uapi/linux/fs.h) is newer than Debian 12's headers.
-// Layout and values from the kernel's uapi; presence is probed at run time (ENOTTY).
-#ifndef PAGEMAP_SCAN
-namespace {
-struct page_region {
-    std::uint64_t start, end, categories;
-};
-struct pm_scan_arg {
-    std::uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages, category_inverted, category_mask,
-        category_anyof_mask, return_mask;
-};
-}  // namespace
-#define PAGEMAP_SCAN _IOWR('f', 16, struct pm_scan_arg)
-#define PAGE_IS_WRITTEN (1 << 1)
-#define PM_SCAN_WP_MATCHING (1 << 0)
-#define PM_SCAN_CHECK_WPASYNC (1 << 1)
-#endif
 
 namespace lazymig::source {
 
@@ -139,56 +122,27 @@ Result<uffd::Uffd> open_wp(std::span<const GuestRegion> regions, bool async) {
 // ─── wp_async ────────────────────────────────────────────────────────────────────────
 class AsyncTracker final : public DirtyTracker {
 public:
-    AsyncTracker(std::vector<GuestRegion> regions, uffd::Uffd u, int pagemap)
-        : wp_{std::move(u), std::move(regions)}, pagemap_(pagemap) {}
-    ~AsyncTracker() override {
-        stop();
-        ::close(pagemap_);
-    }
+    AsyncTracker(std::vector<GuestRegion> regions, uffd::Uffd u, PagemapScan scan)
+        : wp_{std::move(u), std::move(regions)}, scan_(std::move(scan)) {}
+    ~AsyncTracker() override { stop(); }
     DirtyTracking method() const override { return DirtyTracking::wp_async; }
     Result<void> start() override { return wp_.arm(); }
     void stop() noexcept override { wp_.disarm(); }
 
-    // One ioctl per region and per kVec written runs: reports and re-protects in one walk.
+    // One ioctl per region and per batch of written runs: reports and re-protects in one walk.
     Result<void> collect(DirtySet& out) override {
         for (std::uint32_t ri = 0; ri < wp_.regions.size(); ++ri) {
             const auto& r = wp_.regions[ri];
-            const auto base = reinterpret_cast<std::uint64_t>(r.host);
-            std::uint64_t at = base;
-            const std::uint64_t end = base + r.size;
-            while (at < end) {
-                pm_scan_arg arg{};
-                arg.size = sizeof arg;
-                arg.flags = PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC;
-                arg.start = at;
-                arg.end = end;
-                arg.vec = reinterpret_cast<std::uint64_t>(vec_.data());
-                arg.vec_len = vec_.size();
-                arg.category_mask = PAGE_IS_WRITTEN;
-                arg.return_mask = PAGE_IS_WRITTEN;
-                const int n = ::ioctl(pagemap_, PAGEMAP_SCAN, &arg);
-                if (n < 0)
-                    return LZ_SYS_ERROR("dirty tracking: PAGEMAP_SCAN of region {} '{}' from {:#x} to {:#x}", ri, r.name,
-                                        at, end);
-                for (int i = 0; i < n; ++i) {
-                    // PAGE_SIZE granularity: a huge page reports its whole extent.
-                    const std::uint64_t first = (vec_[i].start - base) / r.page_size;
-                    const std::uint64_t last = (vec_[i].end - base + r.page_size - 1) / r.page_size;
-                    out.set_range(ri, first, last - first);
-                }
-                if (arg.walk_end <= at)
-                    return logic_error(fmt::format("dirty tracking: PAGEMAP_SCAN of region {} '{}' made no progress at {:#x}",
-                                                   ri, r.name, at));
-                at = arg.walk_end;
-            }
+            auto s = scan_.written(r.host, r.size, r.page_size, fmt::format("region {} '{}'", ri, r.name),
+                                   [&](std::uint64_t first, std::uint64_t count) { out.set_range(ri, first, count); });
+            if (!s) return std::unexpected(s.error().wrap("dirty tracking"));
         }
         return {};
     }
 
 private:
     WpRegistration wp_;
-    int pagemap_;
-    std::array<page_region, 512> vec_{};
+    PagemapScan scan_;
 };
 
 // ─── wp_sync ─────────────────────────────────────────────────────────────────────────
@@ -336,18 +290,10 @@ private:
     DirtyLogFn log_;
 };
 
-Result<int> open_pagemap() {
-    const int fd = ::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return LZ_SYS_ERROR("dirty tracking wp-async: open /proc/self/pagemap");
-    // An empty scan: ENOTTY (or EINVAL) says the kernel has no PAGEMAP_SCAN.
-    pm_scan_arg arg{};
-    arg.size = sizeof arg;
-    if (::ioctl(fd, PAGEMAP_SCAN, &arg) < 0) {
-        const int e = errno;
-        ::close(fd);
-        return sys_error("dirty tracking wp-async: the kernel has no PAGEMAP_SCAN ioctl on /proc/self/pagemap (Linux 6.7+)", e);
-    }
-    return fd;
+Result<PagemapScan> open_pagemap() {
+    auto scan = PagemapScan::open();
+    if (!scan) return std::unexpected(scan.error().wrap("dirty tracking wp-async"));
+    return scan;
 }
 
 }  // namespace
@@ -363,9 +309,7 @@ Result<void> probe_dirty_tracking(std::span<const GuestRegion> regions, DirtyTra
         return logic_error(fmt::format("dirty tracking {}: userfaultfd: kernel lacks {}",
                                        method == DirtyTracking::wp_async ? "wp-async" : "wp-sync", f->missing(want)));
     if (method == DirtyTracking::wp_async) {
-        auto pm = open_pagemap();
-        if (!pm) return std::unexpected(pm.error());
-        ::close(*pm);
+        if (auto pm = open_pagemap(); !pm) return std::unexpected(pm.error());
     }
     return {};
 }
@@ -387,7 +331,7 @@ Result<std::unique_ptr<DirtyTracker>> make_dirty_tracker(std::span<const GuestRe
         if (!u) return std::unexpected(u.error());
         auto pm = open_pagemap();
         if (!pm) return std::unexpected(pm.error());
-        return std::make_unique<AsyncTracker>(std::move(copy), std::move(*u), *pm);
+        return std::make_unique<AsyncTracker>(std::move(copy), std::move(*u), std::move(*pm));
     }
     case DirtyTracking::wp_sync: {
         if (auto p = probe_dirty_tracking(regions, method); !p) return std::unexpected(p.error());

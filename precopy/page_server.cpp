@@ -26,7 +26,8 @@ private:
 Result<void> serve_loop(net::FrameReader& frames, net::Channel& urgent, std::span<const GuestRegion> regions,
                         PageFramer& framer, SentMap& sent, Pusher* pusher, SourceStats& stats, DemandGate& gate,
                         const std::function<Result<void>()>& on_resumed,
-                        const std::function<Result<void>()>& on_device_loaded, bool resumed) {
+                        const std::function<Result<void>()>& on_device_loaded, const std::function<void()>& on_echo,
+                        bool resumed) {
     bool loaded = !on_device_loaded;
     for (;;) {
         auto h = frames.next();
@@ -61,6 +62,7 @@ Result<void> serve_loop(net::FrameReader& frames, net::Channel& urgent, std::spa
         case proto::Type::heartbeat: {  // echoed: the destination hears the source is alive
             static const proto::Frame beat = proto::encode_empty(proto::Type::heartbeat);
             if (auto s = net::send_frame(urgent, beat); !s) return s;
+            if (on_echo) on_echo();
             continue;
         }
         case proto::Type::page_request:

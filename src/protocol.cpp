@@ -101,7 +101,9 @@ private:
 
 std::size_t max_payload(Type t) noexcept {
     switch (t) {
-    case Type::device_state: return kMaxDeviceState;
+    case Type::device_state:
+    case Type::epoch_device: return kMaxDeviceState;
+    case Type::epoch_pages:
     case Type::pages:
     case Type::precopy_pages:
     case Type::precopy_lz4: return kMaxPagesPayload;
@@ -149,6 +151,11 @@ std::string_view to_string(Type t) noexcept {
     case Type::resume: return "RESUME";
     case Type::lacking: return "LACKING";
     case Type::lacking_end: return "LACKING_END";
+    case Type::epoch_begin: return "EPOCH_BEGIN";
+    case Type::epoch_pages: return "EPOCH_PAGES";
+    case Type::epoch_device: return "EPOCH_DEVICE";
+    case Type::epoch_end: return "EPOCH_END";
+    case Type::epoch_ack: return "EPOCH_ACK";
     case Type::invalid: break;
     }
     return "INVALID";
@@ -162,6 +169,7 @@ std::string_view to_string(Channel c) noexcept {
     switch (c) {
     case Channel::urgent: return "urgent";
     case Channel::bulk: return "bulk";
+    case Channel::replication: return "replication";
     case Channel::invalid: break;
     }
     return "invalid";
@@ -307,15 +315,59 @@ Result<Hello> decode_hello(std::span<const std::byte> payload) {
     LZ_TRY(bulk_channels, r.num<std::uint8_t>());
     LZ_TRY(session, r.num<std::uint64_t>());
     if (auto d = r.done(); !d) return std::unexpected(d.error());
-    if (channel == 0 || channel > 2) return peer_violation(fmt::format("HELLO: unknown channel {}", channel));
+    if (channel == 0 || channel > 3) return peer_violation(fmt::format("HELLO: unknown channel {}", channel));
     if (mode_of_wire(mode) == Mode::invalid) return peer_violation(fmt::format("HELLO: unknown mode {}", mode));
     if (bulk_channels == 0 || bulk_channels > kMaxBulkChannels)
         return peer_violation(fmt::format("HELLO: {} bulk channels (expected 1 to {})", bulk_channels, kMaxBulkChannels));
-    if (Channel{channel} == Channel::urgent && index != 0)
-        return peer_violation(fmt::format("HELLO: urgent channel with index {} (expected 0)", index));
+    if (Channel{channel} != Channel::bulk && index != 0)
+        return peer_violation(fmt::format("HELLO: {} channel with index {} (expected 0)", to_string(Channel{channel}), index));
     if (index >= bulk_channels)
         return peer_violation(fmt::format("HELLO: bulk channel index {} of {}", index, bulk_channels));
     return Hello{version, Channel{channel}, mode_of_wire(mode), index, bulk_channels, session};
+}
+
+Frame encode(const EpochBegin& m) {
+    return Writer(Type::epoch_begin).num(m.epoch).num(m.pages).num(m.device_bytes).finish();
+}
+Frame encode(const EpochEnd& m) { return Writer(Type::epoch_end).num(m.epoch).num(m.frames).num(m.checksum).finish(); }
+Frame encode(const EpochAck& m) { return Writer(Type::epoch_ack).num(m.epoch).finish(); }
+Frame encode_epoch_device(std::span<const std::byte> blob) { return Writer(Type::epoch_device).bytes(blob).finish(); }
+
+Result<EpochBegin> decode_epoch_begin(std::span<const std::byte> payload) {
+    Reader r(payload, Type::epoch_begin);
+    LZ_TRY(epoch, r.num<std::uint64_t>());
+    LZ_TRY(pages, r.num<std::uint64_t>());
+    LZ_TRY(device, r.num<std::uint64_t>());
+    if (auto d = r.done(); !d) return std::unexpected(d.error());
+    if (epoch == 0) return peer_violation("EPOCH_BEGIN: epoch 0 (epochs count from 1)");
+    if (device > kMaxDeviceState)
+        return peer_violation(fmt::format("EPOCH_BEGIN: {} bytes of device state exceed the limit of {}", device,
+                                          kMaxDeviceState));
+    return EpochBegin{epoch, pages, device};
+}
+
+Result<EpochEnd> decode_epoch_end(std::span<const std::byte> payload) {
+    Reader r(payload, Type::epoch_end);
+    LZ_TRY(epoch, r.num<std::uint64_t>());
+    LZ_TRY(frames, r.num<std::uint32_t>());
+    LZ_TRY(checksum, r.num<std::uint32_t>());
+    if (auto d = r.done(); !d) return std::unexpected(d.error());
+    if (epoch == 0) return peer_violation("EPOCH_END: epoch 0 (epochs count from 1)");
+    return EpochEnd{epoch, frames, checksum};
+}
+
+Result<EpochAck> decode_epoch_ack(std::span<const std::byte> payload) {
+    Reader r(payload, Type::epoch_ack);
+    LZ_TRY(epoch, r.num<std::uint64_t>());
+    if (auto d = r.done(); !d) return std::unexpected(d.error());
+    if (epoch == 0) return peer_violation("EPOCH_ACK: epoch 0 (epochs count from 1)");
+    return EpochAck{epoch};
+}
+
+std::uint32_t epoch_fold(std::uint32_t running, std::uint32_t frame_checksum) noexcept {
+    std::array<std::byte, 4> b;
+    std::memcpy(b.data(), &frame_checksum, 4);
+    return crc32c(running, b.data(), b.size());
 }
 
 Result<HelloAck> decode_hello_ack(std::span<const std::byte> payload) {

@@ -142,20 +142,27 @@ enum class Type : std::uint8_t {
     resume = 70,       // urgent, to the destination: u32 version | u64 session | u8 bulk_channels
     lacking = 71,      // urgent, to the source: runs of pages not present (STALE's layout)
     lacking_end = 72,  // urgent, to the source: u64 pages lacking in all (the runs' sum)
+    // Back-replication (80..89, hybrid post-copy, the replication channel; see below).
+    epoch_begin = 80,
+    epoch_pages = 81,
+    epoch_device = 82,
+    epoch_end = 83,
+    epoch_ack = 84,
 };
 inline constexpr std::uint8_t kTypeLast = 11;
 inline constexpr std::uint8_t kPrecopyTypeFirst = 50, kPrecopyTypeLast = 55;
 inline constexpr std::uint8_t kRdmaTypeFirst = 60, kRdmaTypeLast = 66;
 inline constexpr std::uint8_t kRecoverTypeFirst = 70, kRecoverTypeLast = 72;
+inline constexpr std::uint8_t kEpochTypeFirst = 80, kEpochTypeLast = 84;
 // A type this build speaks (any of the ranges above).
 [[nodiscard]] bool known_type(std::uint8_t t) noexcept;
-// PAGES, PRECOPY_PAGES, PRECOPY_LZ4: page data, bounded by kMaxPagesPayload.
+// PAGES, PRECOPY_PAGES, PRECOPY_LZ4, EPOCH_PAGES: page data, bounded by kMaxPagesPayload.
 [[nodiscard]] constexpr bool carries_pages(Type t) noexcept {
-    return t == Type::pages || t == Type::precopy_pages || t == Type::precopy_lz4;
+    return t == Type::pages || t == Type::precopy_pages || t == Type::precopy_lz4 || t == Type::epoch_pages;
 }
 [[nodiscard]] std::string_view to_string(Type t) noexcept;
 
-enum class Channel : std::uint8_t { invalid = 0, urgent = 1, bulk = 2 };
+enum class Channel : std::uint8_t { invalid = 0, urgent = 1, bulk = 2, replication = 3 };
 [[nodiscard]] std::string_view to_string(Channel c) noexcept;
 
 struct Header {
@@ -275,6 +282,45 @@ using Frame = std::vector<std::byte>;
 [[nodiscard]] Result<void> check_region_table(const RegionTable& theirs,
                                               std::span<const GuestRegion> ours);
 [[nodiscard]] RegionTable region_table_of(std::span<const GuestRegion> regions);
+
+// ─── back-replication (hybrid post-copy) ──────────────────────────────────────────
+// The source opens one more channel in hybrid mode, after the bulk ones:
+//   ─ replication ─ HELLO{v, replication, 0, N, session} ──►   ◄── HELLO_ACK
+// From the destination's resume on, every epoch (Parameters::epoch_ms) it sends, on
+// that channel, the pages the VM dirtied since the previous epoch and its device state:
+//            ◄── EPOCH_BEGIN{n, pages, device_bytes}
+//            ◄── EPOCH_PAGES ... (PAGES payload and checksum)
+//            ◄── EPOCH_DEVICE{blob}
+//            ◄── EPOCH_END{n, frames, checksum}   checksum: CRC32C over the frame
+//                                                  checksums of the epoch's EPOCH_PAGES
+//                                                  and EPOCH_DEVICE frames, in order
+//   ─ replication ─ EPOCH_ACK{n} ──►   the source applied epoch n whole: the
+//                                      destination releases n's output (output commit)
+// Epochs are numbered 1, 2, 3... without gaps; the source applies an epoch only once it
+// is whole and every checksum matched (a partial epoch is discarded, a bad checksum is
+// a peer violation). EPOCH_BEGIN's counts bound what the source accepts for the epoch.
+struct EpochBegin {
+    std::uint64_t epoch = 0;         // 1, 2, 3...
+    std::uint64_t pages = 0;         // pages the epoch's EPOCH_PAGES frames carry
+    std::uint64_t device_bytes = 0;  // the EPOCH_DEVICE blob
+};
+struct EpochEnd {
+    std::uint64_t epoch = 0;
+    std::uint32_t frames = 0;    // EPOCH_PAGES + EPOCH_DEVICE frames of the epoch
+    std::uint32_t checksum = 0;  // see above
+};
+struct EpochAck {
+    std::uint64_t epoch = 0;
+};
+[[nodiscard]] Frame encode(const EpochBegin&);
+[[nodiscard]] Frame encode(const EpochEnd&);
+[[nodiscard]] Frame encode(const EpochAck&);
+[[nodiscard]] Frame encode_epoch_device(std::span<const std::byte> blob);
+[[nodiscard]] Result<EpochBegin> decode_epoch_begin(std::span<const std::byte> payload);
+[[nodiscard]] Result<EpochEnd> decode_epoch_end(std::span<const std::byte> payload);
+[[nodiscard]] Result<EpochAck> decode_epoch_ack(std::span<const std::byte> payload);
+// The running epoch checksum: folds one frame's checksum in (start from 0).
+[[nodiscard]] std::uint32_t epoch_fold(std::uint32_t running, std::uint32_t frame_checksum) noexcept;
 
 // ─── RDMA data path (src/net/rdma.hpp) ──────────────────────────────────────────────
 // With an rdma: URI the channels above stay TCP and carry control only; page bytes move

@@ -46,6 +46,9 @@ int main(int argc, char** argv) {
     r->add_option("--working-set", working_set, "dirty: share of RAM written (25%)")->capture_default_str();
     r->add_option("--incoming", incoming, "wait for a migration on tcp:HOST:PORT or rdma:HOST:PORT (port 0: any)");
     r->add_option("--qmp", run.qmp, "management socket path")->required();
+    r->add_option("--epoch-ms", run.epoch_ms, "hybrid: back-replication epoch in ms (0: no back-replication; "
+                  "source and destination must agree)")->capture_default_str();
+    r->add_option("--lease-ms", run.lease_ms, "hybrid: the destination's lease in ms (both sides)")->capture_default_str();
     r->add_option("--kv-port", kv_port, "kv: TCP port of the service (0: any)")->capture_default_str();
     std::string psk_file, creds, auth;
     r->add_option("--tls-psk-file", psk_file, "the migration's pre-shared key: a 0600 file of hex "

@@ -95,7 +95,13 @@ lazymig::VmmHooks Migration::hooks(Role role) {
             if (first_pass) events_->emit("MIGRATION_PASS", {{"pass", 1}});
         }
     };
-    h.on_epoch_committed = [](std::uint64_t epoch) { log_event("migration_epoch_committed", "epoch={}", epoch); };
+    if (role == Role::destination) {
+        // Output commit: every epoch up to `epoch` is at the source; acks of those go out.
+        h.on_epoch_committed = [this](std::uint64_t epoch) {
+            log_event("migration_epoch_committed", "epoch={}", epoch);
+            vm_.release_output(epoch);
+        };
+    }
     return h;
 }
 
@@ -109,6 +115,9 @@ lazymig::Result<std::string> Migration::listen(const std::string& uri) {
     {
         std::lock_guard lock(mu_);
         dest_ = std::move(*dst);
+        // Output commit: the kv acks the VM produces here belong to the destination's open
+        // epoch (0, released at once, unless hybrid mode runs epochs).
+        vm_.hold_output([d = dest_.get()] { return d->open_epoch(); });
         role_ = Role::destination;
         incoming_uri_ = dest_->local_uri();
     }
@@ -375,6 +384,19 @@ nlohmann::json Migration::query() const {
                      {"pages-lost-in-flight", s.pages_lost_in_flight}, {"refused-resumes", s.refused_resumes},
                      {"pages-poisoned", s.pages_poisoned}, {"vm-stopped", s.vm_stopped},
                      {"pages-missing", s.pages_missing}};
+    if (s.epochs || s.resumed_on_source || s.fenced) {
+        // Back-replication (hybrid): epochs sent/applied, their pause and commit latency.
+        auto ms = [](const lazymig::LatencySummary& l) {
+            return nlohmann::json{{"count", l.count}, {"p50", l.p50_us / 1e3}, {"p99", l.p99_us / 1e3},
+                                  {"max", l.max_us / 1e3}};
+        };
+        j["replication"] = {{"epochs", s.epochs}, {"committed", s.epochs_committed}, {"pages", s.epoch_pages},
+                            {"bytes", s.epoch_bytes}, {"largest-pages", s.epoch_largest_pages},
+                            {"overflows", s.epoch_overflows}, {"skipped", s.epochs_skipped},
+                            {"pause-ms", ms(s.epoch_pause)}, {"commit-ms", ms(s.epoch_commit)},
+                            {"fenced", s.fenced}, {"resumed-on-source", s.resumed_on_source},
+                            {"resumed-from-epoch", s.resumed_from_epoch}};
+    }
     if (!s.error.empty() && !j.contains("error")) j["error"] = s.error;
     return j;
 }

@@ -53,11 +53,15 @@ public:
     // `events` (may be null) receives a MIGRATION event at every phase change; the
     // terminal one (completed, failed, cancelled) only once the VM has acted on it.
     // `security`: how its channels authenticate (both roles).
-    // poison_on_loss, recover_timeout: lazymig's (DestinationConfig, Parameters).
+    // poison_on_loss, recover_timeout: lazymig's (DestinationConfig, Parameters);
+    // epoch_ms and lease_ms: hybrid back-replication (Parameters; both sides agree).
     Migration(Vm& vm, EventBus* events, lazymig::Security security, bool poison_on_loss = false,
-              std::chrono::milliseconds recover_timeout = std::chrono::milliseconds(60'000))
+              std::chrono::milliseconds recover_timeout = std::chrono::milliseconds(60'000),
+              std::uint32_t epoch_ms = 50, std::uint32_t lease_ms = 1000)
         : vm_(vm), events_(events), security_(std::move(security)), poison_on_loss_(poison_on_loss) {
         params_.recover_timeout = recover_timeout;
+        params_.epoch_ms = epoch_ms;
+        params_.lease_ms = lease_ms;
     }
     ~Migration();
     Migration(const Migration&) = delete;

@@ -18,6 +18,9 @@ struct RunOptions {
     lazymig::Security security;           // --tls-psk-file, --tls-creds, --auth none
     bool poison_on_loss = false;          // --poison-on-loss (incoming): see lazymig.hpp
     std::uint32_t recover_timeout_ms = 60'000;  // --recover-timeout-ms: Parameters::recover_timeout
+    std::uint32_t epoch_ms = 50;          // --epoch-ms: hybrid back-replication epochs
+                                          // (0: none; both sides must agree)
+    std::uint32_t lease_ms = 1000;        // --lease-ms: hybrid lease (both sides)
 };
 
 struct MigrateOptions {

@@ -65,7 +65,7 @@ int run_vm(const RunOptions& o) {
     {
         (*vm)->set_events(events->get());
         Migration migration(**vm, events->get(), o.security, o.poison_on_loss,
-                            std::chrono::milliseconds(o.recover_timeout_ms));
+                            std::chrono::milliseconds(o.recover_timeout_ms), o.epoch_ms, o.lease_ms);
         if (o.incoming) {
             auto uri = migration.listen(*o.incoming);
             if (!uri) return fail(uri.error());

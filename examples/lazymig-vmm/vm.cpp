@@ -206,6 +206,9 @@ void Vm::handed_over() {
     log_event("vm_handed_over", "devices=dropped-clients");
 }
 
+void Vm::hold_output(std::function<std::uint64_t()> open_epoch) { workload_->hold_output(std::move(open_epoch)); }
+void Vm::release_output(std::uint64_t epoch) { workload_->release_output(epoch); }
+
 void Vm::migrated_away() {
     migrated_ = true;
     park(PauseReason::migrated);

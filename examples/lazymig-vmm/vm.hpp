@@ -59,6 +59,9 @@ public:
     void handed_over();
     // The migration completed on this (source) side: the VM stays parked for good.
     void migrated_away();
+    // Output commit (Workload::hold_output / release_output).
+    void hold_output(std::function<std::uint64_t()> open_epoch);
+    void release_output(std::uint64_t epoch);
 
     // QMP STOP and RESUME events go to `events` from now on (null: none). The run state
     // they report leaves out the checker's brief park (PauseReason::check).

@@ -7,6 +7,8 @@
 //   both:        check() whenever the vCPUs are parked; stop_devices() before exit
 #pragma once
 
+#include <functional>
+
 #include <chrono>
 #include <cstdint>
 #include <memory>
@@ -55,6 +57,12 @@ public:
     // The VM now runs elsewhere (the destination resumed it): drop clients, so they
     // reconnect to the destination. Must not block: lazymig's session thread calls it.
     virtual void migrated_away() {}
+    // Output commit (hybrid, destination): `open_epoch` tells which epoch output produced
+    // now belongs to (0: release at once); the workload holds external output of epoch
+    // e until release_output(n) with n >= e. Unset (the default, and on a source):
+    // output goes out at once.
+    virtual void hold_output(std::function<std::uint64_t()> open_epoch) { (void)open_epoch; }
+    virtual void release_output(std::uint64_t epoch) { (void)epoch; }
 };
 
 [[nodiscard]] std::unique_ptr<Workload> make_workload(const WorkloadConfig& cfg);

@@ -12,6 +12,10 @@
 // the diagram in src/protocol.hpp. The fault thread runs throughout; the bulk receivers
 // and the urgent loop end with a link and start again on the next.
 //
+// Hybrid mode adds the replication channel (opened by the source after the bulk ones)
+// and the Replicator's threads (pager/replicator.hpp) from resume to the end: epochs of
+// dirtied pages to the source, output commit, the lease.
+//
 // Every frame the destination sends goes out on the urgent channel through one Outbox
 // (src/net/outbox.hpp): PAGE_REQUEST from the fault thread never blocks there; acks,
 // RESUMED and COMPLETE from the other threads wait (with a deadline) until sent.
@@ -23,6 +27,7 @@
 
 #include "pager/pager.hpp"
 #include "pager/rdma_pull.hpp"
+#include "pager/replicator.hpp"
 #include "src/api/session.hpp"
 #include "src/net/channel.hpp"
 #include "src/net/frames.hpp"
@@ -93,6 +98,7 @@ public:
 
     Result<void> pause() override {
         if (rdma_ready_.load()) return logic_error(kRdmaNoRecover);
+        if (replicator_ready_.load()) return logic_error(kReplicatingNoPause);
         const Phase p = state_.phase();
         if (p != Phase::postcopy && p != Phase::recovering)
             return logic_error(fmt::format("destination: pause() during {}: only a post-copy can pause (before it "
@@ -106,6 +112,7 @@ public:
     // answer and local_uri() tells the port at once; the session thread accepts.
     Result<void> recover(std::string uri) override {
         if (rdma_ready_.load()) return logic_error(kRdmaNoRecover);
+        if (replicator_ready_.load()) return logic_error(kReplicatingNoPause);
         if (net::is_rdma_uri(uri)) return logic_error(kRdmaNoRecover);
         {
             std::lock_guard lock(link_mu_);
@@ -134,6 +141,11 @@ public:
     }
 
     void set_parameters(const Parameters& p) override { pager_->set_prefetch(p.prefetch_pages); }
+
+    std::uint64_t open_epoch() const override {
+        auto* r = replicator_ready_.load(std::memory_order_acquire);
+        return r ? r->open_epoch() : 0;
+    }
 
     Stats stats() const override {
         auto& ps = pager_->stats();
@@ -180,6 +192,21 @@ public:
         s.refused_resumes = refused_resumes_.load();
         s.pages_poisoned = pages_poisoned_.load();
         s.vm_stopped = vm_stopped_.load();
+        if (auto* r = replicator_ready_.load(std::memory_order_acquire)) {
+            const auto& rs = r->stats();
+            s.epochs = rs.epochs_sent.get();
+            s.epochs_committed = rs.epochs_committed.get();
+            s.epoch_pages = rs.pages.get();
+            s.epoch_bytes = rs.bytes.get();
+            s.epoch_last_pages = rs.last_pages.load();
+            s.epoch_largest_pages = rs.largest_pages.load();
+            s.epoch_overflows = rs.overflows.get();
+            s.epochs_skipped = rs.skipped.get();
+            s.epoch_pause = rs.pause.summary();
+            s.epoch_pause_histogram = rs.pause.buckets();
+            s.epoch_commit = rs.commit.summary();
+            s.fenced = r->fenced();
+        }
         return s;
     }
 
@@ -237,7 +264,11 @@ private:
     void maybe_send_complete() {
         if (!resumed_sent_.load() || !pager_->complete() || complete_sent_.exchange(true)) return;
         postcopy_ms_ = api::ms_since(resumed_at_);
-        if (auto r = send_small(proto::encode_empty(proto::Type::complete), "COMPLETE"); !r) fail(r.error());
+        if (auto r = send_small(proto::encode_empty(proto::Type::complete), "COMPLETE"); !r) return fail(r.error());
+        // The source completes on COMPLETE and never resumes the VM: epochs, the lease and
+        // held output end here. (A link lost before the source read COMPLETE would let it
+        // fail over after the lease while the VM runs on here: not closed yet.)
+        if (auto* rep = replicator_ready_.load(std::memory_order_acquire)) rep->complete();
     }
 
     void session() {
@@ -252,6 +283,7 @@ private:
         if (watchdog_) watchdog_->stop();
         pager_->stop();
         stop_all();  // the bulk receivers end on EOF after success; make sure either way
+        if (replicator_) replicator_->stop();
         for (auto& t : bulk_threads_)
             if (t.joinable()) t.join();
         if (rdma_) {
@@ -285,7 +317,9 @@ private:
             auto poisoned = pager_->poison_missing();
             if (poisoned) pages_poisoned_ = *poisoned;
             const std::string how = poisoned ? "" : "; " + poisoned.error().message();
-            if (cfg_.poison_on_loss && poisoned) {
+            // Hybrid with back-replication: the source resumes the VM from its checkpoint,
+            // so this copy must stop whatever poison_on_loss says (never two running copies).
+            if (cfg_.poison_on_loss && poisoned && !replicator_) {
                 e.context = fmt::format("{}; the source is lost: {} of {} pages never arrived ({}): poisoned "
                                         "(poison_on_loss): the guest gets a memory error (SIGBUS) on those pages "
                                         "only and keeps running", e.context, missing, pager_->total_pages(), which);
@@ -324,6 +358,8 @@ private:
         if (!hello) return std::unexpected(hello.error());
         session_id_ = hello->session;
         mode_ = hello->mode;
+        if (replicating())  // before the channels: a kernel without WP_ASYNC is refused first
+            if (auto r = create_replicator(); !r) return refuse(r.error());
         if (auto r = accept_link_channels(*transport_, hello->bulk_channels); !r) return r;
 
         auto table_raw = ureader.expect(proto::Type::region_table);
@@ -361,11 +397,14 @@ private:
         device_bytes_ = dev->size();
         if (cfg_.hooks.load_device_state)
             if (auto l = cfg_.hooks.load_device_state(*dev); !l) return refuse(l.error().wrap("load_device_state"));
+        if (replicating())
+            if (auto r = prepare_replication(); !r) return refuse(r.error());
         // Two-phase: only GO lets the VM run here; until then the source may take it back.
         if (int e = failpoint::check("destination_before_device_loaded", 0, 0, 0))
             return sys_error("destination: failpoint destination_before_device_loaded", e);
         watchdog_->arm(cfg_.setup_timeout, "destination: no GO from the source after DEVICE_LOADED; the VM was not "
                                            "resumed here");
+        device_loaded_at_ = Clock::now();  // GO answers it: the lease's first anchor
         if (auto r = send_small(proto::encode_empty(proto::Type::device_loaded), "DEVICE_LOADED"); !r) return r;
 
         return urgent_loop(ureader, false);
@@ -377,7 +416,10 @@ private:
     Result<void> urgent_loop(net::FrameReader& ureader, bool go) {
         const std::string& uwhere = ureader.where();
         auto r = pager::receive_loop(ureader, *pager_, true, [&](const proto::Header& h, std::vector<std::byte> p) -> Result<bool> {
-            if (h.type == proto::Type::heartbeat) return true;
+            if (h.type == proto::Type::heartbeat) {
+                if (replicator_ && go) replicator_->heartbeat_echoed();
+                return true;
+            }
             if (h.type == proto::Type::go && !go) {
                 go = true;
                 if (auto g = on_go(uwhere); !g) return std::unexpected(g.error());
@@ -404,6 +446,12 @@ private:
         if (auto r = send_small(proto::encode_empty(proto::Type::resumed), "RESUMED"); !r) return r;
         resumed_sent_ = true;
         state_.set_phase(Phase::postcopy);
+        if (replicator_) {
+            // Before the heartbeats start: every beat's send time is recorded (lease anchors).
+            if (auto s = replicator_->start(*replication_, device_loaded_at_, [this](const Error& e) { fail(e); }); !s)
+                return s;
+            replicator_ready_.store(replicator_.get(), std::memory_order_release);
+        }
         if (auto m = map_staged(); !m) return m;
         watch_link(uwhere);
         maybe_send_complete();
@@ -420,7 +468,8 @@ private:
         watchdog_->watch(*urgent_, cfg_.parameters.heartbeat_timeout, [this] {
             static const proto::Frame beat = proto::encode_empty(proto::Type::heartbeat);
             std::lock_guard lock(beat_mu_);
-            if (beat_out_) (void)beat_out_->post(beat);  // full queue: traffic is flowing anyway
+            // Full queue: traffic is flowing anyway. A beat sent is a lease anchor (hybrid).
+            if (beat_out_ && beat_out_->post(beat) && replicator_) replicator_->heartbeat_sent();
         }, fmt::format("destination: {}", uwhere));
     }
 
@@ -449,7 +498,10 @@ private:
             return true;
         }
         const Phase p = state_.phase();
-        if (e.kind != ErrorClass::transport_lost || rdma_ready_.load() || (p != Phase::postcopy && p != Phase::recovering))
+        // Hybrid with back-replication does not pause: the lease fences this side and the
+        // source resumes the VM from its last committed epoch (pager/replicator.hpp).
+        if (e.kind != ErrorClass::transport_lost || rdma_ready_.load() || replicator_ ||
+            (p != Phase::postcopy && p != Phase::recovering))
             return false;
         link_down_ = true;
         link_error_ = e;
@@ -735,6 +787,10 @@ private:
             by_index[hello->index] = std::move(*ch);
             readers[hello->index] = std::move(reader);
         }
+        // Hybrid: the replication channel, which the source opens after the bulk channels.
+        // First contact only: a replicating migration does not pause (link_lost()).
+        if (replicating() && &transport == transport_.get())
+            if (auto r = accept_replication(transport); !r) return r;
         transport.close_listener();
         std::lock_guard lock(chan_mu_);
         bulk_ = std::move(by_index);
@@ -742,6 +798,37 @@ private:
         channels_ready_.store(true, std::memory_order_release);
         return {};
     }
+
+    bool replicating() const { return mode_ == Mode::hybrid && cfg_.parameters.epoch_ms != 0; }
+
+    // Hybrid: the replication channel, which the source opens after the bulk channels.
+    Result<void> accept_replication(net::Transport& transport) {
+        auto ch = transport.accept("replication channel", kChannelTimeout, false);
+        if (!ch) return std::unexpected(ch.error().wrap("destination: replication channel"));
+        net::FrameReader reader(**ch);
+        auto hello = accept_hello(reader, proto::Channel::replication);
+        if (!hello) return std::unexpected(hello.error());
+        replication_ = std::move(*ch);
+        return {};
+    }
+
+    // Hybrid, at setup: the staging area is populated outside the downtime, and a
+    // kernel without WP_ASYNC is refused before any page moves.
+    Result<void> create_replicator() {
+        if (auto p = pager_->can_track_writes(); !p) return p;
+        auto r = pager::Replicator::create(
+            *pager_, cfg_.hooks,
+            pager::ReplicatorConfig{.epoch = std::chrono::milliseconds(cfg_.parameters.epoch_ms),
+                                    .staging_bytes = cfg_.parameters.epoch_staging_bytes,
+                                    .lease = std::chrono::milliseconds(cfg_.parameters.lease_ms)});
+        if (!r) return std::unexpected(r.error());
+        replicator_ = std::move(*r);
+        return {};
+    }
+
+    // Hybrid, before DEVICE_LOADED (the VM has not run here; a refusal lets the source
+    // resume it): every page write-protected and placed so from now on.
+    Result<void> prepare_replication() { return pager_->track_writes(); }
 
     // Starts a receiver per bulk channel: only after the region table was accepted, so
     // no PAGES frame is read, let alone placed, before it.
@@ -776,7 +863,7 @@ private:
         if (hello->channel != want)
             return refuse_here(Error{0, fmt::format("{}: HELLO for the {} channel where the {} channel was expected",
                                                     reader.where(), proto::to_string(hello->channel), proto::to_string(want))});
-        if (want == proto::Channel::bulk && hello->session != session_id_)
+        if (want != proto::Channel::urgent && hello->session != session_id_)
             return refuse_here(Error{0, fmt::format("{}: HELLO from another migration (session {:#x}, expected {:#x})",
                                                     reader.where(), hello->session, session_id_)});
         if (want == proto::Channel::bulk && hello->bulk_channels != bulk_count)
@@ -826,6 +913,10 @@ private:
         return {};
     }
 
+    static constexpr const char* kReplicatingNoPause =
+        "destination: a hybrid post-copy with back-replication does not pause or recover in this build: a lost "
+        "link fences this side when its lease lapses and the source resumes the VM from its last committed epoch "
+        "(epoch_ms 0 on both sides: a hybrid that pauses and recovers like a post-copy)";
     static constexpr const char* kRdmaNoRecover =
         "destination: an RDMA post-copy cannot pause or recover in this build (its queue pairs are not "
         "re-established); use a tcp: URI for a recoverable post-copy";
@@ -861,6 +952,10 @@ private:
     std::unique_ptr<pager::RdmaPuller> rdma_;  // rdma: URIs only; threads joined in session()
     std::atomic<pager::RdmaPuller*> rdma_ready_{nullptr};
     std::unique_ptr<Watchdog> watchdog_;  // stopped before the channels close
+    std::unique_ptr<net::Channel> replication_;  // hybrid
+    std::unique_ptr<pager::Replicator> replicator_;  // hybrid; stopped in session()
+    std::atomic<pager::Replicator*> replicator_ready_{nullptr};  // for stats()/open_epoch()
+    Clock::time_point device_loaded_at_{};
     std::atomic<bool> channels_ready_{false};
     std::atomic<std::uint32_t> bulk_count_{0};
     std::mutex join_mu_;

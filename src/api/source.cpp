@@ -1,19 +1,24 @@
 // The source endpoint: connect, handshake, switchover, then serve and push.
 //
 // Threads: the session thread (opens the channels, hands over, then serves the urgent
-// channel) and the pusher's, one per bulk channel. Two shutdown eventfds: the session's
-// `stop_` (cancel()/wait()/~SourceImpl, the first fatal error) ends everything; the
-// link's `link_stop_` (one per connection generation, signalled too by stop_all())
-// ends every wait of that link's channels only. Phases follow src/session_phase.hpp.
+// channel), the pusher's, one per bulk channel, and in hybrid mode the replication
+// thread (from RESUMED: receives and applies the destination's epochs, EpochApplier).
+// Two shutdown eventfds: the session's `stop_` (cancel()/wait()/~SourceImpl, the first
+// fatal error) ends everything; the link's `link_stop_` (one per connection generation,
+// signalled too by stop_all()) ends every wait of that link's channels only. Phases
+// follow src/session_phase.hpp.
 //
 // Pause and recover (post-copy, TCP): see the section "Link loss: pause and recover"
-// below and the diagram in src/protocol.hpp.
+// below and the diagram in src/protocol.hpp. Hybrid with back-replication does not
+// pause: the destination lost, the VM resumes here from the last committed epoch
+// (resume_from_checkpoint).
 #include <condition_variable>
 #include <optional>
 #include <random>
 
 #include <fmt/format.h>
 
+#include "precopy/epoch_applier.hpp"
 #include "precopy/rdma_serve.hpp"
 #include "precopy/precopy.hpp"
 #include "precopy/source.hpp"
@@ -96,6 +101,7 @@ public:
 
     Result<void> pause() override {
         if (rdma_mode_) return logic_error(kRdmaNoRecover);
+        if (applier_ready_.load()) return logic_error(kReplicatingNoPause);
         const Phase p = state_.phase();
         if (p != Phase::postcopy && p != Phase::recovering)
             return logic_error(fmt::format("source: pause() during {}: only a post-copy can pause (before it the VM "
@@ -107,6 +113,7 @@ public:
 
     Result<void> recover(std::string uri) override {
         if (rdma_mode_) return logic_error(kRdmaNoRecover);
+        if (applier_ready_.load()) return logic_error(kReplicatingNoPause);
         if (auto at = net::parse_uri(uri); !at) return std::unexpected(at.error().wrap("source: recover"));
         std::lock_guard lock(link_mu_);
         const Phase p = state_.phase();
@@ -169,6 +176,13 @@ public:
         }
         s.tls = transport_->security();
         s.auth = net::to_string(cfg_.security.auth);
+        if (auto* a = applier_ready_.load(std::memory_order_acquire)) {
+            s.epochs = s.epochs_committed = a->committed();
+            s.epoch_pages = a->pages_applied();
+            s.epoch_commit = a->apply_latency();
+        }
+        s.resumed_on_source = resumed_on_source_.load();
+        s.resumed_from_epoch = resumed_from_epoch_.load();
         return s;
     }
 
@@ -224,13 +238,18 @@ private:
             rdma_.reset();  // joins the scan thread, deregisters guest RAM
         }
         if (watchdog_) watchdog_->stop();
+        if (replication_thread_.joinable()) replication_thread_.join();  // no epoch is applied after this
         urgent_.reset();
         bulk_.clear();
+        replication_.reset();
         if (precopy_) precopy_->stop_tracking();  // before the guest may run here again
         if (auto e = state_.error()) {
             // Before GO the destination never ran the VM: it runs here again. After GO it
-            // may run there: resuming it here could make two running copies.
-            if (paused_ && !go_sent_ && cfg_.hooks.resume_vcpus) {
+            // may run there: resuming it here could make two running copies — except in
+            // hybrid mode, once the destination's lease has certainly lapsed.
+            if (applier_ && go_sent_ && cfg_.mode == Mode::hybrid) {
+                resume_from_checkpoint(*e);
+            } else if (paused_ && !go_sent_ && cfg_.hooks.resume_vcpus) {
                 cfg_.hooks.resume_vcpus();
                 LZ_LOG(warn, "source_resumed_here", "the VM runs on the source again: {}", e->message());
             } else if (go_sent_ && !handed_over_) {
@@ -301,6 +320,12 @@ private:
         auto blob = cfg_.hooks.save_device_state();
         if (!blob) return std::unexpected(blob.error().wrap("source: save_device_state"));
         device_bytes_ = blob->size();
+        // Hybrid: the VM stays paused here from now on, so this memory and this device
+        // state are epoch 0's checkpoint, until the destination's epochs replace it.
+        if (replicating()) {
+            applier_ = std::make_unique<source::EpochApplier>(cfg_.regions, *blob);
+            applier_ready_.store(applier_.get(), std::memory_order_release);
+        }
         auto dev = proto::encode(proto::DeviceState{std::move(*blob)});
         // Two-phase: the destination says it loaded the device state, then GO lets it
         // run. Until GO leaves, any failure (this deadline included) resumes the VM here.
@@ -312,7 +337,10 @@ private:
                 return sys_error("source: failpoint source_before_go", e);
             watchdog_->arm(limit, "source: GO was sent and the destination did not report RESUMED in time");
             go_sent_ = true;
-            return net::send_frame(*urgent_, proto::encode_empty(proto::Type::go));
+            note_renewal();  // GO answers DEVICE_LOADED: the destination's first lease anchor
+            auto sent = net::send_frame(*urgent_, proto::encode_empty(proto::Type::go));
+            note_renewal();
+            return sent;
         };
 
         // From here the destination may fault: demand requests are served at once. The
@@ -328,12 +356,14 @@ private:
                              fmt::format("source: {}", urgent_->where()));
             state_.set_phase(Phase::postcopy, fmt::format("destination resumed after {:.2f} ms", downtime_ms_.load()),
                              Event{.downtime_ms = downtime_ms_.load()});
+            if (applier_)
+                if (auto r = start_replication(); !r) return r;
             // RDMA: the destination reads the pages itself; the source sends the zero bitmap.
             if (rdma_) return rdma_->start_scan(*bulk_[0], *reader_, [this](const Error& e) { fail(e); });
             std::vector<net::Channel*> bulk;
             for (auto& c : bulk_) bulk.push_back(c.get());
             return pusher_->start(std::move(bulk), [this](const Error& e) { fail(e.wrap("source: pusher")); });
-        }, go);
+        }, go, [this] { note_renewal(); });
     }
 
     // Rounds while the VM runs here, until the policy decides (precopy/precopy.hpp). A
@@ -377,6 +407,10 @@ private:
             bulk.push_back(std::move(*ch));
         }
         bulk_ = std::move(bulk);
+        // Hybrid: the replication channel, at first contact only (a replicating migration
+        // does not pause: link_lost()).
+        if (replicating() && &transport == transport_.get())
+            if (auto r = open_replication(session_id_); !r) return r;
         return {};
     }
 
@@ -400,7 +434,9 @@ private:
             return true;
         }
         const Phase p = state_.phase();
-        if (e.kind != ErrorClass::transport_lost || rdma_mode_ || cancelled_ ||
+        // Hybrid with back-replication does not pause: the destination's lease fences it
+        // and this side resumes the VM from the last committed epoch (session()).
+        if (e.kind != ErrorClass::transport_lost || rdma_mode_ || cancelled_ || applier_ready_.load() ||
             (p != Phase::postcopy && p != Phase::recovering))
             return false;
         link_down_ = true;
@@ -555,7 +591,79 @@ private:
         ++recoveries_;
         state_.set_phase(Phase::postcopy, "post-copy resumed after recover");
         return source::serve_loop(*ureader_, *urgent_, cfg_.regions, *framer_, sent_, pusher_.get(), stats_, *gate_,
-                                  {}, {}, /*resumed=*/true);
+                                  {}, {}, {}, /*resumed=*/true);
+    }
+
+    bool replicating() const { return cfg_.mode == Mode::hybrid && cfg_.parameters.epoch_ms != 0; }
+
+    // Hybrid: opens and authenticates the replication channel (at setup; the recovery
+    // path calls it again to reopen it).
+    Result<void> open_replication(std::uint64_t session_id) {
+        auto ch = transport_->connect("replication channel", false);
+        if (!ch) return std::unexpected(ch.error().wrap("source"));
+        net::FrameReader reader(**ch);
+        if (auto r = handshake(reader, proto::Channel::replication, 0, session_id); !r) return r;
+        replication_ = std::move(*ch);
+        return {};
+    }
+
+    // From RESUMED: the replication thread receives and applies the destination's epochs.
+    Result<void> start_replication() {
+        try {
+            replication_thread_ = std::thread([this] {
+                api::SessionState::current = this;
+                net::FrameReader reader(*replication_);
+                auto r = applier_->run(reader, [this] { note_renewal(); });
+                if (!r) fail(r.error().wrap("source: back-replication"));
+            });
+        } catch (const std::system_error& e) {
+            return sys_error("source: starting the replication thread", e.code().value());
+        }
+        return {};
+    }
+
+    // The source sent something that renews the destination's lease (GO, a heartbeat
+    // echo, an EPOCH_ACK): the failover deadline counts from the last one.
+    void note_renewal() {
+        last_renewal_ns_.store(Clock::now().time_since_epoch().count(), std::memory_order_release);
+    }
+
+    // Hybrid, after GO, the destination lost (link down, killed, fenced, cancelled): the
+    // VM resumes here from the last committed epoch once the destination's lease has
+    // certainly expired.
+    //
+    // Clock assumption: both hosts measure the lease with a monotonic clock
+    // (CLOCK_MONOTONIC, steady_clock) whose rates differ by at most kLeaseDriftBound
+    // over a lease. The destination anchors each renewal at its own send time of what
+    // the source answered — before the source sent the answer — and fences once
+    // lease_ms passed on its clock. This side's last renewal left at last_renewal_ns_,
+    // after the anchor; so lease × (1 + drift bound) later on this clock the destination
+    // has fenced, and kLeaseMargin covers the time its fence takes (pause_vcpus). Nothing
+    // ends this wait early (cancel() included): two running copies are worse than a late
+    // resume.
+    void resume_from_checkpoint(Error& e) {
+        const auto lease = std::chrono::duration<double, std::milli>(cfg_.parameters.lease_ms * (1 + kLeaseDriftBound));
+        const auto last = Clock::time_point(Clock::duration(last_renewal_ns_.load(std::memory_order_acquire)));
+        const auto until = last + std::chrono::duration_cast<Clock::duration>(lease) + kLeaseMargin;
+        LZ_LOG(warn, "source_failover_wait", "epoch={} wait_ms={:.1f}", applier_->committed(),
+               std::chrono::duration<double, std::milli>(until - Clock::now()).count());
+        std::this_thread::sleep_until(until);  // a deadline, not a synchronisation: see above
+        const std::uint64_t n = applier_->committed();
+        if (cfg_.hooks.load_device_state) {
+            const auto blob = applier_->checkpoint();
+            if (auto l = cfg_.hooks.load_device_state(blob); !l) {
+                e.context += fmt::format("; the VM could not be resumed on the source from epoch {}: load_device_state: {}",
+                                         n, l.error().message());
+                state_.amend(e);
+                return;
+            }
+        }
+        cfg_.hooks.resume_vcpus();
+        resumed_from_epoch_ = n;
+        resumed_on_source_ = true;
+        LZ_LOG(warn, "source_resumed_from_checkpoint", "epoch={} {}", n, e.message());
+        e.context += fmt::format("; the VM resumed on the source from epoch {}", n);
+        state_.amend(e);
     }
 
     Result<void> handshake(net::FrameReader& reader, proto::Channel ch, std::uint32_t index, std::uint64_t id) {
@@ -570,6 +678,10 @@ private:
         return {};
     }
 
+    static constexpr const char* kReplicatingNoPause =
+        "source: a hybrid post-copy with back-replication does not pause or recover in this build: when the link "
+        "is lost the VM resumes here from the last committed epoch once the destination's lease has lapsed "
+        "(epoch_ms 0 on both sides: a hybrid that pauses and recovers like a post-copy)";
     static constexpr const char* kRdmaNoRecover =
         "source: an RDMA post-copy cannot pause or recover in this build (its queue pairs are not re-established); "
         "use a tcp: URI for a recoverable post-copy";
@@ -615,6 +727,14 @@ private:
     std::atomic<bool> started_{false}, cancelled_{false}, paused_{false}, handed_over_{false}, completed_{false};
     std::atomic<bool> go_sent_{false};  // from here the destination may run the VM
     std::unique_ptr<Watchdog> watchdog_;
+    // Hybrid: the replication channel, its thread and the epoch applier (from switchover).
+    std::unique_ptr<net::Channel> replication_;
+    std::unique_ptr<source::EpochApplier> applier_;
+    std::atomic<source::EpochApplier*> applier_ready_{nullptr};
+    std::thread replication_thread_;
+    std::atomic<Clock::rep> last_renewal_ns_{0};
+    std::atomic<bool> resumed_on_source_{false};
+    std::atomic<std::uint64_t> resumed_from_epoch_{0};
     // Closed only after the pusher has stopped.
     std::unique_ptr<net::Channel> urgent_;
     std::vector<std::unique_ptr<net::Channel>> bulk_;

@@ -27,7 +27,7 @@ Result<std::optional<proto::Header>> FrameReader::next() {
     auto h = proto::parse_header(raw_, where_);
     if (!h) return std::unexpected(h.error());  // proto's errors are peer violations
     const std::size_t limit = proto::carries_pages(h->type)              ? proto::kMaxPagesPayload
-                              : h->type == proto::Type::device_state ? max_device_state_
+                              : h->type == proto::Type::device_state || h->type == proto::Type::epoch_device ? max_device_state_
                                                                       : proto::kMaxControlPayload;
     if (h->length > limit)
         return peer_violation(fmt::format("{}: {} frame of {} bytes exceeds the {} bytes allowed here", where_,

@@ -86,6 +86,15 @@ TEST_CASE("protocol/rejects-unknown-type") {
         CHECK(header_error(raw_header(t, 0)) == "(accepted)");
     CHECK(header_error(raw_header(69 - 2, 0)) == "urgent channel: unknown message type 67");
     CHECK(header_error(raw_header(proto::kRecoverTypeLast + 1, 0)) == "urgent channel: unknown message type 73");
+    CHECK(header_error(raw_header(79, 0)) == "urgent channel: unknown message type 79");
+    for (unsigned t = proto::kEpochTypeFirst; t <= proto::kEpochTypeLast; ++t)
+        CHECK(header_error(raw_header(t, 0)) == "(accepted)");
+    CHECK(header_error(raw_header(85, 0)) == "urgent channel: unknown message type 85");
+    // EPOCH_PAGES is held to the PAGES limit, EPOCH_DEVICE to the device-state limit.
+    CHECK(header_error(raw_header(81, proto::kMaxPagesPayload + 1)) ==
+          "urgent channel: EPOCH_PAGES frame of 67108865 bytes exceeds the limit of 67108864");
+    CHECK(header_error(raw_header(82, proto::kMaxDeviceState + 1)) ==
+          "urgent channel: EPOCH_DEVICE frame of 268435457 bytes exceeds the limit of 268435456");
 }
 
 TEST_CASE("protocol/rejects-reserved-bits") {
@@ -154,7 +163,8 @@ TEST_CASE("protocol/hello-rejects-invalid-fields") {
     };
     auto msg = [](const lazymig::Result<proto::Hello>& r) { return err_of(r); };
     CHECK(msg(proto::decode_hello(payload(0, 1))) == "HELLO: unknown channel 0");
-    CHECK(msg(proto::decode_hello(payload(3, 1))) == "HELLO: unknown channel 3");
+    CHECK(msg(proto::decode_hello(payload(4, 1))) == "HELLO: unknown channel 4");
+    CHECK(msg(proto::decode_hello(payload(3, 3, 1, 3))) == "HELLO: replication channel with index 1 (expected 0)");
     CHECK(msg(proto::decode_hello(payload(1, 0))) == "HELLO: unknown mode 0");
     CHECK(msg(proto::decode_hello(payload(2, 4))) == "HELLO: unknown mode 4");
     CHECK(msg(proto::decode_hello(payload(1, 1, 0, 0))) == "HELLO: 0 bulk channels (expected 1 to 16)");

@@ -214,6 +214,42 @@ TEST_CASE("protocol/roundtrip-round-marks") {
     CHECK(zero.error().message() == "ROUND_ACK: round 0 (rounds count from 1)");
 }
 
+TEST_CASE("protocol/roundtrip-epoch-frames") {
+    const auto begin = proto::encode(proto::EpochBegin{.epoch = 3, .pages = 10000, .device_bytes = 77});
+    parse_verified(begin, proto::Type::epoch_begin);
+    auto b = proto::decode_epoch_begin(payload_of(begin));
+    REQUIRE_MESSAGE(b.has_value(), err_of(b));
+    CHECK(b->epoch == 3);
+    CHECK(b->pages == 10000);
+    CHECK(b->device_bytes == 77);
+    const auto end = proto::encode(proto::EpochEnd{.epoch = 3, .frames = 11, .checksum = 0xdeadbeef});
+    parse_verified(end, proto::Type::epoch_end);
+    auto e = proto::decode_epoch_end(payload_of(end));
+    REQUIRE_MESSAGE(e.has_value(), err_of(e));
+    CHECK(e->epoch == 3);
+    CHECK(e->frames == 11);
+    CHECK(e->checksum == 0xdeadbeef);
+    const auto ack = proto::encode(proto::EpochAck{.epoch = 9});
+    parse_verified(ack, proto::Type::epoch_ack);
+    auto a = proto::decode_epoch_ack(payload_of(ack));
+    REQUIRE_MESSAGE(a.has_value(), err_of(a));
+    CHECK(a->epoch == 9);
+    const std::vector<std::byte> blob(100, std::byte{7});
+    const auto dev = proto::encode_epoch_device(blob);
+    parse_verified(dev, proto::Type::epoch_device);
+    CHECK(std::vector<std::byte>(payload_of(dev).begin(), payload_of(dev).end()) == blob);
+    CHECK(err_of(proto::decode_epoch_ack(payload_of(proto::encode(proto::EpochAck{0})))) ==
+          "EPOCH_ACK: epoch 0 (epochs count from 1)");
+    CHECK(err_of(proto::decode_epoch_begin(payload_of(proto::encode(proto::EpochBegin{0, 1, 0})))) ==
+          "EPOCH_BEGIN: epoch 0 (epochs count from 1)");
+    CHECK(err_of(proto::decode_epoch_begin(payload_of(proto::encode(proto::EpochBegin{1, 1, proto::kMaxDeviceState + 1})))) ==
+          "EPOCH_BEGIN: 268435457 bytes of device state exceed the limit of 268435456");
+    CHECK(err_of(proto::decode_epoch_end(payload_of(proto::encode(proto::EpochEnd{0, 1, 0})))) ==
+          "EPOCH_END: epoch 0 (epochs count from 1)");
+    // The fold depends on every frame checksum and their order.
+    CHECK(proto::epoch_fold(proto::epoch_fold(0, 1), 2) != proto::epoch_fold(proto::epoch_fold(0, 2), 1));
+}
+
 TEST_CASE("protocol/rejects-bad-stale") {
     auto empty = proto::decode_stale(payload_of(proto::encode(proto::StaleSet{})));
     REQUIRE(!empty.has_value());
@@ -248,6 +284,12 @@ TEST_CASE("protocol/type-names") {
     CHECK(proto::to_string(proto::Type::stale) == "STALE");
     CHECK(proto::to_string(proto::Type::precopy_lz4) == "PRECOPY_LZ4");
     CHECK(proto::to_string(proto::Type::round_ack) == "ROUND_ACK");
+    CHECK(proto::to_string(proto::Type::epoch_begin) == "EPOCH_BEGIN");
+    CHECK(proto::to_string(proto::Type::epoch_pages) == "EPOCH_PAGES");
+    CHECK(proto::to_string(proto::Type::epoch_device) == "EPOCH_DEVICE");
+    CHECK(proto::to_string(proto::Type::epoch_end) == "EPOCH_END");
+    CHECK(proto::to_string(proto::Type::epoch_ack) == "EPOCH_ACK");
+    CHECK(proto::to_string(proto::Channel::replication) == "replication");
     CHECK(proto::to_string(proto::Type{200}) == "INVALID");
     CHECK(proto::to_string(proto::Channel::urgent) == "urgent");
     CHECK(proto::to_string(proto::Channel::bulk) == "bulk");

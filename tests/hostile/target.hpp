@@ -79,8 +79,12 @@ public:
                 c->events.push_back(e);
             },
         };
+        // The hostile peer speaks pre-copy and post-copy frames; it opens no replication
+        // channel, so back-replication is off here (epoch_ms 0; tests/replicate covers it).
+        lazymig::Parameters params;
+        params.epoch_ms = 0;
         auto d = lazymig::Destination::listen(
-            {.regions = {mem_.region()}, .hooks = hooks, .uri = "tcp:127.0.0.1:0", .parameters = {},
+            {.regions = {mem_.region()}, .hooks = hooks, .uri = "tcp:127.0.0.1:0", .parameters = params,
              .security = testkey::security()});
         REQUIRE_MESSAGE(d.has_value(), err_of(d));
         dst_ = std::move(*d);

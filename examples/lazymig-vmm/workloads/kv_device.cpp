@@ -63,11 +63,18 @@ bool KvDevice::next(VcpuGate& gate, Request& out) {
     });
 }
 
-void KvDevice::respond(const Request& req, std::string line) {
+void KvDevice::respond(const Request& req, std::string line, std::uint64_t epoch) {
     {
         std::lock_guard lock(resp_mu_);
-        responses_.push_back({req.conn, req.gen, std::move(line)});
+        responses_.push_back({req.conn, req.gen, std::move(line), epoch});
     }
+    wake_.signal();
+}
+
+void KvDevice::release(std::uint64_t epoch) {
+    std::uint64_t was = committed_.load();
+    while (was < epoch && !committed_.compare_exchange_weak(was, epoch)) {}
+    log_event("kv_output_released", "epoch={}", epoch);
     wake_.signal();
 }
 
@@ -82,7 +89,7 @@ void KvDevice::drop_clients() {
 
 nlohmann::json KvDevice::status() const {
     return {{"port", port_}, {"connections", open_conns_.load()}, {"served", served_.load()},
-            {"serving", !drop_.load()}};
+            {"serving", !drop_.load()}, {"acks_held", held_total_.load()}, {"committed_epoch", committed_.load()}};
 }
 
 void KvDevice::run() {
@@ -189,7 +196,21 @@ void KvDevice::deliver_responses() {
         std::lock_guard lock(resp_mu_);
         ready.swap(responses_);
     }
+    // Output commit: an ack whose epoch the source has not committed waits in held_ (one
+    // per connection at most: each has one request in flight).
+    const std::uint64_t committed = committed_.load();
+    std::vector<Response> go, still;
+    for (auto& r : held_) (r.epoch <= committed ? go : still).push_back(std::move(r));
     for (auto& r : ready) {
+        if (r.epoch > committed) {
+            held_total_.fetch_add(1, std::memory_order_relaxed);
+            still.push_back(std::move(r));
+        } else {
+            go.push_back(std::move(r));
+        }
+    }
+    held_.swap(still);
+    for (auto& r : go) {
         Conn& k = conns_[r.conn];
         if (!k.fd || k.gen != r.gen) continue;  // the client left; its request still ran
         k.out += r.line;

@@ -46,7 +46,11 @@ public:
     [[nodiscard]] std::uint16_t port() const noexcept { return port_; }
     // vCPU side: halts in the gate until a request is queued (true) or the VM stops.
     [[nodiscard]] bool next(VcpuGate& gate, Request& out);
-    void respond(const Request& req, std::string line);
+    // `epoch` > 0 (output commit, hybrid destination): the response is an ack of a write
+    // the source does not hold yet; it leaves only once release(n >= epoch) was called.
+    void respond(const Request& req, std::string line, std::uint64_t epoch = 0);
+    // Every response of an epoch <= `epoch` may go out (on_epoch_committed).
+    void release(std::uint64_t epoch);
     // Puts a request a vCPU could not finish back at the head of the queue.
     void requeue(Request req);
     // The VM moved away: close every connection and the listener.
@@ -64,6 +68,7 @@ private:
         std::uint32_t conn;
         std::uint64_t gen;
         std::string line;
+        std::uint64_t epoch = 0;  // output commit: held until release(>= epoch)
     };
     KvDevice(VcpuGate& gate) : gate_(gate) {}
     void run();
@@ -82,6 +87,8 @@ private:
     std::deque<Request> queue_;           // under the gate's lock; <= kMaxConns entries
     mutable std::mutex resp_mu_;
     std::vector<Response> responses_;     // under resp_mu_; <= kMaxConns entries
+    std::vector<Response> held_;          // I/O thread: not committed yet; <= kMaxConns
+    std::atomic<std::uint64_t> committed_{0}, held_total_{0};
     std::atomic<bool> drop_{false};
     std::atomic<std::uint32_t> open_conns_{0};
     std::atomic<std::uint64_t> served_{0};

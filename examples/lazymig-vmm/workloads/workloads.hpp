@@ -87,11 +87,16 @@ public:
     [[nodiscard]] lazymig::Result<void> start_devices(VcpuGate& gate) override;
     void stop_devices() override;
     void migrated_away() override;
+    void hold_output(std::function<std::uint64_t()> open_epoch) override { open_epoch_ = std::move(open_epoch); }
+    void release_output(std::uint64_t epoch) override {
+        if (device_) device_->release(epoch);
+    }
     [[nodiscard]] std::optional<std::uint16_t> service_port() const override {
         return device_ ? std::optional<std::uint16_t>(device_->port()) : std::nullopt;
     }
 
 private:
+    std::function<std::uint64_t()> open_epoch_;  // set before the VM runs here (hold_output)
     WorkloadConfig cfg_;
     OpsMeter meter_;
     std::unique_ptr<KvDevice> device_;  // started before the vCPUs, stopped after them

@@ -147,9 +147,16 @@ struct Event {
 struct VmmHooks {
     std::function<void()> pause_vcpus;    // returns when every vCPU is parked
     std::function<void()> resume_vcpus;
-    std::function<Result<std::vector<std::byte>>()> save_device_state;        // source
-    std::function<Result<void>(std::span<const std::byte>)> load_device_state;  // destination
-    std::function<void(std::uint64_t epoch)> on_epoch_committed;  // hybrid mode
+    // Source; in hybrid mode also the destination, at every epoch (vCPUs paused).
+    std::function<Result<std::vector<std::byte>>()> save_device_state;
+    // Destination; in hybrid mode also the source, when it resumes the VM from its last
+    // committed epoch after losing the destination (vCPUs paused).
+    std::function<Result<void>(std::span<const std::byte>)> load_device_state;
+    // Output commit (hybrid mode, destination): every epoch up to `epoch` is committed at
+    // the source, so output produced while Destination::open_epoch() returned a value
+    // <= epoch may be released (packets, acks). Never called once the lease lapsed; on
+    // completion it is called once more with the open epoch (everything may go out).
+    std::function<void(std::uint64_t epoch)> on_epoch_committed;
     std::function<void(const Event&)> on_event;                   // any thread of lazymig's
 };
 
@@ -185,7 +192,32 @@ struct Parameters {
                                           // gives up (source: failed; destination: the
                                           // source is lost, see the top of this file).
                                           // Fixed at migrate() / listen().
+    // Back-replication (hybrid mode, from the destination's resume until every page
+    // arrived). Each side reads its own, fixed at migrate() / listen().
+    std::uint32_t epoch_ms = 50;          // destination: an epoch every epoch_ms. 0 (both
+                                          // sides, to measure its cost): no back-
+                                          // replication, no lease, and the source never
+                                          // resumes the VM after GO (hybrid = bounded
+                                          // pre-copy + post-copy only)
+    std::uint64_t epoch_staging_bytes = 64ull << 20;  // destination: the staging area an
+                                          // epoch's pages are copied into while the vCPUs
+                                          // are paused; an epoch that does not fit keeps
+                                          // them paused while the staged part is sent
+                                          // (Stats::epoch_overflows), memory never grows
+    std::uint32_t lease_ms = 1000;        // both sides, must match: the destination runs
+                                          // the VM only within lease_ms of its last
+                                          // renewal (a heartbeat echo or EPOCH_ACK); the
+                                          // source, the link lost, waits lease_ms × (1 +
+                                          // kLeaseDriftBound) + kLeaseMargin past its
+                                          // last renewal sent before it resumes the VM
 };
+
+// Fencing assumes both hosts' monotonic clocks (CLOCK_MONOTONIC) run at rates that
+// differ by at most this fraction over a lease; the source adds the margin on top
+// (scheduling, the time a renewal is in flight is already on the safe side: the
+// destination anchors at its own send time).
+inline constexpr double kLeaseDriftBound = 0.01;
+inline constexpr std::chrono::milliseconds kLeaseMargin{100};
 
 // How the channels of a migration are authenticated and encrypted (TLS 1.3, OpenSSL).
 // Authentication is on by default: a Source or Destination without a key or
@@ -310,6 +342,22 @@ struct Stats {
     std::uint64_t pages_poisoned = 0;    // destination, source lost: pages poisoned
     bool vm_stopped = false;             // destination, source lost: vCPUs paused (false
                                          // with poison_on_loss: the VM runs on)
+    // Back-replication (hybrid), from the destination's resume:
+    std::uint64_t epochs = 0;             // destination: sent; source: applied
+    std::uint64_t epochs_committed = 0;   // destination: acknowledged (output released)
+    std::uint64_t epoch_pages = 0;        // destination: pages sent; source: applied
+    std::uint64_t epoch_bytes = 0;        // destination: bytes sent in epochs
+    std::uint64_t epoch_last_pages = 0, epoch_largest_pages = 0;  // destination
+    std::uint64_t epoch_overflows = 0;    // destination: epochs larger than the staging
+                                          // area (vCPUs stayed paused while part was sent)
+    std::uint64_t epochs_skipped = 0;     // destination: ticks skipped, 4 epochs unacked
+    LatencySummary epoch_pause;           // destination: vCPU pause of each epoch
+    std::vector<LatencyBucket> epoch_pause_histogram;
+    LatencySummary epoch_commit;          // destination: EPOCH_END sent → EPOCH_ACK;
+                                          // source: receive-complete → applied
+    bool fenced = false;                  // destination: the lease lapsed
+    bool resumed_on_source = false;       // source: the VM resumed here from a checkpoint
+    std::uint64_t resumed_from_epoch = 0; // source: which (0: the switchover's state)
 };
 
 // Reads `dst.size()` bytes of guest RAM from `offset` bytes into region `region`, through
@@ -427,6 +475,13 @@ public:
     // port 0 picks one, local_uri() then tells it) for the source's recover(). Returns
     // once listening.
     [[nodiscard]] virtual Result<void> recover(std::string uri) = 0;
+    // Output commit (hybrid mode). The epoch that output produced now belongs to: read it
+    // after the guest state change the output reports (a kv write applied), hold the
+    // output, and release it when on_epoch_committed(m) arrives with m >= that epoch.
+    // The epoch closes at its vCPU pause, which captures every change made before, so the
+    // rule never releases output whose state the source could lose. 0 in other modes and
+    // before the VM resumed here (nothing to hold).
+    [[nodiscard]] virtual std::uint64_t open_epoch() const = 0;
 };
 
 }  // namespace lazymig
