@@ -277,6 +277,7 @@ private:
         while (!r) {
             fail(r.error());
             if (!link_is_down() || pager_->complete()) break;
+            if (state_.phase() == Phase::switchover) state_.set_phase(Phase::postcopy, "the VM runs here; the link broke");
             teardown_link();
             r = pause_and_recover();
         }
@@ -498,11 +499,12 @@ private:
             return true;
         }
         const Phase p = state_.phase();
-        // Hybrid with back-replication does not pause: the lease fences this side and the
-        // source resumes the VM from its last committed epoch (pager/replicator.hpp).
-        if (e.kind != ErrorClass::transport_lost || rdma_ready_.load() || replicator_ ||
-            (p != Phase::postcopy && p != Phase::recovering))
-            return false;
+        // resumed_ in switchover: the VM runs here and RESUMED is on its way; the phase
+        // follows in on_go() — or in session() if the link broke first. Hybrid with
+        // back-replication does not pause: the lease fences this side and the source
+        // resumes the VM from its last committed epoch (pager/replicator.hpp).
+        const bool running_here = p == Phase::postcopy || p == Phase::recovering || (p == Phase::switchover && resumed_);
+        if (e.kind != ErrorClass::transport_lost || rdma_ready_.load() || replicator_ || !running_here) return false;
         link_down_ = true;
         link_error_ = e;
         link_stop_.signal();

@@ -266,6 +266,9 @@ TEST_CASE("recover/second-failure-while-recovering-pauses-again-then-recovers") 
     });
     pair.migrate();
     REQUIRE(gate.wait_held());
+    // RESUMED reaches the source (whose pusher then starts) just before the destination
+    // enters postcopy itself.
+    REQUIRE(eventually([&] { return pair.dst().stats().phase == Phase::postcopy; }));
     REQUIRE(pair.dst().pause().has_value());  // this time the destination pauses
     REQUIRE(eventually([&] { return pair.dst().stats().phase == Phase::paused; }));
     gate.open();  // the held batch meets the closed link: the source pauses too
@@ -430,6 +433,7 @@ TEST_CASE("recover/recover-timeout-with-poison-on-loss-poisons-only-the-missing-
     pair.migrate();
     REQUIRE(gate.wait_held());
     CHECK(reads_source_page(pair, 10));
+    REQUIRE(eventually([&] { return pair.dst().stats().phase == Phase::postcopy; }));
     REQUIRE(pair.dst().pause().has_value());
     REQUIRE(eventually([&] { return pair.dst().stats().phase == Phase::paused; }));
     gate.open();  // the held batch meets the closed link: never placed here
