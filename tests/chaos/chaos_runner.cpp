@@ -145,6 +145,9 @@ public:
         ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     }
     ~Proxy() {
+        // A clean end first (quit); the Process destructor kills what did not end.
+        const std::string q = "quit\n";
+        if (fd_ >= 0 && ::send(fd_, q.data(), q.size(), MSG_NOSIGNAL) == ssize_t(q.size())) (void)proc_->wait(5s);
         if (fd_ >= 0) ::close(fd_);
     }
     // The reply's lines; throws on "error" or no reply within 10 s.
