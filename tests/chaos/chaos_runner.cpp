@@ -463,6 +463,11 @@ std::vector<Row> matrix() {
         add({.scenario = "src-killed-mid-postcopy", .mode = mode,
              .fault = {.killed = Side::source, .failpoint = "source_push_batch=kill:4"},
              .today = stopped_missing, .merged = stopped_missing, .in_short = mode == "postcopy" ? "pattern" : ""});
+        // ... or while it serves a demand fault (post-copy: every touch is a request).
+        if (mode == "postcopy")
+            add({.scenario = "src-killed-serving-a-fault", .mode = mode,
+                 .fault = {.killed = Side::source, .failpoint = "source_serve_request=kill:3"},
+                 .today = stopped_missing, .merged = stopped_missing});
         // ... and with --poison-on-loss the VM goes on; only the missing pages fault.
         add({.scenario = "src-killed-mid-postcopy-poison", .mode = mode,
              .fault = {.killed = Side::source, .failpoint = "source_push_batch=kill:4", .dst_args = {"--poison-on-loss"}},
@@ -542,9 +547,20 @@ int run_matrix() {
         for (const auto& r : rows) fmt::print("{}{}\n", r.id(), r.needs.empty() ? "" : "  needs: " + r.needs);
         return 0;
     }
-    fmt::print("kill points: source_precopy_round source_before_go source_serve_request source_push_batch "
-               "destination_before_device_loaded destination_after_go pager_bulk_before_place; "
-               "after the merge: destination_epoch_send source_epoch_apply destination_epoch_committed\n");
+    // The kill points of the whole matrix, and which wait for the merge.
+    {
+        std::set<std::string> now, later;
+        for (const auto& r : matrix()) {
+            if (r.fault.failpoint.empty()) continue;
+            const std::string point = r.fault.failpoint.substr(0, r.fault.failpoint.find('='));
+            (r.today.outcomes.empty() && !r.merged_on() ? later : now).insert(point);
+        }
+        std::string a, b;
+        for (const auto& p : now) a += " " + p;
+        for (const auto& p : later)
+            if (!now.contains(p)) b += " " + p;
+        fmt::print("kill points:{}\nkill points after the merge:{}\n", a, b);
+    }
     const auto header = fmt::format("{:<40} {:<9} {:<8} {:<26} {:<12} {:<9} {:<5} {:<8} {:>9}  {}", "scenario", "mode",
                                     "workload", "outcome", "check", "kv lost", "dups", "running", "recover", "verdict");
     fmt::print("{}\n{}\n", header, std::string(header.size() + 4, '-'));
