@@ -9,7 +9,8 @@
 // pager_fault_in_flight (a fault on a page already requested or being placed),
 // pager_request_blocked (the outbox had no room for a page request: it stays pending),
 // source_push_batch, source_serve_request, source_precopy_round (the start of each
-// pre-copy round; first = the round's number), source_before_go, destination_after_go.
+// pre-copy round; first = the round's number), source_precopy_batch, source_before_go,
+// destination_before_device_loaded, destination_after_go.
 // Named for issue 11 (the epoch points; sites pass (0, epoch, pages)):
 // destination_epoch_send, source_epoch_apply, destination_epoch_committed.
 // recover_handshake (either side, in the resume handshake of a recover(): source after

@@ -10,8 +10,15 @@
 // of the side that dies) or a proxy command. Every step is bounded: a row that does not
 // settle within its deadline is a failed row ("hang"), never a hung runner.
 //
-// Rows that need issue 11's other branches say so (needs: recover, needs: replicate)
-// and are skipped, with the reason printed, until the switch below is turned on.
+// The rows and their expectations are in matrix.cpp. Rows that need issue 11's other
+// branches say so (needs: recover, needs: replicate) and are skipped, with the reason
+// printed, until their switch in matrix.hpp is turned on.
+//
+// A row: start the destination (--incoming) and the source, the proxy in between, and
+// for kv a writer; migrate through the proxy; inject the fault; (recover); wait until
+// every live side settles; then classify (outcome), check the workload on the one VM
+// that runs, read back every acknowledged kv write, count running copies, and compare
+// with the row's expectation.
 #define DOCTEST_CONFIG_IMPLEMENT
 #include <doctest/doctest.h>
 
@@ -37,77 +44,18 @@
 
 #include "harness.hpp"
 #include "kv_writer.hpp"
+#include "matrix.hpp"
 
 using namespace vmm;
 using namespace vmm::test;
+using namespace chaos;
 using Clock = std::chrono::steady_clock;
 
 namespace {
 
-// ---- Switches for the merge: one line each. ----
-// recover branch: migrate-pause, migrate-recover {"uri"}, phases paused/recovering,
-// --poison-on-loss; link loss pauses both sides instead of failing them.
-constexpr bool kHaveRecover = false;
-// replicate branch: back-replication epochs, output commit, lease; the epoch kill
-// points; the source resumes from the last committed epoch when the destination is lost.
-constexpr bool kHaveReplicate = false;
-
 // A side that lost its peer settles within its heartbeat timeout (2 s by default) plus
 // the time to act on it; after this it counts as a hang.
 constexpr std::chrono::seconds kSettle{30};
-
-enum class Outcome { completed, resumed_on_source, recovered, stopped_with_error, poisoned, other };
-const char* name(Outcome o) {
-    switch (o) {
-    case Outcome::completed: return "completed";
-    case Outcome::resumed_on_source: return "resumed on source";
-    case Outcome::recovered: return "recovered after reconnect";
-    case Outcome::stopped_with_error: return "VM stopped with error";
-    case Outcome::poisoned: return "runs, missing pages poisoned";
-    default: return "other";
-    }
-}
-
-enum class Side { none, source, destination };
-
-// What a row does to the migration.
-struct Fault {
-    Side killed = Side::none;
-    std::string failpoint;            // "<point>=kill[:N]" in the killed side's environment
-    std::string wait_status;          // proxy fault: after the source's MIGRATION status ...
-    std::vector<std::string> proxy;   // ... these proxy commands
-    bool recover = false;             // then migrate-recover on both sides (needs recover)
-    bool new_address = false;         // ... to a new destination address and proxy port
-    std::uint64_t throttle = 0;       // the link's rate during the migration (bytes/s); 0: free
-    std::vector<std::string> dst_args;  // more `run` options for the destination
-    json params = json::object();     // migrate-set-parameters on the source before migrate
-};
-
-struct Expect {
-    std::set<Outcome> outcomes;
-    std::string error;                // substring of the surviving side's error, when stopped
-    bool check_fails_with_poison = false;  // poison-on-loss: the checker names a poisoned page
-};
-
-struct Row {
-    std::string scenario, mode, workload;
-    Fault fault;
-    Expect today, merged;             // merged: with the features of `needs` on
-    std::string needs;                // "", "recover", "replicate", "recover+replicate"
-    std::string in_short;             // the workload this row runs with in --matrix short; "": none
-
-    // Every feature the row needs is on this branch.
-    [[nodiscard]] bool merged_on() const {
-        if (needs.find("recover") != std::string::npos && !kHaveRecover) return false;
-        if (needs.find("replicate") != std::string::npos && !kHaveReplicate) return false;
-        return true;
-    }
-    // Runs: with its merged expectation once the features are on; before that only if
-    // it has an expectation for today (then without the steps that need them).
-    [[nodiscard]] bool enabled() const { return merged_on() || !today.outcomes.empty(); }
-    [[nodiscard]] const Expect& expect() const { return needs.empty() ? today : merged_on() ? merged : today; }
-    [[nodiscard]] std::string id() const { return scenario + "/" + mode + "/" + workload; }
-};
 
 struct Result {
     Outcome outcome = Outcome::other;
@@ -145,6 +93,9 @@ public:
         ::setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
     }
     ~Proxy() {
+        // A clean end first (quit); the Process destructor kills what did not end.
+        const std::string q = "quit\n";
+        if (fd_ >= 0 && ::send(fd_, q.data(), q.size(), MSG_NOSIGNAL) == ssize_t(q.size())) (void)proc_->wait(5s);
         if (fd_ >= 0) ::close(fd_);
     }
     // The reply's lines; throws on "error" or no reply within 10 s.
@@ -410,119 +361,6 @@ Result run_row(const Row& row) {
     return res;
 }
 
-// ---- The matrix ----
-
-std::vector<Row> matrix() {
-    using O = Outcome;
-    std::vector<Row> rows;
-    const std::vector<std::string> workloads{"pattern", "bank", "kv"};
-    auto add = [&](Row r) {
-        for (const auto& w : workloads) {
-            r.workload = w;
-            rows.push_back(r);
-        }
-    };
-    const Expect resumed{{O::resumed_on_source}, ""};
-    const Expect recovered{{O::recovered}, ""};
-    const Expect stopped_missing{{O::stopped_with_error}, "pages never arrived"};
-    // The source died before GO: the destination never ran the VM and says so.
-    const Expect src_lost_early{{O::stopped_with_error}, "the source closed the connection"};
-    // The destination died after GO: the source cannot know it never ran the VM.
-    const Expect dst_lost_after_go{{O::stopped_with_error}, "GO was sent, so the destination may be running the VM: it was not resumed here"};
-
-    for (const std::string mode : {"postcopy", "hybrid", "precopy"}) {
-        const bool pre = mode != "postcopy";
-        // Pre-copy: the destination dies while it receives round 1 → the VM never left.
-        if (pre) {
-            add({.scenario = "dst-killed-during-precopy", .mode = mode,
-                 .fault = {.killed = Side::destination, .failpoint = "pager_bulk_before_place=kill:8"},
-                 .today = resumed, .merged = resumed, .in_short = mode == "hybrid" ? "bank" : ""});
-            // The source host dies while it pre-copies: it held the only running copy.
-            // (mid round 1, and at the start of round 2 of a pre-copy the link slows).
-            add({.scenario = "src-killed-during-precopy", .mode = mode,
-                 .fault = {.killed = Side::source, .failpoint = "source_precopy_batch=kill:8"},
-                 .today = src_lost_early, .merged = src_lost_early, .in_short = mode == "precopy" ? "pattern" : ""});
-            add({.scenario = "src-killed-at-precopy-round-2", .mode = mode,
-                 .fault = {.killed = Side::source, .failpoint = "source_precopy_round=kill:2", .throttle = 30'000'000,
-                           .params = {{"compression", "off"}, {"downtime-limit", 1}}},
-                 .today = src_lost_early, .merged = src_lost_early});
-        }
-        // Switchover: the destination dies with the device state in hand, before GO.
-        add({.scenario = "dst-killed-before-go", .mode = mode,
-             .fault = {.killed = Side::destination, .failpoint = "destination_before_device_loaded=kill"},
-             .today = resumed, .merged = resumed, .in_short = mode == "postcopy" ? "kv" : ""});
-        // The source dies just before GO: the destination never got the VM.
-        add({.scenario = "src-killed-before-go", .mode = mode,
-             .fault = {.killed = Side::source, .failpoint = "source_before_go=kill"},
-             .today = src_lost_early, .merged = src_lost_early});
-        if (mode == "precopy") continue;  // the rest is post-copy
-        // Mid post-copy, the source dies: the pages it still held are gone.
-        add({.scenario = "src-killed-mid-postcopy", .mode = mode,
-             .fault = {.killed = Side::source, .failpoint = "source_push_batch=kill:4"},
-             .today = stopped_missing, .merged = stopped_missing, .in_short = mode == "postcopy" ? "pattern" : ""});
-        // ... and with --poison-on-loss the VM goes on; only the missing pages fault.
-        add({.scenario = "src-killed-mid-postcopy-poison", .mode = mode,
-             .fault = {.killed = Side::source, .failpoint = "source_push_batch=kill:4", .dst_args = {"--poison-on-loss"}},
-             .today = {}, .merged = {{O::poisoned}, "", true}, .needs = "recover",
-             .in_short = mode == "postcopy" ? "pattern" : ""});
-        // The destination dies after GO: post-copy cannot bring the VM back (it ran
-        // there); hybrid resumes it on the source from the last committed epoch.
-        // (After GO the source must say that the destination may run the VM; mid
-        // post-copy, that the destination went away.)
-        const Expect dst_lost_mid{{O::stopped_with_error}, "the destination closed the connection"};
-        for (const auto& [scenario, fp, lost] : std::vector<std::tuple<std::string, std::string, Expect>>{
-                 {"dst-killed-after-go", "destination_after_go=kill", dst_lost_after_go},
-                 {"dst-killed-mid-postcopy", "pager_urgent_before_place=kill:2", dst_lost_mid}}) {
-            if (mode == "postcopy")
-                add({.scenario = scenario, .mode = mode, .fault = {.killed = Side::destination, .failpoint = fp},
-                     .today = lost, .merged = lost, .in_short = scenario == "dst-killed-after-go" ? "kv" : ""});
-            else if (scenario == "dst-killed-after-go")  // hybrid mid post-copy: the epoch points below
-                add({.scenario = scenario, .mode = mode, .fault = {.killed = Side::destination, .failpoint = fp},
-                     .today = lost, .merged = resumed, .needs = "replicate", .in_short = "kv"});
-        }
-        if (mode == "hybrid") {
-            add({.scenario = "dst-killed-mid-epoch-send", .mode = mode,
-                 .fault = {.killed = Side::destination, .failpoint = "destination_epoch_send=kill:3"},
-                 .today = {}, .merged = resumed, .needs = "replicate"});
-            add({.scenario = "dst-killed-after-commit-before-release", .mode = mode,
-                 .fault = {.killed = Side::destination, .failpoint = "destination_epoch_committed=kill:2"},
-                 .today = {}, .merged = resumed, .needs = "replicate", .in_short = "kv"});
-            add({.scenario = "src-killed-epoch-apply", .mode = mode,
-                 .fault = {.killed = Side::source, .failpoint = "source_epoch_apply=kill:2"},
-                 .today = {}, .merged = {{O::completed, O::stopped_with_error}, ""}, .needs = "replicate"});
-        }
-    }
-    // Link loss: paused, then migrate-recover, then completed — in every mode.
-    for (const std::string mode : {"postcopy", "hybrid", "precopy"}) {
-        const std::string when = mode == "precopy" ? "active" : "postcopy-active";
-        const std::uint64_t slow = 20'000'000;  // 64 MiB take seconds: the fault lands mid-transfer
-        add({.scenario = "cut", .mode = mode, .fault = {.wait_status = when, .proxy = {"cut"}, .recover = true, .throttle = slow},
-             .today = {}, .merged = recovered, .needs = "recover", .in_short = mode == "postcopy" ? "kv" : ""});
-        add({.scenario = "cut-recover-new-address", .mode = mode,
-             .fault = {.wait_status = when, .proxy = {"cut"}, .recover = true, .new_address = true, .throttle = slow},
-             .today = {}, .merged = recovered, .needs = "recover"});
-        add({.scenario = "stall-past-heartbeat", .mode = mode,
-             .fault = {.wait_status = when, .proxy = {"stall 20000"}, .recover = true, .throttle = slow},
-             .today = {}, .merged = recovered, .needs = "recover", .in_short = mode == "hybrid" ? "bank" : ""});
-        add({.scenario = "close-one-bulk-channel", .mode = mode,
-             .fault = {.wait_status = when, .proxy = {"close 2"}, .recover = true, .throttle = slow},
-             .today = {}, .merged = recovered, .needs = "recover"});
-        // A flipped byte: TLS refuses the record (no bad frame is placed). Today that
-        // fails the migration; in post-copy the VM stops on the destination naming the
-        // pages that never arrived.
-        add({.scenario = "corrupt", .mode = mode, .fault = {.wait_status = when, .proxy = {"corrupt"}, .recover = true, .throttle = slow},
-             .today = mode == "precopy" ? Expect{} : Expect{{O::stopped_with_error}, "TLS"}, .merged = recovered, .needs = "recover",
-             .in_short = mode == "postcopy" ? "bank" : ""});
-        // During pre-copy, the VM never left: today it must keep running on the source.
-        if (mode != "postcopy")
-            add({.scenario = "corrupt-during-precopy", .mode = mode,
-                 .fault = {.wait_status = "active", .proxy = {"corrupt"}, .recover = true, .throttle = 4'000'000,
-                           .params = {{"compression", "off"}}},
-                 .today = resumed, .merged = recovered, .needs = "recover"});
-    }
-    return rows;
-}
-
 struct Options {
     std::string which = "short", only;
     bool list = false;
@@ -539,9 +377,20 @@ int run_matrix() {
         for (const auto& r : rows) fmt::print("{}{}\n", r.id(), r.needs.empty() ? "" : "  needs: " + r.needs);
         return 0;
     }
-    fmt::print("kill points: source_precopy_round source_before_go source_serve_request source_push_batch "
-               "destination_before_device_loaded destination_after_go pager_bulk_before_place; "
-               "after the merge: destination_epoch_send source_epoch_apply destination_epoch_committed\n");
+    // The kill points of the whole matrix, and which wait for the merge.
+    {
+        std::set<std::string> now, later;
+        for (const auto& r : matrix()) {
+            if (r.fault.failpoint.empty()) continue;
+            const std::string point = r.fault.failpoint.substr(0, r.fault.failpoint.find('='));
+            (r.today.outcomes.empty() && !r.merged_on() ? later : now).insert(point);
+        }
+        std::string a, b;
+        for (const auto& p : now) a += " " + p;
+        for (const auto& p : later)
+            if (!now.contains(p)) b += " " + p;
+        fmt::print("kill points:{}\nkill points after the merge:{}\n", a, b);
+    }
     const auto header = fmt::format("{:<40} {:<9} {:<8} {:<26} {:<12} {:<9} {:<5} {:<8} {:>9}  {}", "scenario", "mode",
                                     "workload", "outcome", "check", "kv lost", "dups", "running", "recover", "verdict");
     fmt::print("{}\n{}\n", header, std::string(header.size() + 4, '-'));

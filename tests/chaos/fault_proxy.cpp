@@ -143,6 +143,15 @@ public:
     }
 
     std::string run() {
+        try {
+            return loop();
+        } catch (const std::exception& e) {  // a syscall that must not fail did (fail() names it)
+            return e.what();
+        }
+    }
+
+private:
+    std::string loop() {
         std::vector<epoll_event> evs(64);
         while (!quit_) {
             const auto now = Clock::now();
@@ -163,7 +172,6 @@ public:
         return {};
     }
 
-private:
     void add(int fd, std::uint32_t events, std::uint64_t data) {
         epoll_event e{};
         e.events = events;
