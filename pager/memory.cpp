@@ -250,6 +250,15 @@ Result<std::uint64_t> Pager::poison_missing() {
     if (!uffd_.features().has(UFFD_FEATURE_POISON))
         return logic_error("cannot poison pages that never arrived: the kernel lacks userfaultfd POISON; "
                            "threads blocked on them stay blocked");
+    // Pages that did arrive but are not mapped yet (pre-copied, STAGED: the fault thread
+    // maps one on a fault, and it may be gone) are good: mapped first, so a vCPU blocked
+    // on one goes on. Counted present without on_complete: the session is ending.
+    for (std::uint32_t ri = 0; ri < regions_.size(); ++ri) {
+        if (!regions_[ri].file_backed()) continue;
+        auto n = placer_->map_staged(ri, 0, regions_[ri].pages);
+        if (!n) return std::unexpected(n.error().wrap("mapping the staged pages before poisoning the rest"));
+        present_.fetch_add(*n, std::memory_order_acq_rel);
+    }
     std::uint64_t poisoned = 0;
     for (auto& r : regions_) {
         for (std::uint64_t p = 0; p < r.pages;) {

@@ -142,6 +142,13 @@ void Replicator::lease_loop() {
         std::lock_guard c(commit_mu_);
         fenced_ = true;
     }
+    // A vCPU blocked on a page that has not arrived never parks (pause_vcpus would wait
+    // for it, here or in an epoch's pause holding vcpu_mu_), and no page may arrive any
+    // more: the source may resume the VM. Poisoning every missing page releases such a
+    // vCPU (SIGBUS, as a memory error) and keeps late pages out (claimed, never placed).
+    if (auto p = pager_.poison_missing(); !p)
+        LZ_LOG(error, "replicator_fence_poison", "{}: a vCPU blocked on a missing page may keep the fence waiting",
+               p.error().message());
     {
         std::lock_guard v(vcpu_mu_);
         hooks_.pause_vcpus();

@@ -130,9 +130,11 @@ lazymig::Result<std::vector<std::byte>> Vm::save_state() {
     return blob;
 }
 
-// REQUIRES: an incoming VM whose vCPUs are parked (they start parked).
+// REQUIRES: the vCPUs are parked: an incoming VM (they start parked), or a source taking
+// the VM back from a hybrid checkpoint (the last committed epoch's device state; its
+// memory was written by lazymig before this call).
 lazymig::Result<void> Vm::load_state(std::span<const std::byte> blob) {
-    if (!cfg_.incoming || has_state_) return lazymig::logic_error("load device state: this VM already has state");
+    if (cfg_.incoming && has_state_) return lazymig::logic_error("load device state: this VM already has state");
     auto s = decode_device_state(blob);
     if (!s) return std::unexpected(s.error());
     if (s->kind != cfg_.workload.kind || s->vcpus != cfg_.workload.vcpus || s->memory != cfg_.memory)

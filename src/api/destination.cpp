@@ -293,6 +293,7 @@ private:
             LZ_LOG(info, "destination_rdma", "device={} source_on_demand={} fault_reads={} bulk_reads={} samples_checked={}",
                    rep.device, rep.source_on_demand, rep.fault_reads, rep.bulk_reads, rep.samples_checked);
         }
+        close_channels();
         if (pager_->complete()) {
             // Every page arrived verified: the VM is whole here whatever else happened.
             state_.forget_error();
@@ -766,6 +767,28 @@ private:
     }
 
     bool stop_requested() const { return state_.error().has_value(); }
+
+    // At the end of the session, every thread that used them joined: the sockets close
+    // now, not when the Destination is destroyed. A source blocked sending into a
+    // window this side no longer reads (a pre-copy round, after a refused frame) gets
+    // a reset at once instead of waiting on a peer that will never read again.
+    void close_channels() {
+        {
+            std::lock_guard lock(beat_mu_);
+            beat_out_ = nullptr;
+        }
+        outbox_.reset();
+        {
+            std::lock_guard lock(chan_mu_);
+            bytes_before_ += (urgent_ ? urgent_->bytes_received() : 0);
+            for (const auto& c : bulk_) bytes_before_ += c->bytes_received();
+            channels_ready_.store(false, std::memory_order_release);
+            urgent_.reset();
+            bulk_.clear();
+            bulk_readers_.clear();
+        }
+        replication_.reset();
+    }
 
     // The channels of a link after the urgent one, at first contact and at every
     // recover — the one place that accepts them (a replication channel joins here):

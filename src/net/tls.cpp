@@ -458,8 +458,12 @@ public:
                 io_->compact();
             }
             if (err == SSL_ERROR_ZERO_RETURN || (err == SSL_ERROR_WANT_READ && io_->eof)) return 0;
+            // After the handshake the peer has proved the key: a record that fails its
+            // check was damaged on the link (or by someone on the path). Nothing of it was
+            // believed; the channel is lost like a cut one, so a post-copy pauses and a
+            // recover re-authenticates on a fresh connection.
             if (err != SSL_ERROR_WANT_READ)
-                return peer_violation(fmt::format("{}: TLS: {}", where_, reason));
+                return transport_error(fmt::format("{}: TLS: {}: the channel is dropped", where_, reason), EBADMSG);
             auto n = classify(recv_.recv_some(fd_.get(), io_->rx.data() + io_->tail, io_->rx.size() - io_->tail,
                                               where_));
             if (!n) return std::unexpected(n.error());

@@ -83,40 +83,48 @@ std::vector<Row> matrix() {
                  .fault = {.killed = Side::destination, .failpoint = "destination_epoch_send=kill:3"},
                  .today = {}, .merged = resumed, .needs = "replicate"});
             add({.scenario = "dst-killed-after-commit-before-release", .mode = mode,
-                 .fault = {.killed = Side::destination, .failpoint = "destination_epoch_committed=kill:2"},
+                 .fault = {.killed = Side::destination, .failpoint = "destination_epoch_committed=kill",
+                           .throttle = 20'000'000},
                  .today = {}, .merged = resumed, .needs = "replicate", .in_short = "kv"});
             add({.scenario = "src-killed-epoch-apply", .mode = mode,
                  .fault = {.killed = Side::source, .failpoint = "source_epoch_apply=kill:2"},
                  .today = {}, .merged = {{O::completed, O::stopped_with_error}, ""}, .needs = "replicate"});
         }
     }
-    // Link loss: paused, then migrate-recover, then completed — in every mode.
+    // Link loss. Post-copy: both sides pause, then migrate-recover, then completed.
+    // Hybrid (back-replication on): the destination's lease lapses and fences it, and
+    // the source resumes the VM from the last committed epoch. Pre-copy: the VM never
+    // left the source and runs on there.
     for (const std::string mode : {"postcopy", "hybrid", "precopy"}) {
         const std::string when = mode == "precopy" ? "active" : "postcopy-active";
         const std::uint64_t slow = 20'000'000;  // 64 MiB take seconds: the fault lands mid-transfer
-        add({.scenario = "cut", .mode = mode, .fault = {.wait_status = when, .proxy = {"cut"}, .recover = true, .throttle = slow},
-             .today = {}, .merged = recovered, .needs = "recover", .in_short = mode == "postcopy" ? "kv" : ""});
-        add({.scenario = "cut-recover-new-address", .mode = mode,
-             .fault = {.wait_status = when, .proxy = {"cut"}, .recover = true, .new_address = true, .throttle = slow},
-             .today = {}, .merged = recovered, .needs = "recover"});
+        const bool recovers = mode == "postcopy";
+        const Expect link_lost = recovers ? recovered : resumed;
+        const std::string needs = recovers ? "recover" : mode == "hybrid" ? "replicate" : "";
+        add({.scenario = "cut", .mode = mode, .fault = {.wait_status = when, .proxy = {"cut"}, .recover = recovers, .throttle = slow},
+             .today = {}, .merged = link_lost, .needs = needs, .in_short = mode == "postcopy" ? "kv" : ""});
+        if (recovers)
+            add({.scenario = "cut-recover-new-address", .mode = mode,
+                 .fault = {.wait_status = when, .proxy = {"cut"}, .recover = true, .new_address = true, .throttle = slow},
+                 .today = {}, .merged = recovered, .needs = "recover"});
         add({.scenario = "stall-past-heartbeat", .mode = mode,
-             .fault = {.wait_status = when, .proxy = {"stall 20000"}, .recover = true, .throttle = slow},
-             .today = {}, .merged = recovered, .needs = "recover", .in_short = mode == "hybrid" ? "bank" : ""});
+             .fault = {.wait_status = when, .proxy = {"stall 20000"}, .recover = recovers, .throttle = slow},
+             .today = {}, .merged = mode == "precopy" ? Expect{{O::completed, O::resumed_on_source}, ""} : link_lost,
+             .needs = needs, .in_short = mode == "hybrid" ? "bank" : ""});
         add({.scenario = "close-one-bulk-channel", .mode = mode,
-             .fault = {.wait_status = when, .proxy = {"close 2"}, .recover = true, .throttle = slow},
-             .today = {}, .merged = recovered, .needs = "recover"});
-        // A flipped byte: TLS refuses the record (no bad frame is placed). Today that
-        // fails the migration; in post-copy the VM stops on the destination naming the
-        // pages that never arrived.
-        add({.scenario = "corrupt", .mode = mode, .fault = {.wait_status = when, .proxy = {"corrupt"}, .recover = true, .throttle = slow},
-             .today = mode == "precopy" ? Expect{} : Expect{{O::stopped_with_error}, "TLS"}, .merged = recovered, .needs = "recover",
-             .in_short = mode == "postcopy" ? "bank" : ""});
-        // During pre-copy, the VM never left: today it must keep running on the source.
+             .fault = {.wait_status = when, .proxy = {"close 2"}, .recover = recovers, .throttle = slow},
+             .today = {}, .merged = link_lost, .needs = needs});
+        // A flipped byte: TLS refuses the record (no bad frame is placed); the channel is
+        // lost like a cut one.
+        add({.scenario = "corrupt", .mode = mode,
+             .fault = {.wait_status = when, .proxy = {"corrupt"}, .recover = recovers, .throttle = slow},
+             .today = {}, .merged = link_lost, .needs = needs, .in_short = mode == "postcopy" ? "bank" : ""});
+        // During pre-copy the VM never left: it keeps running on the source.
         if (mode != "postcopy")
             add({.scenario = "corrupt-during-precopy", .mode = mode,
-                 .fault = {.wait_status = "active", .proxy = {"corrupt"}, .recover = true, .throttle = 4'000'000,
+                 .fault = {.wait_status = "active", .proxy = {"corrupt"}, .throttle = 4'000'000,
                            .params = {{"compression", "off"}}},
-                 .today = resumed, .merged = recovered, .needs = "recover"});
+                 .today = resumed, .merged = resumed});
     }
     return rows;
 }

@@ -18,10 +18,10 @@ namespace chaos {
 // ---- Switches for the merge: one line each. ----
 // recover branch: migrate-pause, migrate-recover {"uri"}, phases paused/recovering,
 // --poison-on-loss; link loss pauses both sides instead of failing them.
-constexpr bool kHaveRecover = false;
+constexpr bool kHaveRecover = true;
 // replicate branch: back-replication epochs, output commit, lease; the epoch kill
 // points; the source resumes from the last committed epoch when the destination is lost.
-constexpr bool kHaveReplicate = false;
+constexpr bool kHaveReplicate = true;
 
 enum class Outcome { completed, resumed_on_source, recovered, stopped_with_error, poisoned, other };
 inline const char* name(Outcome o) {

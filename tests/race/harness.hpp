@@ -187,6 +187,7 @@ struct Limits {
     bool poison_on_loss = false;
     std::size_t bulk_channels = 0;  // 0: the library's default
     lazymig::Mode mode = lazymig::Mode::postcopy;
+    std::uint32_t epoch_ms = 50;  // hybrid back-replication, both sides (0: off)
 };
 
 // Source and destination memory of the same shape, and the two endpoints.
@@ -214,7 +215,8 @@ public:
         sec.handshake_timeout = limits.handshake;
         auto dst = lazymig::Destination::listen(
             {.regions = {dst_mem_.region()}, .hooks = dh, .uri = "tcp:127.0.0.1:0",
-             .parameters = {.heartbeat_timeout = limits.heartbeat, .recover_timeout = limits.recover_timeout},
+             .parameters = {.heartbeat_timeout = limits.heartbeat, .recover_timeout = limits.recover_timeout,
+                            .epoch_ms = limits.epoch_ms},
              .security = limits.dst_security.value_or(sec), .poison_on_loss = limits.poison_on_loss});
         REQUIRE_MESSAGE(dst.has_value(), err_of(dst));
         dst_ = std::move(*dst);
@@ -227,6 +229,7 @@ public:
                              }};
         source_params.heartbeat_timeout = limits.heartbeat;
         source_params.recover_timeout = limits.recover_timeout;
+        source_params.epoch_ms = limits.epoch_ms;
         if (limits.bulk_channels) source_params.bulk_channels = static_cast<std::uint32_t>(limits.bulk_channels);
         auto src = lazymig::Source::create({.regions = {src_mem_.region()}, .hooks = sh, .uri = dst_->local_uri(),
                                             .mode = limits.mode, .parameters = source_params,

@@ -184,11 +184,12 @@ TEST_CASE("recover/pause-mid-transfer-then-recover-on-a-new-port") {
 
 // Hybrid: the guest writes 1024 pages at the source during the first pre-copy round
 // (played from the fail point at its first batch), so they are stale at switchover and
-// post-copy fetches them; that post-copy is paused and recovered.
+// post-copy fetches them; that post-copy is paused and recovered. Back-replication off
+// (epoch_ms 0): with it on, a lost link fails over to the source instead (tests/replicate).
 TEST_CASE("recover/hybrid-pause-then-recover") {
     SigbusGuard guard;
     Pair pair(Backing::memfd, 8u << 20, {},
-              {.recover_timeout = 30s, .bulk_channels = 1, .mode = lazymig::Mode::hybrid});
+              {.recover_timeout = 30s, .bulk_channels = 1, .mode = lazymig::Mode::hybrid, .epoch_ms = 0});
     PushGate gate(2);
     auto wrote = std::make_shared<std::atomic<bool>>(false);
     lazymig::failpoint::arm("source_precopy_batch", [&pair, wrote](const lazymig::failpoint::Site&) {
