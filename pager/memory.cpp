@@ -277,6 +277,13 @@ Result<std::uint64_t> Pager::poison_missing() {
             p = end;
         }
     }
+    // Hybrid: a write-protect fault that reached user space (the fault thread may be
+    // gone) would keep its vCPU from ever parking; the write tracking ends with the
+    // session anyway. Unprotecting wakes such a thread.
+    if (tracking_writes_)
+        for (const auto& r : regions_)
+            if (auto w = uffd_.writeprotect(r.guest.host, r.guest.size, false); !w)
+                LZ_LOG(error, "pager_unprotect", "{}", w.error().message());
     LZ_LOG(warn, "pager_poison", "pages={}", poisoned);
     return poisoned;
 }
