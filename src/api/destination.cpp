@@ -529,18 +529,8 @@ private:
             watchdog_->unwatch();
             watchdog_->disarm();
         }
-        {
-            std::lock_guard lock(beat_mu_);
-            beat_out_ = nullptr;
-        }
-        outbox_.reset();
+        close_channels();
         std::lock_guard lock(chan_mu_);
-        bytes_before_ += (urgent_ ? urgent_->bytes_received() : 0);
-        for (const auto& c : bulk_) bytes_before_ += c->bytes_received();
-        channels_ready_.store(false, std::memory_order_release);
-        urgent_.reset();
-        bulk_.clear();
-        bulk_readers_.clear();
         if (link_transport_) {
             refused_before_ += link_transport_->refused();
             link_transport_.reset();

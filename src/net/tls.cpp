@@ -444,6 +444,7 @@ public:
     Result<std::size_t> recv_some(void* dst, std::size_t len) override {
         for (;;) {
             int err = 0;
+            bool alert = false;
             std::string reason;
             {
                 std::lock_guard lock(mu_);
@@ -454,10 +455,15 @@ public:
                     return got;
                 }
                 err = SSL_get_error(ssl_, 0);
+                // An alert is the peer's own word (it refused us: a certificate, a
+                // protocol error); anything else is a record that did not survive the link.
+                alert = ERR_GET_LIB(ERR_peek_error()) == ERR_LIB_SSL &&
+                        ERR_GET_REASON(ERR_peek_error()) >= SSL_AD_REASON_OFFSET;
                 if (err != SSL_ERROR_WANT_READ && err != SSL_ERROR_ZERO_RETURN) reason = ssl_reason();
                 io_->compact();
             }
             if (err == SSL_ERROR_ZERO_RETURN || (err == SSL_ERROR_WANT_READ && io_->eof)) return 0;
+            if (err != SSL_ERROR_WANT_READ && alert) return peer_violation(fmt::format("{}: TLS: {}", where_, reason));
             // After the handshake the peer has proved the key: a record that fails its
             // check was damaged on the link (or by someone on the path). Nothing of it was
             // believed; the channel is lost like a cut one, so a post-copy pauses and a
