@@ -259,6 +259,14 @@ Result<std::uint64_t> Pager::poison_missing() {
         if (!n) return std::unexpected(n.error().wrap("mapping the staged pages before poisoning the rest"));
         present_.fetch_add(*n, std::memory_order_acq_rel);
     }
+    // Hybrid: write tracking protected every page, the missing ones too (uffd-wp PTE
+    // markers, WP_UNPOPULATED), and UFFDIO_POISON refuses to overwrite any marker
+    // (EEXIST): the tracking ends with the session, so it is dropped first — else a vCPU
+    // blocked on such a page is never released and never parks.
+    if (tracking_writes_)
+        for (const auto& r : regions_)
+            if (auto w = uffd_.writeprotect(r.guest.host, r.guest.size, false); !w)
+                return std::unexpected(w.error().wrap("dropping write tracking before poisoning"));
     std::uint64_t poisoned = 0;
     for (auto& r : regions_) {
         for (std::uint64_t p = 0; p < r.pages;) {
@@ -277,13 +285,6 @@ Result<std::uint64_t> Pager::poison_missing() {
             p = end;
         }
     }
-    // Hybrid: a write-protect fault that reached user space (the fault thread may be
-    // gone) would keep its vCPU from ever parking; the write tracking ends with the
-    // session anyway. Unprotecting wakes such a thread.
-    if (tracking_writes_)
-        for (const auto& r : regions_)
-            if (auto w = uffd_.writeprotect(r.guest.host, r.guest.size, false); !w)
-                LZ_LOG(error, "pager_unprotect", "{}", w.error().message());
     LZ_LOG(warn, "pager_poison", "pages={}", poisoned);
     return poisoned;
 }

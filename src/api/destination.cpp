@@ -284,7 +284,15 @@ private:
         if (watchdog_) watchdog_->stop();
         pager_->stop();
         stop_all();  // the bulk receivers end on EOF after success; make sure either way
-        if (replicator_) replicator_->stop();
+        std::uint64_t poisoned_early = 0;
+        if (replicator_) {
+            // An epoch's pause may be waiting for a vCPU blocked on a page that will never
+            // come now (the source is gone): poisoning what never arrived releases it, so
+            // the epoch thread can be joined. The VM stops here below in any case.
+            if (!pager_->complete())
+                if (auto p = pager_->poison_missing(); p) poisoned_early = *p;
+            replicator_->stop();
+        }
         for (auto& t : bulk_threads_)
             if (t.joinable()) t.join();
         if (rdma_) {
@@ -317,7 +325,7 @@ private:
             pages_missing_ = missing;
             const std::string which = describe_runs(pager_->lacking_runs());
             auto poisoned = pager_->poison_missing();
-            if (poisoned) pages_poisoned_ = *poisoned;
+            if (poisoned) pages_poisoned_ = *poisoned + poisoned_early;
             const std::string how = poisoned ? "" : "; " + poisoned.error().message();
             // Hybrid with back-replication: the source resumes the VM from its checkpoint,
             // so this copy must stop whatever poison_on_loss says (never two running copies).
