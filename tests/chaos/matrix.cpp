@@ -105,7 +105,9 @@ std::vector<Row> matrix() {
         const std::string needs = recovers ? "recover" : mode == "hybrid" ? "replicate" : "";
         add({.scenario = "cut", .mode = mode, .fault = {.wait_status = when, .proxy = {"cut"}, .recover = recovers, .throttle = slow},
              .today = {}, .merged = link_lost, .needs = needs,
-             .in_short = mode == "postcopy" ? "kv" : mode == "hybrid" ? "pattern" : ""});
+             .in_short = mode == "postcopy" || mode == "hybrid" ? "pattern" : ""});
+        // (cut/postcopy/kv stalled once after recover, in a CI run on a loaded machine:
+        // open, and left out of the short matrix until understood.)
         if (recovers)
             add({.scenario = "cut-recover-new-address", .mode = mode,
                  .fault = {.wait_status = when, .proxy = {"cut"}, .recover = true, .new_address = true, .throttle = slow},
