@@ -21,7 +21,7 @@ struct Options {
     std::size_t pages = 2048;  // the guest's working set
     std::size_t cold = 4096;   // pages it never touches: with the pusher held they stay
                                // missing, so post-copy lasts until the test releases it
-    std::uint32_t lease_ms = 400;
+    std::uint32_t lease_ms = 2000;  // epoch acks renew it; under ASan an epoch of 8k pages took ~100 ms to commit and 400 ms lapsed
     std::uint64_t staging = 64u << 20;
     std::chrono::milliseconds heartbeat{2'000};
 };
