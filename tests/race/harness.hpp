@@ -55,7 +55,11 @@ inline void expected_page(std::uint64_t page, std::uint64_t* out) {
 }
 
 namespace detail {
-inline thread_local sigjmp_buf* tl_jmp = nullptr;
+// volatile, and fenced in the guarded accesses below: with a plain pointer the compiler
+// drops the store of &env as dead (it is overwritten with nullptr right after the access,
+// and nothing it can see reads it in between), so the handler found no jump and the
+// "guarded" access died of the SIGBUS.
+inline thread_local sigjmp_buf* volatile tl_jmp = nullptr;
 inline void on_sigbus(int, siginfo_t*, void*) {
     if (sigjmp_buf* j = tl_jmp) siglongjmp(*j, 1);
     ::signal(SIGBUS, SIG_DFL);  // not a guarded access: return, fault again, die of it
@@ -87,7 +91,9 @@ inline bool guarded_read(void* dst, const void* src, std::size_t n) {
         return false;
     }
     detail::tl_jmp = &env;
+    std::atomic_signal_fence(std::memory_order_seq_cst);
     std::memcpy(dst, src, n);
+    std::atomic_signal_fence(std::memory_order_seq_cst);
     detail::tl_jmp = nullptr;
     return true;
 }
@@ -98,7 +104,9 @@ inline bool guarded_write(std::uint64_t* dst, std::uint64_t v) {
         return false;
     }
     detail::tl_jmp = &env;
+    std::atomic_signal_fence(std::memory_order_seq_cst);
     *static_cast<volatile std::uint64_t*>(dst) = v;
+    std::atomic_signal_fence(std::memory_order_seq_cst);
     detail::tl_jmp = nullptr;
     return true;
 }
