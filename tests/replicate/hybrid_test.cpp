@@ -205,22 +205,47 @@ TEST_CASE("replicate/epochs-of-10k-dirty-pages") {
 }
 
 TEST_CASE("replicate/staging-overflow-pauses-longer-and-stays-consistent") {
-    // 4 MiB of staging (its least: one frame), 8192 pages that the guest dirties each epoch.
+    // 4 MiB of staging (its least: one frame, 1024 pages), 8192 pages that the guest
+    // dirties as fast as the pages it faults on arrive. How soon an epoch outgrows the
+    // staging area depends on that pace, so the applier is held at the first epoch after
+    // one that did: the source's memory is then the image of an epoch that overflowed, or
+    // of a later one.
     Options o;
     o.pages = 8192;
     o.staging = 1;
+    constexpr std::uint64_t kStagingPages = (4u << 20) / kPage;
+    auto overflowed = std::make_shared<std::atomic<std::uint64_t>>(0);  // the first epoch that did; 0 none yet
+    lazymig::failpoint::arm("destination_epoch_send", [overflowed](const lazymig::failpoint::Site& s) {
+        std::uint64_t none = 0;
+        if (s.count > kStagingPages) overflowed->compare_exchange_strong(none, s.first);
+        return 0;
+    });
+    auto held_at = std::make_shared<std::atomic<std::uint64_t>>(0);
+    auto held = std::make_shared<lazymig::test::Flag>(), go = std::make_shared<lazymig::test::Flag>();
+    lazymig::failpoint::arm("source_epoch_apply", [overflowed, held_at, held, go](const lazymig::failpoint::Site& s) {
+        const std::uint64_t k = overflowed->load();
+        if (k == 0 || s.first <= k) return 0;
+        std::uint64_t none = 0;
+        if (!held_at->compare_exchange_strong(none, s.first)) return 0;  // held once
+        held->set();
+        (void)go->wait_for(60s);
+        return 0;
+    });
     Hybrid h(o);
+    struct Release {
+        std::shared_ptr<lazymig::test::Flag> go;
+        ~Release() { go->set(); }  // a failed check never leaves the applier held
+    } release{go};
     race::PusherHold push;
-    ApplyHold hold(3);
-    h.migrate(2);
-    REQUIRE(h.wait_commits());
-    REQUIRE(hold.held->wait_for(60s));
-    const auto st = h.dst_->stats();
-    CHECK(st.epoch_overflows >= 1);
-    CHECK(h.src_inconsistent(h.count_of_epoch(2)) == 0);
-    hold.go->set();
+    h.migrate(1);
+    REQUIRE_MESSAGE(held->wait_for(60s), "no epoch outgrew the staging area within 60 s");
+    const std::uint64_t at = held_at->load();
+    CHECK(h.dst_->stats().epoch_overflows >= 1);
+    CHECK(h.src_->stats().epochs == at - 1);  // every epoch up to the held one, the overflowed one too
+    CHECK(h.src_inconsistent(h.count_of_epoch(at - 1)) == 0);
+    go->set();
     complete(h, push);
-    CHECK(h.dst_->stats().epoch_largest_pages > 1024);  // more than the staging area holds
+    CHECK(h.dst_->stats().epoch_largest_pages > kStagingPages);  // more than the staging area holds
 }
 
 TEST_CASE("replicate/destination-lost-source-resumes-from-checkpoint") {
