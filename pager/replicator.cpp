@@ -140,8 +140,18 @@ void Replicator::lease_loop() {
         // Output first: from here nothing is released; then the vCPUs. The epoch thread
         // holds vcpu_mu_ while it has them paused, so they are never resumed after this.
         std::lock_guard c(commit_mu_);
+        {
+            std::lock_guard lock(mu_);
+            // RELEASE came after all (complete() ran): the source gave the VM up, even
+            // if later than the lease; it never resumes it, so this copy runs on.
+            if (done_ || stopping_) return;
+        }
         fenced_ = true;
     }
+    {
+        std::lock_guard lock(mu_);  // wakes await_release()
+    }
+    cv_.notify_all();
     // A vCPU blocked on a page that has not arrived never parks (pause_vcpus would wait
     // for it, here or in an epoch's pause holding vcpu_mu_), and no page may arrive any
     // more: the source may resume the VM. Poisoning every missing page releases such a
@@ -174,6 +184,12 @@ void Replicator::ack_loop() {
         auto payload = reader.read_control(**h);
         if (!payload) return fail(payload.error());
         if ((*h)->type == proto::Type::error) return fail(net::peer_error(*payload, where));
+        if ((*h)->type == proto::Type::release) {
+            if (!complete_sent_.load(std::memory_order_acquire))
+                return fail(Error{0, fmt::format("{}: RELEASE before COMPLETE", where), ErrorClass::peer_violation});
+            LZ_LOG(info, "replicator_released", "committed={}", committed());
+            return complete();
+        }
         if ((*h)->type != proto::Type::epoch_ack)
             return fail(Error{0, fmt::format("{}: unexpected {}", where, proto::to_string((*h)->type)),
                               ErrorClass::peer_violation});
@@ -213,6 +229,19 @@ void Replicator::commit(std::uint64_t n) {
         if (hooks_.on_epoch_committed) hooks_.on_epoch_committed(n);
     }
     cv_.notify_all();  // an epoch slot is free
+}
+
+void Replicator::complete_sent() {
+    complete_sent_.store(true, std::memory_order_release);
+}
+
+bool Replicator::await_release() {
+    // The lease thread fences at the lease's end if RELEASE has not come: that bounds
+    // this wait (the second bound only guards against a lease thread that ended early).
+    std::unique_lock lock(mu_);
+    const bool ended = cv_.wait_for(lock, cfg_.lease * 2 + std::chrono::seconds(1),
+                                    [&] { return done_ || stopping_ || fenced_.load(); });
+    return ended && done_ && !fenced_.load();
 }
 
 void Replicator::complete() {

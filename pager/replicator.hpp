@@ -14,6 +14,11 @@
 //                    then answers EPOCH_ACK{n} (precopy/epoch_applier.hpp).
 //   EPOCH_ACK{n}:    the lease is renewed, then VmmHooks::on_epoch_committed(n) releases
 //                    the output of every epoch up to n (output commit).
+//   COMPLETE → RELEASE: every page arrived; the source read COMPLETE and answers RELEASE
+//                    (it will never resume the VM): epochs and the lease end, all output
+//                    is released. Until RELEASE the lease holds as before: a COMPLETE
+//                    lost with the link must not leave this copy running while the
+//                    source resumes the VM after the lease.
 //
 // Staging bound (Parameters::epoch_staging_bytes): when an epoch's written pages do not
 // fit, the vCPUs stay paused while the staged part is sent and the rest is staged in
@@ -109,11 +114,12 @@ public:
     [[nodiscard]] std::uint64_t open_epoch() const { return open_.load(std::memory_order_acquire); }
     [[nodiscard]] std::uint64_t committed() const { return committed_.load(std::memory_order_acquire); }
     [[nodiscard]] bool fenced() const { return fenced_.load(std::memory_order_acquire); }
-    // Every page arrived and COMPLETE was sent: epochs and the lease end (the source
-    // completes on COMPLETE and never resumes the VM), and every epoch's output is
-    // released: on_epoch_committed(open_epoch()) once, unless fenced. Any thread but the
-    // Replicator's own; idempotent.
-    void complete();
+    // Every page arrived and COMPLETE was sent: from here RELEASE may come.
+    void complete_sent();
+    // Waits for RELEASE (the source read COMPLETE and will never resume the VM) or the
+    // fence, whichever comes first; bounded by the lease. True: released, the VM runs on
+    // here. False: fenced (or stopped): the source may resume the VM.
+    [[nodiscard]] bool await_release();
     [[nodiscard]] const ReplicatorStats& stats() const { return stats_; }
     [[nodiscard]] std::size_t staging_bytes() const { return staging_size_; }
 
@@ -131,6 +137,9 @@ private:
     void renew(Clock::time_point anchor);
     void fail(const Error& e);
     void commit(std::uint64_t n);
+    // RELEASE read (ack thread): epochs and the lease end, and every epoch's output is
+    // released: on_epoch_committed(open_epoch()) once, unless fenced. Idempotent.
+    void complete();
 
     Pager& pager_;
     const VmmHooks& hooks_;
@@ -159,11 +168,11 @@ private:
 
     std::mutex vcpu_mu_;  // held from pause_vcpus to resume_vcpus; fence() takes it
     std::atomic<std::uint64_t> open_{1}, committed_{0};
-    std::atomic<bool> fenced_{false};
+    std::atomic<bool> fenced_{false}, complete_sent_{false};
 
     std::mutex mu_;  // the lease, in-flight epochs, heartbeat send times, stopping_
     std::condition_variable cv_;  // stop, a renewal, an ack
-    bool stopping_ = false, done_ = false;  // done_: complete() was called
+    bool stopping_ = false, done_ = false;  // done_: RELEASE came (complete())
     Clock::time_point lease_end_{};
     std::array<Clock::time_point, kMaxInFlight> end_sent_{};  // by epoch % kMaxInFlight
     std::uint64_t last_sent_ = 0;

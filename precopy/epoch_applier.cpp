@@ -229,7 +229,10 @@ Result<void> EpochApplier::run(net::FrameReader& reader, const std::function<voi
                    open->device_bytes);
             const std::uint64_t n = open->epoch;
             open.reset();
-            if (auto s = net::send_frame(reader.channel(), proto::encode(proto::EpochAck{n})); !s) return s;
+            {
+                std::lock_guard lock(send_mu_);
+                if (auto s = net::send_frame(reader.channel(), proto::encode(proto::EpochAck{n})); !s) return s;
+            }
             if (on_ack_sent) on_ack_sent();
             continue;
         }
@@ -237,6 +240,12 @@ Result<void> EpochApplier::run(net::FrameReader& reader, const std::function<voi
             return peer_violation(fmt::format("{}: unexpected {} on the replication channel", where, proto::to_string(type)));
         }
     }
+}
+
+Result<void> EpochApplier::release(net::Channel& channel) {
+    static const proto::Frame frame = proto::encode_empty(proto::Type::release);
+    std::lock_guard lock(send_mu_);
+    return net::send_frame(channel, frame);
 }
 
 }  // namespace lazymig::source

@@ -52,6 +52,9 @@ public:
     // renewal of the destination's lease). Returns at a clean close between epochs or
     // with the error that ended it.
     [[nodiscard]] Result<void> run(net::FrameReader& reader, const std::function<void()>& on_ack_sent);
+    // The source read COMPLETE and gave the VM up: sends RELEASE on `channel` (the one
+    // run() reads; sends are serialised with its acks). Any thread.
+    [[nodiscard]] Result<void> release(net::Channel& channel);
 
     [[nodiscard]] std::uint64_t committed() const { return committed_.load(std::memory_order_acquire); }
     [[nodiscard]] std::vector<std::byte> checkpoint() const;
@@ -78,6 +81,7 @@ private:
     std::vector<std::uint32_t> crcs_;
     std::vector<const std::byte*> ptrs_;
     std::vector<std::byte> device_;
+    std::mutex send_mu_;  // EPOCH_ACK (run()) and RELEASE (release()) share the channel
 
     mutable std::mutex mu_;
     std::vector<std::byte> checkpoint_;

@@ -27,7 +27,7 @@ Result<void> serve_loop(net::FrameReader& frames, net::Channel& urgent, std::spa
                         PageFramer& framer, SentMap& sent, Pusher* pusher, SourceStats& stats, DemandGate& gate,
                         const std::function<Result<void>()>& on_resumed,
                         const std::function<Result<void>()>& on_device_loaded, const std::function<void()>& on_echo,
-                        bool resumed) {
+                        bool resumed, const std::function<Result<void>()>& on_complete) {
     bool loaded = !on_device_loaded;
     for (;;) {
         auto h = frames.next();
@@ -55,7 +55,11 @@ Result<void> serve_loop(net::FrameReader& frames, net::Channel& urgent, std::spa
             continue;
         case proto::Type::complete:
             if (!resumed) return peer_violation(fmt::format("{}: COMPLETE before RESUMED", frames.where()));
+            // An error here: the link died with COMPLETE unread (the source never acts on it).
+            if (int e = failpoint::check("source_complete_read", 0, 0, 0))
+                return transport_error(fmt::format("{}: failpoint source_complete_read", frames.where()), e);
             LZ_LOG(info, "source_complete", "requests={} demanded={}", stats.requests.get(), stats.demanded_pages.get());
+            if (on_complete) return on_complete();
             return {};
         case proto::Type::error:
             return std::unexpected(net::peer_error(*payload, frames.where()));

@@ -265,8 +265,10 @@ private:
                                       Pusher* pusher, SourceStats& stats, DemandGate& gate,
                                       const std::function<Result<void>()>& on_resumed,
                                       const std::function<Result<void>()>& on_device_loaded = {},
-                                      const std::function<void()>& on_echo = {}, bool resumed = false);
+                                      const std::function<void()>& on_echo = {}, bool resumed = false,
+                                      const std::function<Result<void>()>& on_complete = {});
 // resumed: the destination runs the VM already (a link after recover): no RESUMED comes.
+// on_complete: called when COMPLETE is read; its error is the loop's.
 // With on_device_loaded: DEVICE_LOADED must come (once) before RESUMED and calls it (the
 // session sends GO there); requests are served meanwhile. HEARTBEATs are echoed, and
 // on_echo is called after each echo was sent (hybrid: the echo renews the destination's

@@ -12,7 +12,9 @@
 // pre-copy round; first = the round's number), source_precopy_batch, source_before_go,
 // destination_before_device_loaded, destination_after_go.
 // Named for issue 11 (the epoch points; sites pass (0, epoch, pages)):
-// destination_epoch_send, source_epoch_apply, destination_epoch_committed.
+// destination_epoch_send, source_epoch_apply, destination_epoch_committed;
+// source_complete_read (COMPLETE read, before the source acts on it: an error there is a
+// link that died with COMPLETE unread).
 // recover_handshake (either side, in the resume handshake of a recover(): source after
 // connecting, before RESUME; destination after accepting RESUME, before LACKING — an
 // error there is a link failure: paused again).

@@ -156,6 +156,7 @@ std::string_view to_string(Type t) noexcept {
     case Type::epoch_device: return "EPOCH_DEVICE";
     case Type::epoch_end: return "EPOCH_END";
     case Type::epoch_ack: return "EPOCH_ACK";
+    case Type::release: return "RELEASE";
     case Type::invalid: break;
     }
     return "INVALID";

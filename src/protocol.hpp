@@ -148,12 +148,13 @@ enum class Type : std::uint8_t {
     epoch_device = 82,
     epoch_end = 83,
     epoch_ack = 84,
+    release = 85,  // replication, to the destination: the source read COMPLETE (see below)
 };
 inline constexpr std::uint8_t kTypeLast = 11;
 inline constexpr std::uint8_t kPrecopyTypeFirst = 50, kPrecopyTypeLast = 55;
 inline constexpr std::uint8_t kRdmaTypeFirst = 60, kRdmaTypeLast = 66;
 inline constexpr std::uint8_t kRecoverTypeFirst = 70, kRecoverTypeLast = 72;
-inline constexpr std::uint8_t kEpochTypeFirst = 80, kEpochTypeLast = 84;
+inline constexpr std::uint8_t kEpochTypeFirst = 80, kEpochTypeLast = 85;
 // A type this build speaks (any of the ranges above).
 [[nodiscard]] bool known_type(std::uint8_t t) noexcept;
 // PAGES, PRECOPY_PAGES, PRECOPY_LZ4, EPOCH_PAGES: page data, bounded by kMaxPagesPayload.
@@ -296,6 +297,16 @@ using Frame = std::vector<std::byte>;
 //                                                  and EPOCH_DEVICE frames, in order
 //   ─ replication ─ EPOCH_ACK{n} ──►   the source applied epoch n whole: the
 //                                      destination releases n's output (output commit)
+//            ◄── COMPLETE (urgent)
+//   ─ replication ─ RELEASE ──►         the source read COMPLETE and will never resume
+//                                      the VM: the destination's lease and held output
+//                                      end here, not at COMPLETE. A link lost before
+//                                      RELEASE arrives fences the destination when its
+//                                      lease lapses, and the source (which sends RELEASE
+//                                      only once it has given the VM up for good, and
+//                                      fails over if it cannot send it) may resume it:
+//                                      never two running copies; if RELEASE was sent but
+//                                      never read, none (both sides say so).
 // Epochs are numbered 1, 2, 3... without gaps; the source applies an epoch only once it
 // is whole and every checksum matched (a partial epoch is discarded, a bad checksum is
 // a peer violation). EPOCH_BEGIN's counts bound what the source accepts for the epoch.

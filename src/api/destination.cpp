@@ -264,11 +264,11 @@ private:
     void maybe_send_complete() {
         if (!resumed_sent_.load() || !pager_->complete() || complete_sent_.exchange(true)) return;
         postcopy_ms_ = api::ms_since(resumed_at_);
+        // Hybrid: epochs, the lease and held output go on until the source's RELEASE says
+        // it read COMPLETE (session() waits for it): a COMPLETE lost with the link must
+        // not leave the VM running here while the source resumes it after the lease.
+        if (auto* rep = replicator_ready_.load(std::memory_order_acquire)) rep->complete_sent();
         if (auto r = send_small(proto::encode_empty(proto::Type::complete), "COMPLETE"); !r) return fail(r.error());
-        // The source completes on COMPLETE and never resumes the VM: epochs, the lease and
-        // held output end here. (A link lost before the source read COMPLETE would let it
-        // fail over after the lease while the VM runs on here: not closed yet.)
-        if (auto* rep = replicator_ready_.load(std::memory_order_acquire)) rep->complete();
     }
 
     void session() {
@@ -281,6 +281,12 @@ private:
             teardown_link();
             r = pause_and_recover();
         }
+        // Every page is here and COMPLETE went out: the VM runs on here only once the
+        // source's RELEASE says it will never resume it; without RELEASE the lease lapses
+        // and fences this side (bounded by the lease).
+        bool released = true;
+        if (auto* rep = replicator_ready_.load(std::memory_order_acquire); rep && complete_sent_.load())
+            released = rep->await_release();
         if (watchdog_) watchdog_->stop();
         pager_->stop();
         stop_all();  // the bulk receivers end on EOF after success; make sure either way
@@ -302,6 +308,24 @@ private:
                    rep.device, rep.source_on_demand, rep.fault_reads, rep.bulk_reads, rep.samples_checked);
         }
         close_channels();
+        if (pager_->complete() && !released) {
+            // The fence paused the vCPUs; a lease a misbehaving source kept renewing
+            // without RELEASE ends the wait too, and this side stops the VM itself.
+            if (!replicator_->fenced()) cfg_.hooks.pause_vcpus();
+            vm_stopped_ = true;
+            const Error e{ETIMEDOUT,
+                          fmt::format("destination: every page arrived and COMPLETE was sent, but the source's RELEASE "
+                                      "did not come within the lease ({} ms): vCPUs paused and output held (fenced). If "
+                                      "the source did not read COMPLETE it resumes the VM from epoch {}; if it did, it "
+                                      "reports completed and no copy runs: resume this one only then",
+                                      cfg_.parameters.lease_ms, replicator_->committed()),
+                          ErrorClass::transport_lost};
+            state_.forget_error();
+            state_.record(e);
+            state_.set_phase(Phase::failed, e.message());
+            state_.emit(Event{Event::Kind::error, Phase::failed, e.message()});
+            return;
+        }
         if (pager_->complete()) {
             // Every page arrived verified: the VM is whole here whatever else happened.
             state_.forget_error();

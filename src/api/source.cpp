@@ -363,7 +363,23 @@ private:
             std::vector<net::Channel*> bulk;
             for (auto& c : bulk_) bulk.push_back(c.get());
             return pusher_->start(std::move(bulk), [this](const Error& e) { fail(e.wrap("source: pusher")); });
-        }, go, [this] { note_renewal(); });
+        }, go, [this] { note_renewal(); }, false, [this] { return on_complete(); });
+    }
+
+    // COMPLETE was read. Hybrid with back-replication: from here this side never resumes
+    // the VM (completed_: every later error is an echo of the end), and RELEASE tells the
+    // destination so — its lease and held output end on RELEASE, not on COMPLETE. If
+    // RELEASE cannot be sent the destination never reads it: it fences when its lease
+    // lapses, and this side takes the VM back after the lease as on any link loss.
+    Result<void> on_complete() {
+        if (!applier_) return {};
+        completed_ = true;
+        if (auto r = applier_->release(*replication_); !r) {
+            completed_ = false;
+            return std::unexpected(r.error().wrap("source: sending RELEASE after COMPLETE"));
+        }
+        LZ_LOG(info, "source_release", "committed={}", applier_->committed());
+        return {};
     }
 
     // Rounds while the VM runs here, until the policy decides (precopy/precopy.hpp). A

@@ -89,7 +89,7 @@ TEST_CASE("protocol/rejects-unknown-type") {
     CHECK(header_error(raw_header(79, 0)) == "urgent channel: unknown message type 79");
     for (unsigned t = proto::kEpochTypeFirst; t <= proto::kEpochTypeLast; ++t)
         CHECK(header_error(raw_header(t, 0)) == "(accepted)");
-    CHECK(header_error(raw_header(85, 0)) == "urgent channel: unknown message type 85");
+    CHECK(header_error(raw_header(86, 0)) == "urgent channel: unknown message type 86");
     // EPOCH_PAGES is held to the PAGES limit, EPOCH_DEVICE to the device-state limit.
     CHECK(header_error(raw_header(81, proto::kMaxPagesPayload + 1)) ==
           "urgent channel: EPOCH_PAGES frame of 67108865 bytes exceeds the limit of 67108864");

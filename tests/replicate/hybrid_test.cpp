@@ -307,3 +307,57 @@ TEST_CASE("replicate/lapsed-lease-fences-the-destination") {
     h.src_guest_->pause();
     CHECK(h.src_inconsistent(h.src_guest_->count()) == 0);
 }
+
+TEST_CASE("replicate/complete-lost-with-the-link-fences-the-destination") {
+    // Every page arrives and the destination sends COMPLETE, but the source never reads
+    // it (the link dies there): the source fails over after the lease, so the destination
+    // must not run on. It waits for RELEASE, which never comes, and fences.
+    lazymig::failpoint::arm("source_complete_read", [](const lazymig::failpoint::Site&) { return ECONNRESET; });
+    Options o;
+    o.pages = 256;
+    o.cold = 256;
+    o.lease_ms = 500;
+    Hybrid h(o);
+    h.migrate(1);
+    auto d = race::bounded_wait(*h.dst_);
+    REQUIRE_FALSE(d.has_value());
+    CHECK_MESSAGE(d.error().message().find("every page arrived and COMPLETE was sent, but the source's RELEASE did not "
+                                           "come within the lease (500 ms): vCPUs paused and output held (fenced)") !=
+                      std::string::npos,
+                  d.error().message());
+    const auto ds = h.dst_->stats();
+    CHECK(ds.fenced);
+    CHECK(ds.vm_stopped);
+    CHECK(ds.phase == lazymig::Phase::failed);
+    auto s = race::bounded_wait(*h.src_);
+    REQUIRE_FALSE(s.has_value());
+    CHECK_MESSAGE(s.error().message().find("failpoint source_complete_read") != std::string::npos, s.error().message());
+    const auto ss = h.src_->stats();
+    CHECK(ss.resumed_on_source);
+    REQUIRE(h.src_resumed_.wait_for(1s));
+    CHECK(h.dst_guest_->resumes() <= h.dst_guest_->pauses());  // stopped there: one running copy
+    h.src_guest_->pause();
+    CHECK(h.src_inconsistent(h.src_guest_->count()) == 0);
+}
+
+TEST_CASE("replicate/release-ends-the-lease-after-complete") {
+    // The normal end: RELEASE answers COMPLETE; the destination completes, its output
+    // is all released, and the source never resumes the VM.
+    Options o;
+    o.pages = 256;
+    o.cold = 256;
+    o.lease_ms = 500;
+    Hybrid h(o);
+    h.migrate(1);
+    auto d = race::bounded_wait(*h.dst_);
+    auto s = race::bounded_wait(*h.src_);
+    REQUIRE_MESSAGE(d.has_value(), err_of(d));
+    REQUIRE_MESSAGE(s.has_value(), err_of(s));
+    CHECK_FALSE(h.dst_->stats().fenced);
+    CHECK_FALSE(h.src_->stats().resumed_on_source);
+    const auto commits = h.commits();
+    REQUIRE_FALSE(commits.empty());
+    CHECK(commits.back() == h.dst_->open_epoch());  // RELEASE released the open epoch's output too
+    h.dst_guest_->pause();
+    CHECK(h.dst_inconsistent(h.dst_guest_->count()) == 0);
+}
