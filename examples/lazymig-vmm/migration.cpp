@@ -207,16 +207,19 @@ void Migration::finish(Role role, lazymig::Result<void> outcome, const lazymig::
     }
 }
 
+// The session of the migration in progress (exactly one of the two is set). REQUIRES:
+// ctl_mu_ held, so that it stays until the caller is done with it.
+lazymig::Result<std::pair<lazymig::Source*, lazymig::Destination*>> Migration::in_progress() {
+    std::lock_guard lock(mu_);
+    if (role_ == Role::none || finished_) return lazymig::logic_error("no migration in progress");
+    return std::pair{source_.get(), dest_.get()};
+}
+
 lazymig::Result<void> Migration::cancel() {
     std::lock_guard ctl(ctl_mu_);
-    lazymig::Source* src = nullptr;
-    lazymig::Destination* dst = nullptr;
-    {
-        std::lock_guard lock(mu_);
-        if (role_ == Role::none || finished_) return lazymig::logic_error("no migration in progress");
-        src = source_.get();
-        dst = dest_.get();
-    }
+    auto running = in_progress();
+    if (!running) return std::unexpected(running.error());
+    auto [src, dst] = *running;
     // Post-copy: the VM runs on the destination with part of its memory still here;
     // cancelling would lose it on both sides (QEMU refuses it too).
     const auto phase = src ? src->stats().phase : dst->stats().phase;
@@ -233,28 +236,18 @@ lazymig::Result<void> Migration::cancel() {
 
 lazymig::Result<void> Migration::pause() {
     std::lock_guard ctl(ctl_mu_);
-    lazymig::Source* src = nullptr;
-    lazymig::Destination* dst = nullptr;
-    {
-        std::lock_guard lock(mu_);
-        if (role_ == Role::none || finished_) return lazymig::logic_error("no migration in progress");
-        src = source_.get();
-        dst = dest_.get();
-    }
+    auto running = in_progress();
+    if (!running) return std::unexpected(running.error());
+    auto [src, dst] = *running;
     log_event("migration_pause", "role={}", src ? "source" : "destination");
     return src ? src->pause() : dst->pause();
 }
 
 lazymig::Result<std::string> Migration::recover(const std::string& uri) {
     std::lock_guard ctl(ctl_mu_);
-    lazymig::Source* src = nullptr;
-    lazymig::Destination* dst = nullptr;
-    {
-        std::lock_guard lock(mu_);
-        if (role_ == Role::none || finished_) return lazymig::logic_error("no migration in progress");
-        src = source_.get();
-        dst = dest_.get();
-    }
+    auto running = in_progress();
+    if (!running) return std::unexpected(running.error());
+    auto [src, dst] = *running;
     if (src) {
         if (auto r = src->recover(uri); !r) return std::unexpected(r.error());
         log_event("migration_recover", "role=source uri={}", uri);

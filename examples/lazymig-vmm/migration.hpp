@@ -24,6 +24,7 @@
 #include <optional>
 #include <string>
 #include <thread>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 
@@ -88,6 +89,7 @@ private:
     [[nodiscard]] lazymig::VmmHooks hooks(Role role);
     void finish(Role role, lazymig::Result<void> outcome, const lazymig::Stats& end);  // on the waiter thread
     void join_waiter();
+    [[nodiscard]] lazymig::Result<std::pair<lazymig::Source*, lazymig::Destination*>> in_progress();
     template <class Endpoint>
     [[nodiscard]] lazymig::Result<void> start_waiter(Role role, Endpoint& endpoint);
 

@@ -308,16 +308,15 @@ TEST_CASE("replicate/lapsed-lease-fences-the-destination") {
     CHECK(h.src_inconsistent(h.src_guest_->count()) == 0);
 }
 
+// A VM whose post-copy ends at once (the pusher runs), on a lease that lapses soon.
+const Options kSmallShortLease{.pages = 256, .cold = 256, .lease_ms = 500};
+
 TEST_CASE("replicate/complete-lost-with-the-link-fences-the-destination") {
     // Every page arrives and the destination sends COMPLETE, but the source never reads
     // it (the link dies there): the source fails over after the lease, so the destination
     // must not run on. It waits for RELEASE, which never comes, and fences.
     lazymig::failpoint::arm("source_complete_read", [](const lazymig::failpoint::Site&) { return ECONNRESET; });
-    Options o;
-    o.pages = 256;
-    o.cold = 256;
-    o.lease_ms = 500;
-    Hybrid h(o);
+    Hybrid h(kSmallShortLease);
     h.migrate(1);
     auto d = race::bounded_wait(*h.dst_);
     REQUIRE_FALSE(d.has_value());
@@ -343,11 +342,7 @@ TEST_CASE("replicate/complete-lost-with-the-link-fences-the-destination") {
 TEST_CASE("replicate/release-ends-the-lease-after-complete") {
     // The normal end: RELEASE answers COMPLETE; the destination completes, its output
     // is all released, and the source never resumes the VM.
-    Options o;
-    o.pages = 256;
-    o.cold = 256;
-    o.lease_ms = 500;
-    Hybrid h(o);
+    Hybrid h(kSmallShortLease);
     h.migrate(1);
     auto d = race::bounded_wait(*h.dst_);
     auto s = race::bounded_wait(*h.src_);
