@@ -9,8 +9,10 @@
 #pragma once
 
 #include <doctest/doctest.h>
+#include <netinet/in.h>
 #include <setjmp.h>
 #include <signal.h>
+#include <sys/socket.h>
 
 #include <atomic>
 #include <chrono>
@@ -26,6 +28,7 @@
 
 #include "lazymig/lazymig.hpp"
 #include "src/failpoint.hpp"
+#include "src/net/socket.hpp"
 #include "tests/flag.hpp"
 #include "tests/tls_key.hpp"
 
@@ -39,6 +42,39 @@ inline constexpr auto kLimit = std::chrono::seconds(60);
 template <class T>
 std::string err_of(const lazymig::Result<T>& r) {
     return r ? std::string("(no error)") : r.error().message();
+}
+
+// The port of a "tcp:host:port" uri.
+inline std::uint16_t port_of(const std::string& uri) {
+    auto ep = lazymig::net::parse_uri(uri);
+    REQUIRE_MESSAGE(ep.has_value(), err_of(ep));
+    return ep->port;
+}
+
+// A plain TCP connection to 127.0.0.1:port whose reads give up after 20 s (a failure
+// detector: the listener must answer or close it long before).
+inline int connect_to(std::uint16_t port) {
+    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(fd >= 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    REQUIRE_MESSAGE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0, std::strerror(errno));
+    timeval tv{20, 0};
+    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    return fd;
+}
+
+// Polls `pred` until it holds or `limit` passes (a state with a deadline, not ordering).
+template <class Pred>
+bool eventually(Pred pred, std::chrono::milliseconds limit = std::chrono::seconds(20)) {
+    const auto end = std::chrono::steady_clock::now() + limit;
+    while (!pred()) {
+        if (std::chrono::steady_clock::now() > end) return false;
+        std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return true;
 }
 
 // The source's contents: a hash of (page, word); every 7th page is zero so zero pages

@@ -22,25 +22,6 @@ using namespace std::chrono_literals;
 
 namespace {
 
-std::uint16_t port_of(const std::string& uri) {
-    auto ep = lazymig::net::parse_uri(uri);
-    REQUIRE_MESSAGE(ep.has_value(), err_of(ep));
-    return ep->port;
-}
-
-int connect_to(std::uint16_t port) {
-    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    REQUIRE(fd >= 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(port);
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE_MESSAGE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0, std::strerror(errno));
-    timeval tv{20, 0};  // a failure detector: the listener must close it long before
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    return fd;
-}
-
 // Reads until the listener closes the connection; true if no byte of a lazymig frame
 // came back (a TLS alert may).
 bool closed_without_frames(int fd) {
@@ -52,16 +33,6 @@ bool closed_without_frames(int fd) {
         if (n < 0) return false;  // the timeout: never closed
         if (n >= 4 && std::memcmp(buf, "LZMG", 4) == 0) frame = true;
     }
-}
-
-template <class Pred>
-bool eventually(Pred pred, std::chrono::milliseconds limit = 20s) {
-    const auto end = std::chrono::steady_clock::now() + limit;
-    while (!pred()) {
-        if (std::chrono::steady_clock::now() > end) return false;
-        std::this_thread::sleep_for(10ms);  // polling a state with a deadline, not ordering
-    }
-    return true;
 }
 
 }  // namespace

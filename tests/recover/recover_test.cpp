@@ -22,22 +22,6 @@ using lazymig::Phase;
 
 namespace {
 
-std::uint16_t port_of(const std::string& uri) {
-    auto ep = lazymig::net::parse_uri(uri);
-    REQUIRE_MESSAGE(ep.has_value(), err_of(ep));
-    return ep->port;
-}
-
-template <class Pred>
-bool eventually(Pred pred, std::chrono::milliseconds limit = 20s) {
-    const auto end = std::chrono::steady_clock::now() + limit;
-    while (!pred()) {
-        if (std::chrono::steady_clock::now() > end) return false;
-        std::this_thread::sleep_for(5ms);  // polling a state with a deadline, not ordering
-    }
-    return true;
-}
-
 bool both_in(Pair& pair, Phase p) {
     return eventually([&] { return pair.src().stats().phase == p && pair.dst().stats().phase == p; });
 }
@@ -300,19 +284,6 @@ TEST_CASE("recover/second-failure-while-recovering-pauses-again-then-recovers") 
 }
 
 namespace {
-
-int connect_to(std::uint16_t port) {
-    const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    REQUIRE(fd >= 0);
-    sockaddr_in a{};
-    a.sin_family = AF_INET;
-    a.sin_port = htons(port);
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    REQUIRE_MESSAGE(::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) == 0, std::strerror(errno));
-    timeval tv{20, 0};  // a failure detector: the listener must answer long before
-    ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    return fd;
-}
 
 // Reads one frame over TLS: its type and payload (type invalid on failure).
 std::pair<lazymig::proto::Type, std::vector<std::byte>> read_frame(SSL* ssl) {
