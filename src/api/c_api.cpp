@@ -419,3 +419,67 @@ int lazymig_destination_recovery_stats(const lazymig_destination* dst, lazymig_r
 }
 
 }  // extern "C"
+
+int lazymig_destination_listen_hybrid(const lazymig_region* regions, size_t count, const lazymig_hooks* hooks,
+                                      const char* uri, const char* auth, uint32_t recover_timeout_ms,
+                                      int poison_on_loss, uint32_t epoch_ms, uint32_t lease_ms,
+                                      void (*on_committed)(void* ctx, uint64_t epoch), lazymig_destination** out) {
+    if (!regions || !hooks || !uri || !out) return fail_text("lazymig_destination_listen_hybrid: null argument");
+    auto sec = parse_auth(auth);
+    if (!sec) return fail(sec.error());
+    return guarded([&] {
+        lazymig::Parameters params;
+        if (recover_timeout_ms) params.recover_timeout = std::chrono::milliseconds(recover_timeout_ms);
+        params.epoch_ms = epoch_ms;
+        if (lease_ms) params.lease_ms = lease_ms;
+        auto h = to_hooks(*hooks);
+        if (on_committed) h.on_epoch_committed = [on_committed, ctx = hooks->ctx](std::uint64_t n) { on_committed(ctx, n); };
+        auto d = lazymig::Destination::listen({.regions = to_regions(regions, count), .hooks = std::move(h),
+                                               .uri = uri, .parameters = params, .security = *sec,
+                                               .poison_on_loss = poison_on_loss != 0});
+        if (!d) return fail(d.error());
+        *out = new lazymig_destination{std::move(*d)};
+        return 0;
+    });
+}
+
+uint64_t lazymig_destination_open_epoch(const lazymig_destination* dst) {
+    return dst ? dst->impl->open_epoch() : 0;
+}
+
+int lazymig_source_set_replication(lazymig_source* src, uint32_t epoch_ms, uint32_t lease_ms) {
+    if (!src) return fail_text("lazymig_source_set_replication: null argument");
+    std::lock_guard lock(src->mu);
+    src->params.epoch_ms = epoch_ms;
+    if (lease_ms) src->params.lease_ms = lease_ms;
+    src->impl->set_parameters(src->params);
+    return 0;
+}
+
+namespace {
+void to_c_replication(const lazymig::Stats& s, lazymig_replication_stats* o) {
+    *o = lazymig_replication_stats{.epochs = s.epochs, .epochs_committed = s.epochs_committed,
+                                   .epoch_pages = s.epoch_pages, .epoch_overflows = s.epoch_overflows,
+                                   .pause_p50_us = s.epoch_pause.p50_us, .pause_p99_us = s.epoch_pause.p99_us,
+                                   .pause_max_us = s.epoch_pause.max_us, .commit_p50_us = s.epoch_commit.p50_us,
+                                   .commit_p99_us = s.epoch_commit.p99_us, .fenced = s.fenced ? 1 : 0,
+                                   .resumed_on_source = s.resumed_on_source ? 1 : 0,
+                                   .resumed_from_epoch = s.resumed_from_epoch};
+}
+}  // namespace
+
+int lazymig_source_replication_stats(const lazymig_source* src, lazymig_replication_stats* out) {
+    if (!src || !out) return fail_text("lazymig_source_replication_stats: null argument");
+    return guarded([&] {
+        to_c_replication(src->impl->stats(), out);
+        return 0;
+    });
+}
+
+int lazymig_destination_replication_stats(const lazymig_destination* dst, lazymig_replication_stats* out) {
+    if (!dst || !out) return fail_text("lazymig_destination_replication_stats: null argument");
+    return guarded([&] {
+        to_c_replication(dst->impl->stats(), out);
+        return 0;
+    });
+}

@@ -59,6 +59,13 @@ public:
     Result<void> migrate() override {
         std::lock_guard lock(mu_);
         if (started_) return logic_error("source: migrate() was already called for this migration");
+        {
+            // What set_parameters() said before migrate() about replication holds for the
+            // whole migration (read by the session without a lock).
+            std::lock_guard plock(params_mu_);
+            cfg_.parameters.epoch_ms = params_.epoch_ms;
+            cfg_.parameters.lease_ms = params_.lease_ms;
+        }
         if (cfg_.mode != Mode::postcopy) {
             precopy_ = std::make_unique<source::Precopy>(
                 cfg_.regions, *reader_, sent_, stats_,

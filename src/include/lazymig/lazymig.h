@@ -192,6 +192,38 @@ typedef struct lazymig_recovery_stats {
 LAZYMIG_API int lazymig_source_recovery_stats(const lazymig_source *src, lazymig_recovery_stats *out);
 LAZYMIG_API int lazymig_destination_recovery_stats(const lazymig_destination *dst, lazymig_recovery_stats *out);
 
+/* Hybrid back-replication, output commit and fencing (lazymig.hpp: Parameters::epoch_ms,
+ * lease_ms; VmmHooks::on_epoch_committed; Destination::open_epoch). As
+ * _listen_recoverable, with: epoch_ms, an epoch every epoch_ms (0 turns back-replication
+ * off; the source must say 0 too); lease_ms, the fence (0: 1000; the same at the source);
+ * on_committed(hooks->ctx, n) (may be NULL), called when every epoch up to n is applied
+ * at the source: output the VMM produced while _open_epoch returned e <= n may go out. */
+LAZYMIG_API int lazymig_destination_listen_hybrid(const lazymig_region *regions, size_t count,
+                                                  const lazymig_hooks *hooks, const char *uri, const char *auth,
+                                                  uint32_t recover_timeout_ms, int poison_on_loss, uint32_t epoch_ms,
+                                                  uint32_t lease_ms, void (*on_committed)(void *ctx, uint64_t epoch),
+                                                  lazymig_destination **out);
+/* The epoch output produced now belongs to (1, 2, ...; 0 when not replicating). */
+LAZYMIG_API uint64_t lazymig_destination_open_epoch(const lazymig_destination *dst);
+/* Before _migrate, as the destination's: epoch_ms (0: back-replication off) and lease_ms
+ * (0 keeps 1000). The source's hooks->load_device_state loads a checkpoint's device state
+ * when it resumes the VM after losing the destination. */
+LAZYMIG_API int lazymig_source_set_replication(lazymig_source *src, uint32_t epoch_ms, uint32_t lease_ms);
+typedef struct lazymig_replication_stats {
+    uint64_t epochs;              /* destination: sent; source: applied */
+    uint64_t epochs_committed;    /* destination: acknowledged (output released) */
+    uint64_t epoch_pages;         /* destination: pages sent; source: applied */
+    uint64_t epoch_overflows;     /* destination: epochs larger than the staging area */
+    double pause_p50_us, pause_p99_us, pause_max_us;  /* destination: vCPU pause per epoch */
+    double commit_p50_us, commit_p99_us;               /* destination: EPOCH_END → EPOCH_ACK */
+    int fenced;                   /* destination: the lease lapsed; the VM never resumes there */
+    int resumed_on_source;        /* source: the VM resumed here from a checkpoint */
+    uint64_t resumed_from_epoch;  /* source: which (0: the switchover's state) */
+} lazymig_replication_stats;
+LAZYMIG_API int lazymig_source_replication_stats(const lazymig_source *src, lazymig_replication_stats *out);
+LAZYMIG_API int lazymig_destination_replication_stats(const lazymig_destination *dst,
+                                                      lazymig_replication_stats *out);
+
 #ifdef __cplusplus
 }
 #endif

@@ -154,8 +154,9 @@ struct VmmHooks {
     std::function<Result<void>(std::span<const std::byte>)> load_device_state;
     // Output commit (hybrid mode, destination): every epoch up to `epoch` is committed at
     // the source, so output produced while Destination::open_epoch() returned a value
-    // <= epoch may be released (packets, acks). Never called once the lease lapsed; on
-    // completion it is called once more with the open epoch (everything may go out).
+    // <= epoch may be released (packets, acks). Never called once the lease lapsed; at
+    // completion (the source's RELEASE: it read COMPLETE and never resumes the VM) it is
+    // called once more with the open epoch (everything may go out).
     std::function<void(std::uint64_t epoch)> on_epoch_committed;
     std::function<void(const Event&)> on_event;                   // any thread of lazymig's
 };
