@@ -4,7 +4,7 @@
 // resumes the VM, then receives and places the urgent channel's demand replies), one
 // receiver per bulk channel, and the pager's fault thread. Two shutdown eventfds: the
 // session's `stop_` (cancel(), the destructor, the first fatal error) stops them all;
-// the link's `link_stop_` (one per connection generation, signalled too by stop_all())
+// the link's `link_.stop` (one per connection generation, signalled too by stop_all())
 // ends the waits of that link's channels only. The first error wins. Phases follow
 // src/session_phase.hpp.
 //
@@ -53,7 +53,7 @@ public:
                     std::unique_ptr<net::Transport> transport, net::ShutdownEvent stop, net::ShutdownEvent link_stop,
                     std::shared_ptr<net::TlsContext> tls)
         : cfg_(std::move(config)), pager_(std::move(pager)), transport_(std::move(transport)),
-          local_uri_(transport_->local_uri()), stop_(std::move(stop)), link_stop_(std::move(link_stop)),
+          local_uri_(transport_->local_uri()), stop_(std::move(stop)), link_{.stop = std::move(link_stop)},
           tls_(std::move(tls)), state_(cfg_.hooks, "destination") {}
 
     Result<void> start() {
@@ -115,9 +115,9 @@ public:
         if (replicator_ready_.load()) return logic_error(kReplicatingNoPause);
         if (net::is_rdma_uri(uri)) return logic_error(kRdmaNoRecover);
         {
-            std::lock_guard lock(link_mu_);
+            std::lock_guard lock(link_.mu);
             const Phase p = state_.phase();
-            if (p != Phase::paused || !link_down_)
+            if (p != Phase::paused || !link_.down)
                 return logic_error(fmt::format("destination: recover() during {}: only a paused post-copy can "
                                                "recover", to_string(p)));
             if (next_transport_) return logic_error("destination: recover() already asked for");
@@ -126,7 +126,7 @@ public:
         if (!fresh) return std::unexpected(fresh.error().wrap("destination: recover"));
         auto transport = net::tcp_listener(uri, fresh->fd(), tls_);
         if (!transport) return std::unexpected(transport.error().wrap("destination: recover"));
-        std::lock_guard lock(link_mu_);
+        std::lock_guard lock(link_.mu);
         if (state_.phase() != Phase::paused || next_transport_ || stop_.signalled())
             return logic_error("destination: recover(): the migration left the paused phase meanwhile");
         {
@@ -135,7 +135,7 @@ public:
         }
         next_link_stop_ = std::move(*fresh);
         next_transport_ = std::move(*transport);
-        link_cv_.notify_all();
+        link_.cv.notify_all();
         LZ_LOG(info, "destination_recover_listening", "uri={}", local_uri_);
         return {};
     }
@@ -249,9 +249,9 @@ private:
     }
     void stop_all() {
         stop_.signal();
-        std::lock_guard lock(link_mu_);
-        link_stop_.signal();
-        link_cv_.notify_all();
+        std::lock_guard lock(link_.mu);
+        link_.stop.signal();
+        link_.cv.notify_all();
     }
 
     Result<void> send_small(const proto::Frame& f, std::string_view what) {
@@ -508,13 +508,12 @@ private:
     }
 
     int link_fd() {
-        std::lock_guard lock(link_mu_);
-        return link_stop_.fd();
+        return link_.fd();
     }
 
     // ─── Link loss: pause and recover ──────────────────────────────────────────────
     // fail() → link_lost(): a transport_lost error in post-copy (or recovering), or
-    // pause(), marks the link down and signals link_stop_: the urgent loop and the bulk
+    // pause(), marks the link down and signals link_.stop: the urgent loop and the bulk
     // receivers end. session() then calls teardown_link() (fault thread detached from the
     // outbox — it goes on marking faults REQUESTED, sending nothing —, receivers joined,
     // channels closed) and pause_and_recover(): Phase::paused until recover(uri) (which
@@ -525,9 +524,9 @@ private:
     // every REQUESTED page asked for again; then urgent_loop() as before.
 
     bool link_lost(const Error& e) {
-        std::lock_guard lock(link_mu_);
+        std::lock_guard lock(link_.mu);
         if (stop_.signalled()) return false;
-        if (link_down_) {
+        if (link_.down) {
             LZ_LOG(debug, "destination_link_echo", "{}", e.message());
             return true;
         }
@@ -538,17 +537,10 @@ private:
         // resumes the VM from its last committed epoch (pager/replicator.hpp).
         const bool running_here = p == Phase::postcopy || p == Phase::recovering || (p == Phase::switchover && resumed_);
         if (e.kind != ErrorClass::transport_lost || rdma_ready_.load() || replicator_ || !running_here) return false;
-        link_down_ = true;
-        link_error_ = e;
-        link_stop_.signal();
-        link_cv_.notify_all();
-        LZ_LOG(warn, "destination_link_lost", "{}", e.message());
+        link_.lose(e, "destination_link_lost");
         return true;
     }
-    bool link_is_down() {
-        std::lock_guard lock(link_mu_);
-        return link_down_ && !stop_.signalled();
-    }
+    bool link_is_down() { return link_.is_down(stop_); }
 
     // Ends what lives with the link; the pager, its fault thread and the page-state
     // table stay.
@@ -570,17 +562,13 @@ private:
     }
 
     Result<void> pause_and_recover() {
-        std::string why;
-        {
-            std::lock_guard lock(link_mu_);
-            why = link_error_ ? link_error_->message() : "link lost";
-        }
+        const std::string why = link_.why();
         ++pauses_;
         state_.set_phase(Phase::paused, fmt::format("post-copy paused: {}", why));
         const auto limit = cfg_.parameters.recover_timeout;
         {
-            std::unique_lock lock(link_mu_);
-            link_cv_.wait_for(lock, limit, [&] { return next_transport_ != nullptr || stop_.signalled(); });
+            std::unique_lock lock(link_.mu);
+            link_.cv.wait_for(lock, limit, [&] { return next_transport_ != nullptr || stop_.signalled(); });
             if (stop_.signalled()) return std::unexpected(state_.error().value_or(Error{ECANCELED, "destination: stopped"}));
             if (!next_transport_) {
                 lock.unlock();
@@ -589,11 +577,9 @@ private:
                 end_session(e);
                 return std::unexpected(e);
             }
-            link_stop_ = std::move(next_link_stop_);
+            link_.replace(std::move(next_link_stop_));
             std::lock_guard clock(chan_mu_);
             link_transport_ = std::move(next_transport_);
-            link_down_ = false;
-            link_error_.reset();
         }
         state_.set_phase(Phase::recovering, fmt::format("recovering: listening on {}", local_uri()));
         auto r = resume();
@@ -973,12 +959,9 @@ private:
     std::unique_ptr<net::Transport> transport_;  // the first link's
     std::string local_uri_;  // under chan_mu_ (recover() may change it)
     net::ShutdownEvent stop_;
-    // Link loss (section above): link_stop_ and the transports are replaced under link_mu_.
-    std::mutex link_mu_;
-    std::condition_variable link_cv_;
-    net::ShutdownEvent link_stop_, next_link_stop_;
-    bool link_down_ = false;
-    std::optional<Error> link_error_;
+    // Link loss (section above): the link's stop event and the transports are replaced under link_.mu.
+    api::Link link_;
+    net::ShutdownEvent next_link_stop_;
     std::unique_ptr<net::Transport> next_transport_;  // recover() listened: the session accepts
     std::unique_ptr<net::Transport> link_transport_;  // a recovered link's (also under chan_mu_)
     std::unique_ptr<net::FrameReader> ureader_;       // a recovered link's urgent channel

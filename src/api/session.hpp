@@ -3,12 +3,14 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <mutex>
 #include <optional>
 #include <string>
 
 #include "lazymig/lazymig.hpp"
 #include "src/log.hpp"
+#include "src/net/socket.hpp"
 #include "src/session_phase.hpp"
 
 namespace lazymig::api {
@@ -95,5 +97,43 @@ private:
 [[nodiscard]] inline double ms_since(std::chrono::steady_clock::time_point t) {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t).count();
 }
+
+// The link of a session that pauses and recovers (source.cpp and destination.cpp, "Link
+// loss: pause and recover"). The session's own stop event ends everything; `stop` ends
+// only this link's channel waits and is replaced, under `mu`, for each new link.
+struct Link {
+    std::mutex mu;
+    std::condition_variable cv;  // the link lost, a recover() asked for, the session stopped
+    net::ShutdownEvent stop;
+    bool down = false;
+    std::optional<Error> error;  // what took it down
+
+    // REQUIRES: mu held. Marks the link lost with `e`: every wait on it ends.
+    void lose(const Error& e, const char* event) {
+        down = true;
+        error = e;
+        stop.signal();
+        cv.notify_all();
+        LZ_LOG(warn, event, "{}", e.message());
+    }
+    // REQUIRES: mu held. A new link, with its own stop event, replaces the lost one.
+    void replace(net::ShutdownEvent fresh) {
+        stop = std::move(fresh);
+        down = false;
+        error.reset();
+    }
+    [[nodiscard]] bool is_down(const net::ShutdownEvent& session_stop) {
+        std::lock_guard lock(mu);
+        return down && !session_stop.signalled();
+    }
+    [[nodiscard]] std::string why() {
+        std::lock_guard lock(mu);
+        return error ? error->message() : "link lost";
+    }
+    [[nodiscard]] int fd() {
+        std::lock_guard lock(mu);
+        return stop.fd();
+    }
+};
 
 }  // namespace lazymig::api

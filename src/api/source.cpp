@@ -4,7 +4,7 @@
 // channel), the pusher's, one per bulk channel, and in hybrid mode the replication
 // thread (from RESUMED: receives and applies the destination's epochs, EpochApplier).
 // Two shutdown eventfds: the session's `stop_` (cancel()/wait()/~SourceImpl, the first
-// fatal error) ends everything; the link's `link_stop_` (one per connection generation,
+// fatal error) ends everything; the link's `link_.stop` (one per connection generation,
 // signalled too by stop_all()) ends every wait of that link's channels only. Phases
 // follow src/session_phase.hpp.
 //
@@ -43,7 +43,7 @@ public:
                net::ShutdownEvent link_stop, std::shared_ptr<net::TlsContext> tls,
                std::unique_ptr<source::PageReader> reader)
         : cfg_(std::move(config)), transport_(std::move(transport)), stop_(std::move(stop)),
-          link_stop_(std::move(link_stop)), tls_(std::move(tls)), state_(cfg_.hooks, "source"), sent_(cfg_.regions),
+          link_{.stop = std::move(link_stop)}, tls_(std::move(tls)), state_(cfg_.hooks, "source"), sent_(cfg_.regions),
           reader_(std::move(reader)) {
         bandwidth_ = cfg_.parameters.max_bandwidth;
         params_ = cfg_.parameters;
@@ -122,14 +122,14 @@ public:
         if (rdma_mode_) return logic_error(kRdmaNoRecover);
         if (applier_ready_.load()) return logic_error(kReplicatingNoPause);
         if (auto at = net::parse_uri(uri); !at) return std::unexpected(at.error().wrap("source: recover"));
-        std::lock_guard lock(link_mu_);
+        std::lock_guard lock(link_.mu);
         const Phase p = state_.phase();
-        if (p != Phase::paused || !link_down_)
+        if (p != Phase::paused || !link_.down)
             return logic_error(fmt::format("source: recover() during {}: only a paused post-copy can recover",
                                            to_string(p)));
         if (recover_uri_) return logic_error(fmt::format("source: recover() already asked for, to {}", *recover_uri_));
         recover_uri_ = std::move(uri);
-        link_cv_.notify_all();
+        link_.cv.notify_all();
         return {};
     }
 
@@ -216,9 +216,9 @@ private:
     }
     void stop_all() {
         stop_.signal();
-        std::lock_guard lock(link_mu_);
-        link_stop_.signal();
-        link_cv_.notify_all();
+        std::lock_guard lock(link_.mu);
+        link_.stop.signal();
+        link_.cv.notify_all();
     }
 
     void session() {
@@ -439,7 +439,7 @@ private:
 
     // ─── Link loss: pause and recover ──────────────────────────────────────────────
     // fail() → link_lost(): a transport_lost error in post-copy (or recovering), or
-    // pause(), marks the link down and signals link_stop_: every wait on this link's
+    // pause(), marks the link down and signals link_.stop: every wait on this link's
     // channels ends, the session thread's serve loop returns, and session() calls
     // teardown_link() (pusher joined, heartbeats off, channels closed: the destination
     // sees the link end and pauses too), then pause_and_recover(): Phase::paused until
@@ -450,9 +450,9 @@ private:
 
     // True when `e` pauses the migration (or is an echo of the link that already did).
     bool link_lost(const Error& e) {
-        std::lock_guard lock(link_mu_);
+        std::lock_guard lock(link_.mu);
         if (stop_.signalled()) return false;
-        if (link_down_) {
+        if (link_.down) {
             LZ_LOG(debug, "source_link_echo", "{}", e.message());
             return true;
         }
@@ -462,17 +462,10 @@ private:
         if (e.kind != ErrorClass::transport_lost || rdma_mode_ || cancelled_ || applier_ready_.load() ||
             (p != Phase::postcopy && p != Phase::recovering))
             return false;
-        link_down_ = true;
-        link_error_ = e;
-        link_stop_.signal();
-        link_cv_.notify_all();
-        LZ_LOG(warn, "source_link_lost", "{}", e.message());
+        link_.lose(e, "source_link_lost");
         return true;
     }
-    bool link_is_down() {
-        std::lock_guard lock(link_mu_);
-        return link_down_ && !stop_.signalled();
-    }
+    bool link_is_down() { return link_.is_down(stop_); }
 
     // Stops and joins what lives with the link; keeps the sent map and counters.
     void teardown_link() {
@@ -491,11 +484,7 @@ private:
     }
 
     Result<void> pause_and_recover() {
-        std::string why;
-        {
-            std::lock_guard lock(link_mu_);
-            why = link_error_ ? link_error_->message() : "link lost";
-        }
+        const std::string why = link_.why();
         ++pauses_;
         state_.set_phase(Phase::paused, fmt::format("post-copy paused: {}", why));
         const auto limit = [&] {
@@ -504,8 +493,8 @@ private:
         }();
         std::string uri;
         {
-            std::unique_lock lock(link_mu_);
-            link_cv_.wait_for(lock, limit, [&] { return recover_uri_.has_value() || stop_.signalled(); });
+            std::unique_lock lock(link_.mu);
+            link_.cv.wait_for(lock, limit, [&] { return recover_uri_.has_value() || stop_.signalled(); });
             if (stop_.signalled()) return std::unexpected(state_.error().value_or(Error{ECANCELED, "source: stopped"}));
             if (!recover_uri_) {
                 lock.unlock();
@@ -519,9 +508,7 @@ private:
             recover_uri_.reset();
             auto fresh = net::ShutdownEvent::create();
             if (!fresh) return std::unexpected(fresh.error().wrap("source: recover"));
-            link_stop_ = std::move(*fresh);
-            link_down_ = false;
-            link_error_.reset();
+            link_.replace(std::move(*fresh));
         }
         state_.set_phase(Phase::recovering, fmt::format("recovering: connecting to {}", uri));
         auto r = resume(uri);
@@ -537,8 +524,8 @@ private:
     Result<void> resume(const std::string& uri) {
         int link_fd;
         {
-            std::lock_guard lock(link_mu_);
-            link_fd = link_stop_.fd();
+            std::lock_guard lock(link_.mu);
+            link_fd = link_.stop.fd();
         }
         auto transport = net::tcp_connector(uri, link_fd, cfg_.connect_timeout, tls_);
         if (!transport) return std::unexpected(transport.error().wrap("source: recover"));
@@ -712,12 +699,8 @@ private:
     SourceConfig cfg_;
     std::unique_ptr<net::Transport> transport_;  // the first link's (stats: security())
     net::ShutdownEvent stop_;
-    // Link loss (section above). link_stop_ is replaced for each new link, under link_mu_.
-    std::mutex link_mu_;
-    std::condition_variable link_cv_;
-    net::ShutdownEvent link_stop_;
-    bool link_down_ = false;
-    std::optional<Error> link_error_;
+    // Link loss (section above). link_.stop is replaced for each new link, under link_.mu.
+    api::Link link_;
     std::optional<std::string> recover_uri_;
     std::shared_ptr<net::TlsContext> tls_;
     std::unique_ptr<net::Transport> link_transport_;  // a recovered link's
