@@ -145,11 +145,26 @@ Result<void> set_nodelay(int fd) {
     return {};
 }
 
+Result<void> set_liveness(int fd) {
+    const int one = 1, idle = static_cast<int>(kProbeIdle.count()), interval = static_cast<int>(kProbeInterval.count()),
+              count = kProbeCount;
+    const unsigned user_timeout = static_cast<unsigned>(std::chrono::milliseconds(kDeadPeerAfter).count());
+    if (::setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof one) != 0) return sys_error("setsockopt SO_KEEPALIVE");
+    if (::setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof idle) != 0) return sys_error("setsockopt TCP_KEEPIDLE");
+    if (::setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof interval) != 0)
+        return sys_error("setsockopt TCP_KEEPINTVL");
+    if (::setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof count) != 0) return sys_error("setsockopt TCP_KEEPCNT");
+    if (::setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &user_timeout, sizeof user_timeout) != 0)
+        return sys_error("setsockopt TCP_USER_TIMEOUT");
+    return {};
+}
+
 Result<Fd> accept_tcp(int listen_fd, int shutdown_fd, std::chrono::milliseconds timeout) {
     if (auto w = wait_readable(listen_fd, POLLIN, shutdown_fd, timeout, "waiting for the source to connect"); !w)
         return std::unexpected(w.error());
     Fd fd(::accept4(listen_fd, nullptr, nullptr, SOCK_CLOEXEC));
     if (!fd.valid()) return sys_error("accept");
+    if (auto l = set_liveness(fd.get()); !l) return std::unexpected(l.error());
     return fd;
 }
 
@@ -160,6 +175,7 @@ Result<Fd> connect_tcp(const Endpoint& to, int shutdown_fd, std::chrono::millise
     if (!fd.valid()) return sys_error("socket for connecting");
     if (nodelay)
         if (auto r = set_nodelay(fd.get()); !r) return std::unexpected(r.error());
+    if (auto l = set_liveness(fd.get()); !l) return std::unexpected(l.error());
     const std::string what = fmt::format("connecting to {}", to.uri());
     if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr->storage), addr->len) != 0) {
         if (errno != EINPROGRESS) return sys_error(what);

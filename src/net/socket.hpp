@@ -53,6 +53,18 @@ struct Endpoint {
 // Sets TCP_NODELAY on an accepted socket.
 [[nodiscard]] Result<void> set_nodelay(int fd);
 
+// Every migration socket (connect_tcp and every accept) ends within kDeadPeerAfter of its
+// peer going silent, whatever the session waits for: keepalive probes from kProbeIdle of
+// silence, every kProbeInterval, kProbeCount unanswered = dead; TCP_USER_TIMEOUT bounds
+// data (and a zero window) left unacknowledged as long. The error is ETIMEDOUT (a lost
+// link). Post-copy's heartbeats notice sooner; this covers the rest — pre-copy rounds,
+// the switchover, a reader with nothing in flight — where a silent partition would
+// otherwise last as long as TCP's own retransmissions, or forever on an idle socket.
+inline constexpr std::chrono::seconds kProbeIdle{10}, kProbeInterval{5};
+inline constexpr int kProbeCount = 4;
+inline constexpr std::chrono::seconds kDeadPeerAfter = kProbeIdle + kProbeInterval * kProbeCount;
+[[nodiscard]] Result<void> set_liveness(int fd);
+
 // errnos that mean the link broke: the session may pause and recover instead of failing.
 [[nodiscard]] bool link_errno(int e) noexcept;
 template <class T>

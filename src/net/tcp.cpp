@@ -224,6 +224,7 @@ public:
                     if (errno == EINTR || errno == EAGAIN || errno == ECONNABORTED) continue;
                     return LZ_SYS_ERROR("{}: accept", what);
                 }
+                if (auto l = set_liveness(fd.get()); !l) return std::unexpected(l.error().wrap(what));
                 std::string peer = peer_address(fd.get());
                 auto h = Handshake::start(tls_, std::move(fd), peer, Clock::now() + tls_->handshake_timeout());
                 if (!h) return std::unexpected(h.error().wrap(what));
