@@ -32,12 +32,22 @@ bool report_replication(Report& rep, std::size_t bytes, double mbps, int runs) {
             }
             const double before = f.num("rate_before"), during = f.num("rate_postcopy");
             const double share = before > 0 ? during / before : 0;
-            rep.line(fmt::format("  {:<10} {:>9.0f} {:>11.0f} {:>10.0f} {:>8.0f} {:>10.3f} {:>10.3f} {:>6.0f}% {:>7.0f} "
+            rep.line(fmt::format("  {:<10} {:>9.0f} {:>11.0f} {:>10.0f} {:>8.0f} {:>10.3f} {:>10.3f} {:>6.1f}% {:>7.0f} "
                                  "{:>6.2f}/{:<6.2f} {:>6.1f}/{:<6.1f} {:>7.0f}",
                                  epochs ? "on (50 ms)" : "off", f.num("total_ms"), f.num("postcopy_ms"),
                                  f.num("floor_ms"), f.num("stale"), during / 1e6, before / 1e6, 100 * share,
                                  f.num("epochs"), f.num("pause_p50_ms"), f.num("pause_p99_ms"), f.num("commit_p50_ms"),
                                  f.num("commit_p99_ms"), f.num("epoch_pages")));
+            if (epochs && f.has("steps_epochs"))
+                rep.line(fmt::format(
+                    "    pause steps p50/p99 ms: park {:.2f}/{:.2f}, scan {:.2f}/{:.2f}, scan+copy again {:.2f}/{:.2f}, "
+                    "stage rest {:.2f}/{:.2f}, resume {:.2f}/{:.2f}; running passes {:.2f}/{:.2f} (their scans "
+                    "{:.2f}/{:.2f}); pages copied running {:.0f}, paused {:.0f}",
+                    f.num("park_p50"), f.num("park_p99"), f.num("scan_p50"), f.num("scan_p99"),
+                    f.num("scan_copy_again_p50"), f.num("scan_copy_again_p99"), f.num("stage_rest_p50"),
+                    f.num("stage_rest_p99"), f.num("unpark_p50"), f.num("unpark_p99"), f.num("running_passes_p50"),
+                    f.num("running_passes_p99"), f.num("running_scan_p50"), f.num("running_scan_p99"),
+                    f.num("pages_prestaged"), f.num("pages_paused")));
             if (f.has("error")) rep.line("    ERROR: " + f.str("error"));
             ok = ok && !f.has("error");
             (epochs ? sum_on : sum_off) += share;
@@ -52,11 +62,10 @@ bool report_replication(Report& rep, std::size_t bytes, double mbps, int runs) {
     }
     if (n_on > 0 && n_off > 0) {
         const double on = sum_on / n_on, off = sum_off / n_off;
-        rep.line(fmt::format("  guest progress during post-copy, mean of {}: {:.0f}% of its pre-migration rate with "
-                             "epochs, {:.0f}% without: back-replication costs {:.0f}% of the guest's post-copy "
-                             "throughput; total migration {:.0f} ms vs {:.0f} ms",
-                             n_on, 100 * on, 100 * off, off > 0 ? 100 * (1 - on / off) : 0.0, total_on / n_on,
-                             total_off / n_off));
+        rep.line(fmt::format("  mean of {} run(s) each: during post-copy the guest ran at {:.1f}% of its pre-migration "
+                             "rate with epochs, {:.1f}% without (ratio on/off {:.2f}); total migration {:.0f} ms with "
+                             "epochs, {:.0f} ms without",
+                             n_on, 100 * on, 100 * off, off > 0 ? on / off : 0.0, total_on / n_on, total_off / n_off));
         rep.json.num("repl_guest_share_on", on);
         rep.json.num("repl_guest_share_off", off);
         rep.json.num("repl_total_ms_on", total_on / n_on);
@@ -68,8 +77,11 @@ bool report_replication(Report& rep, std::size_t bytes, double mbps, int runs) {
 }  // namespace bench
 
 #ifdef BENCH_VMM
+#include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <optional>
+#include <sstream>
 
 #include "bench/vm_process.hpp"
 #include "qmp_client.hpp"
@@ -77,7 +89,31 @@ bool report_replication(Report& rep, std::size_t bytes, double mbps, int runs) {
 namespace bench {
 namespace {
 
+// The destination's replicator_pause_steps line (pager/replicator.cpp, logged at info when
+// replication stops): "key=p50/p99" per step, "key=n" per count.
+void pause_steps(const std::string& log, Fields& f) {
+    std::ifstream in(log);
+    std::string line, last;
+    while (std::getline(in, line))
+        if (line.find("replicator_pause_steps") != std::string::npos) last = line;
+    std::istringstream words(last);
+    for (std::string w; words >> w;) {
+        const auto eq = w.find('=');
+        if (eq == std::string::npos) continue;
+        const std::string k = w.substr(0, eq), v = w.substr(eq + 1);
+        const auto slash = v.find('/');
+        if (slash == std::string::npos) {
+            f.set(k == "epochs" ? "steps_epochs" : k, std::atof(v.c_str()));
+        } else {
+            f.set(k + "_p50", std::atof(v.substr(0, slash).c_str()));
+            f.set(k + "_p99", std::atof(v.substr(slash + 1).c_str()));
+        }
+    }
+}
+
 Fields run(const std::string& dir, std::size_t bytes, double mbps, bool epochs) {
+    // Info lines go to the VMs' logs (in `dir`): the destination's pause breakdown.
+    if (epochs) ::setenv("LAZYMIG_LOG", "info", 1);
     std::vector<std::string> common{"--memory", fmt::format("{}M", bytes >> 20), "--vcpus", "1", "--backing", "memfd",
                                     "--workload", "dirty", "--rate", "0", "--pattern", "zipf", "--working-set", "100%"};
     if (!epochs) common.insert(common.end(), {"--epoch-ms", "0"});
@@ -163,6 +199,7 @@ Fields run(const std::string& dir, std::size_t bytes, double mbps, bool epochs) 
     (void)dc->call("quit");
     src->wait_exit();
     dst->wait_exit();
+    if (epochs) pause_steps(dst->log, f);
     return f;
 }
 

@@ -107,7 +107,7 @@ void Replicator::stop() {
             return fmt::format("{:.2f}/{:.2f}", s.p50_us / 1e3, s.p99_us / 1e3);
         };
         LZ_LOG(info, "replicator_pause_steps",
-               "epochs={} pause={} park={} scan={} scan+copy_again={} device={} stage_rest={} unpark={} running_passes={} (scan {}) "
+               "epochs={} pause={} park={} scan={} scan_copy_again={} device={} stage_rest={} unpark={} running_passes={} running_scan={} "
                "pages_prestaged={} pages_paused={}",
                stats_.pause.summary().count, f(stats_.pause), f(stats_.park), f(stats_.scan), f(stats_.filter),
                f(stats_.device), f(stats_.stage), f(stats_.unpark), f(stats_.prestage), f(stats_.prescan), stats_.prestaged_pages.get(),
