@@ -42,12 +42,13 @@ bool report_replication(Report& rep, std::size_t bytes, double mbps, int runs) {
                 rep.line(fmt::format(
                     "    pause steps p50/p99 ms: park {:.2f}/{:.2f}, scan {:.2f}/{:.2f}, scan+copy again {:.2f}/{:.2f}, "
                     "stage rest {:.2f}/{:.2f}, resume {:.2f}/{:.2f}; running passes {:.2f}/{:.2f} (their scans "
-                    "{:.2f}/{:.2f}); pages copied running {:.0f}, paused {:.0f}",
+                    "{:.2f}/{:.2f}); pages copied running {:.0f}, paused {:.0f}; {:.0f} epochs larger than the "
+                    "staging area (paused while it was sent), {:.0f} ticks skipped (4 epochs unacknowledged)",
                     f.num("park_p50"), f.num("park_p99"), f.num("scan_p50"), f.num("scan_p99"),
                     f.num("scan_copy_again_p50"), f.num("scan_copy_again_p99"), f.num("stage_rest_p50"),
                     f.num("stage_rest_p99"), f.num("unpark_p50"), f.num("unpark_p99"), f.num("running_passes_p50"),
                     f.num("running_passes_p99"), f.num("running_scan_p50"), f.num("running_scan_p99"),
-                    f.num("pages_prestaged"), f.num("pages_paused")));
+                    f.num("pages_prestaged"), f.num("pages_paused"), f.num("overflows"), f.num("skipped")));
             if (f.has("error")) rep.line("    ERROR: " + f.str("error"));
             ok = ok && !f.has("error");
             (epochs ? sum_on : sum_off) += share;
@@ -56,7 +57,7 @@ bool report_replication(Report& rep, std::size_t bytes, double mbps, int runs) {
             const std::string key = fmt::format("repl_{}_{}_", epochs ? "on" : "off", run);
             for (const char* k : {"total_ms", "postcopy_ms", "floor_ms", "stale", "rate_before", "rate_postcopy",
                                   "epochs", "pause_p50_ms", "pause_p99_ms", "commit_p50_ms", "commit_p99_ms",
-                                  "epoch_pages"})
+                                  "epoch_pages", "overflows"})
                 rep.json.num(key + k, f.num(k));
         }
     }
@@ -187,7 +188,9 @@ Fields run(const std::string& dir, std::size_t bytes, double mbps, bool epochs) 
             .set("pause_p50_ms", num(r, {"pause-ms", "p50"}))
             .set("pause_p99_ms", num(r, {"pause-ms", "p99"}))
             .set("commit_p50_ms", num(r, {"commit-ms", "p50"}))
-            .set("commit_p99_ms", num(r, {"commit-ms", "p99"}));
+            .set("commit_p99_ms", num(r, {"commit-ms", "p99"}))
+            .set("overflows", num(r, {"overflows"}))
+            .set("skipped", num(r, {"skipped"}));
     }
     if (!f.has("error")) {
         auto check = dc->execute("check-workload");
