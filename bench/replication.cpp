@@ -48,7 +48,7 @@ bool report_replication(Report& rep, std::size_t bytes, double mbps, int runs) {
                     f.num("scan_copy_again_p50"), f.num("scan_copy_again_p99"), f.num("stage_rest_p50"),
                     f.num("stage_rest_p99"), f.num("unpark_p50"), f.num("unpark_p99"), f.num("running_passes_p50"),
                     f.num("running_passes_p99"), f.num("running_scan_p50"), f.num("running_scan_p99"),
-                    f.num("pages_prestaged"), f.num("pages_paused"), f.num("overflows"), f.num("skipped")));
+                    f.num("pages_prestaged"), f.num("pages_paused"), f.num("overflows"), f.num("ticks_skipped")));
             if (f.has("error")) rep.line("    ERROR: " + f.str("error"));
             ok = ok && !f.has("error");
             (epochs ? sum_on : sum_off) += share;
@@ -190,7 +190,7 @@ Fields run(const std::string& dir, std::size_t bytes, double mbps, bool epochs) 
             .set("commit_p50_ms", num(r, {"commit-ms", "p50"}))
             .set("commit_p99_ms", num(r, {"commit-ms", "p99"}))
             .set("overflows", num(r, {"overflows"}))
-            .set("skipped", num(r, {"skipped"}));
+            .set("ticks_skipped", num(r, {"skipped"}));
     }
     if (!f.has("error")) {
         auto check = dc->execute("check-workload");
