@@ -4,7 +4,7 @@
 //                 [--samples N] [--throttle MBPS] [--iterations N]
 //                 [--variants push,fault,throttled,sweep,downtime,busy,modes,repl] [--raw] [--tls]
 //                 [--mode-size 4g] [--mode-rates 0,10000,50000,200000]
-//                 [--repl-size 1g] [--repl-mbps 32] [--repl-runs 1]
+//                 [--repl-size 1g] [--repl-mbps 16] [--repl-runs 1]
 //
 // Floors first (loopback TCP round trip and stream, local uffd fault, memcpy), then for
 // each backing and size one source process holding filled guest RAM serves three
@@ -64,7 +64,7 @@ struct Options {
     bool modes = true;                                 // --variants
     bool repl = true;                                  // --variants
     std::size_t repl_size = 1ull << 30;                // --repl-size
-    double repl_mbps = 32;                             // --repl-mbps
+    double repl_mbps = 16;                             // --repl-mbps
     int repl_runs = 1;                                 // --repl-runs
     std::vector<std::uint64_t> mode_rates{0, 10000, 50000, 200000};  // --mode-rates
     std::size_t mode_size = 4ull << 30;                // --mode-size
@@ -91,7 +91,7 @@ std::string size_tag(std::size_t bytes) {
                  "                     [--touchers N] [--samples N] [--throttle MBPS] [--iterations N]\n"
                  "                     [--variants push,fault,throttled,sweep,downtime,busy,modes,repl] [--raw]\n"
                  "                     [--mode-size 4g] [--mode-rates 0,10000,50000,200000]\n"
-                 "                     [--repl-size 1g] [--repl-mbps 32] [--repl-runs 1]\n",
+                 "                     [--repl-size 1g] [--repl-mbps 16] [--repl-runs 1]\n",
                  why);
     std::exit(2);
 }

@@ -11,7 +11,7 @@ Fields replication_run(std::size_t bytes, double mbps, bool epochs);
 
 bool report_replication(Report& rep, std::size_t bytes, double mbps, int runs) {
     rep.line(fmt::format("\nback-replication overhead: lazymig-vmm, {} MiB memfd, 1 vCPU running `dirty` unpaced (zipf "
-                         "over all of RAM); hybrid, one pre-copy round, then the push throttled to {:.0f} MB/s from "
+                         "over a 25% working set); hybrid, one pre-copy round, then the push throttled to {:.0f} MB/s from "
                          "the resume on, so that post-copy lasts; epochs every 50 ms vs --epoch-ms 0",
                          bytes >> 20, mbps));
     rep.line(fmt::format("  {:<10} {:>9} {:>11} {:>10} {:>8} {:>10} {:>10} {:>7} {:>7} {:>13} {:>13} {:>7}", "epochs",
@@ -116,7 +116,7 @@ Fields run(const std::string& dir, std::size_t bytes, double mbps, bool epochs) 
     // Info lines go to the VMs' logs (in `dir`): the destination's pause breakdown.
     if (epochs) ::setenv("LAZYMIG_LOG", "info", 1);
     std::vector<std::string> common{"--memory", fmt::format("{}M", bytes >> 20), "--vcpus", "1", "--backing", "memfd",
-                                    "--workload", "dirty", "--rate", "0", "--pattern", "zipf", "--working-set", "100%"};
+                                    "--workload", "dirty", "--rate", "0", "--pattern", "zipf", "--working-set", "25%"};
     if (!epochs) common.insert(common.end(), {"--epoch-ms", "0"});
     std::string err;
     auto dst_args = common;
