@@ -479,7 +479,7 @@ Result<void> Replicator::run_epoch() {
     for (auto* b : {&epoch_, &unstaged_})
         for (auto& bits : *b) std::fill(bits.begin(), bits.end(), 0);
     reset_staging();
-    std::uint64_t epoch_pages = 0, prescan_ns = 0;
+    std::uint64_t epoch_pages = 0, prescan_ns = 0, last = UINT64_MAX;
     for (int i = 0; i < kRunningPasses; ++i) {
         std::uint64_t copied = 0, staged = 0;
         auto added = pass(copied);
@@ -490,7 +490,10 @@ Result<void> Replicator::run_epoch() {
         cursor_page_ = 0;
         if (auto all = stage_next(unstaged_, staged); !all) return std::unexpected(all.error());
         stats_.prestaged_pages.add(copied + staged);
-        if (copied + staged <= kPausedPages) break;  // the next pass would copy fewer still: pause now
+        // Few pages left for the pause, or the vCPUs wrote as many as the pass copied
+        // (another pass would not shrink the pause, only cost them faults): pause now.
+        if (copied + staged <= kPausedPages || copied + staged > last / 2) break;
+        last = copied + staged;
     }
     stats_.prestage.record(ns(Clock::now() - pre_at));
     stats_.prescan.record(prescan_ns);
