@@ -2,8 +2,9 @@
 //
 //   lazymig-bench [--quick] [--sizes 1g,4g] [--backing memfd|anon|both] [--touchers N]
 //                 [--samples N] [--throttle MBPS] [--iterations N]
-//                 [--variants push,fault,throttled,sweep,downtime,busy,modes] [--raw] [--tls]
+//                 [--variants push,fault,throttled,sweep,downtime,busy,modes,repl] [--raw] [--tls]
 //                 [--mode-size 4g] [--mode-rates 0,10000,50000,200000]
+//                 [--repl-size 1g] [--repl-mbps 16] [--repl-runs 1]
 //
 // Floors first (loopback TCP round trip and stream, local uffd fault, memcpy), then for
 // each backing and size one source process holding filled guest RAM serves three
@@ -15,7 +16,8 @@
 // At the largest size a push sweep over Parameters::bulk_channels = 1, 2, 4 follows.
 // Then: the switchover downtime over many small migrations (series.hpp), and a busy
 // guest — lazymig-vmm running `pattern` unpaced — migrated post-copy (busy_guest.hpp),
-// and the three modes on a guest dirtying at set rates (modes.hpp).
+// the three modes on a guest dirtying at set rates (modes.hpp), and what back-
+// replication costs a guest during a post-copy kept long by a throttle (replication.hpp).
 // The human table comes first; the last line is one JSON object with every figure.
 // Exit code: 0 if every migration completed with correct memory, 1 otherwise.
 #include <sys/utsname.h>
@@ -34,6 +36,7 @@
 #include "bench/floors.hpp"
 #include "bench/migration.hpp"
 #include "bench/modes.hpp"
+#include "bench/replication.hpp"
 #include "bench/tls.hpp"
 #include "bench/report.hpp"
 #include "bench/results.hpp"
@@ -59,6 +62,10 @@ struct Options {
     bool push = true, fault = true, throttled = true;  // --variants
     bool sweep = true, downtime = true, busy = true;   // --variants
     bool modes = true;                                 // --variants
+    bool repl = true;                                  // --variants
+    std::size_t repl_size = 1ull << 30;                // --repl-size
+    double repl_mbps = 16;                             // --repl-mbps
+    int repl_runs = 1;                                 // --repl-runs
     std::vector<std::uint64_t> mode_rates{0, 10000, 50000, 200000};  // --mode-rates
     std::size_t mode_size = 4ull << 30;                // --mode-size
     bool raw = false;                                  // --raw: every field of every run
@@ -82,8 +89,9 @@ std::string size_tag(std::size_t bytes) {
     std::fprintf(stderr,
                  "lazymig-bench: %s\nusage: lazymig-bench [--quick] [--sizes 1g,4g] [--backing memfd|anon|both]\n"
                  "                     [--touchers N] [--samples N] [--throttle MBPS] [--iterations N]\n"
-                 "                     [--variants push,fault,throttled,sweep,downtime,busy,modes] [--raw]\n"
-                 "                     [--mode-size 4g] [--mode-rates 0,10000,50000,200000]\n",
+                 "                     [--variants push,fault,throttled,sweep,downtime,busy,modes,repl] [--raw]\n"
+                 "                     [--mode-size 4g] [--mode-rates 0,10000,50000,200000]\n"
+                 "                     [--repl-size 1g] [--repl-mbps 16] [--repl-runs 1]\n",
                  why);
     std::exit(2);
 }
@@ -101,6 +109,7 @@ Options parse(int argc, char** argv) {
             o.sizes = {256ull << 20};
             o.mode_size = 256ull << 20;
             o.mode_rates = {0, 10000, 50000};
+            o.repl_size = 256ull << 20;
         } else if (a == "--sizes") {
             o.sizes.clear();
             std::string v = value();
@@ -130,8 +139,11 @@ Options parse(int argc, char** argv) {
             o.downtime = v.find(",downtime,") != std::string::npos;
             o.busy = v.find(",busy,") != std::string::npos;
             o.modes = v.find(",modes,") != std::string::npos;
-            if (!o.push && !o.fault && !o.throttled && !o.sweep && !o.downtime && !o.busy && !o.modes && v != ",floors,")
-                usage("--variants takes push,fault,throttled,sweep,downtime,busy,modes (or floors: the floors alone)");
+            o.repl = v.find(",repl,") != std::string::npos;
+            if (!o.push && !o.fault && !o.throttled && !o.sweep && !o.downtime && !o.busy && !o.modes && !o.repl &&
+                v != ",floors,")
+                usage("--variants takes push,fault,throttled,sweep,downtime,busy,modes,repl (or floors: the floors "
+                      "alone)");
         } else if (a == "--mode-rates") {
             o.mode_rates.clear();
             std::string v = value();
@@ -143,11 +155,18 @@ Options parse(int argc, char** argv) {
         } else if (a == "--mode-size") {
             o.mode_size = parse_size(value());
             if (o.mode_size == 0) usage("--mode-size needs a size such as 256m or 4g");
+        } else if (a == "--repl-size") {
+            o.repl_size = parse_size(value());
+            if (o.repl_size == 0) usage("--repl-size needs a size such as 256m or 1g");
+        } else if (a == "--repl-mbps") {
+            o.repl_mbps = std::max(1.0, std::atof(value().c_str()));
+        } else if (a == "--repl-runs") {
+            o.repl_runs = std::clamp(std::atoi(value().c_str()), 1, 10);
         } else if (a == "--raw") {
             o.raw = true;
         } else if (a == "--tls") {  // the TLS rows alone (with the floors)
             o.tls = true;
-            o.push = o.fault = o.throttled = o.sweep = o.downtime = o.busy = false;
+            o.push = o.fault = o.throttled = o.sweep = o.downtime = o.busy = o.repl = false;
         } else if (a == "--iterations") {
             o.iterations = std::max(100, std::atoi(value().c_str()));
         } else {
@@ -392,6 +411,7 @@ int main(int argc, char** argv) {
     if (o.downtime) all_ok = downtime_series(rep, (o.quick ? 32ull : 64ull) << 20, o.quick ? 10 : 20) && all_ok;
     if (o.busy) all_ok = report_busy_guest(rep, o.quick ? 256ull << 20 : 4ull << 30) && all_ok;
     if (o.modes) all_ok = report_modes(rep, o.mode_size, o.mode_rates) && all_ok;
+    if (o.repl) all_ok = report_replication(rep, o.repl_size, o.repl_mbps, o.repl_runs) && all_ok;
 
     j.num("downtime_ms", max_downtime);
     j.num("mem_overhead_bytes", max_dst_overhead);

@@ -20,11 +20,20 @@ namespace lazymig::pager {
 namespace {
 
 constexpr std::size_t kIovMax = 1024;  // IOV_MAX: runs per process_vm_readv
+// Staging passes while the vCPUs run, and the copy size below which the next one is left
+// to the pause: the vCPUs re-dirty pages while a pass copies (~0.25 ms per 1000 pages
+// unloaded, several times that with the vCPUs and other work on two cores), and every
+// pass write-protects what it reports, a fault for the next write to each page.
+constexpr int kRunningPasses = 3;
+constexpr std::uint64_t kPausedPages = 512;
 // How long a page reported written may stay PLACING: one placement ioctl, a few µs; a
 // page stuck for this long means a placement thread died inside it.
 constexpr std::chrono::milliseconds kPlacingLimit{1000};
 
 double ms(std::chrono::steady_clock::duration d) { return std::chrono::duration<double, std::milli>(d).count(); }
+std::uint64_t ns(std::chrono::steady_clock::duration d) {
+    return static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(d).count());
+}
 
 }  // namespace
 
@@ -36,7 +45,7 @@ Result<std::unique_ptr<Replicator>> Replicator::create(Pager& pager, const VmmHo
     std::size_t largest = 4096;
     for (const auto& g : pager.regions()) {
         largest = std::max(largest, g.guest.page_size);
-        r->dirty_.emplace_back((g.pages + 63) / 64, 0);
+        for (auto* b : {&r->epoch_, &r->fresh_, &r->unstaged_}) b->emplace_back((g.pages + 63) / 64, 0);
     }
     // At least one frame's worth, so that every epoch makes progress.
     const std::size_t bytes = std::max(config.staging_bytes, largest * proto::kMaxPagesPerFrame) / largest * largest;
@@ -85,8 +94,25 @@ void Replicator::stop() {
         stopping_ = true;
     }
     cv_.notify_all();
+    bool joined = false;
     for (auto* t : {&epoch_thread_, &lease_thread_, &ack_thread_})
-        if (t->joinable()) t->join();
+        if (t->joinable()) {
+            t->join();
+            joined = true;
+        }
+    if (joined && stats_.pause.summary().count > 0) {
+        // Where the pauses went (p50/p99 ms of each step).
+        auto f = [](const Histogram& h) {
+            const auto s = h.summary();
+            return fmt::format("{:.2f}/{:.2f}", s.p50_us / 1e3, s.p99_us / 1e3);
+        };
+        LZ_LOG(info, "replicator_pause_steps",
+               "epochs={} pause={} park={} scan={} scan_copy_again={} device={} stage_rest={} unpark={} running_passes={} running_scan={} "
+               "pages_prestaged={} pages_paused={}",
+               stats_.pause.summary().count, f(stats_.pause), f(stats_.park), f(stats_.scan), f(stats_.filter),
+               f(stats_.device), f(stats_.stage), f(stats_.unpark), f(stats_.prestage), f(stats_.prescan), stats_.prestaged_pages.get(),
+               stats_.paused_pages.get());
+    }
 }
 
 void Replicator::fail(const Error& e) {
@@ -281,21 +307,23 @@ void Replicator::epoch_loop() {
     }
 }
 
-// ORs the pages written since the last scan into dirty_ and returns how many of them
-// are present (the ones the epoch carries).
-Result<std::uint64_t> Replicator::scan() {
+// Sets in `bits` the pages written since the last scan (get-and-clear: they are write-
+// protected again) and returns how many of them are present (the ones the epoch carries).
+Result<std::uint64_t> Replicator::scan(Bitmaps& all) {
     const auto& regions = pager_.regions();
     std::uint64_t present = 0;
     for (std::uint32_t ri = 0; ri < regions.size(); ++ri) {
         const auto& r = regions[ri];
-        auto& bits = dirty_[ri];
+        auto& bits = all[ri];
         std::fill(bits.begin(), bits.end(), 0);
+        const auto t0 = Clock::now();
         auto s = scan_.written(r.guest.host, r.guest.size, r.guest.page_size,
                                fmt::format("region {} '{}'", ri, r.guest.name), [&](std::uint64_t first, std::uint64_t count) {
                                    for (std::uint64_t p = first; p < first + count && p < r.pages; ++p)
                                        bits[p / 64] |= 1ull << (p % 64);
                                });
         if (!s) return std::unexpected(s.error().wrap("destination replication"));
+        scan_ns_ += ns(Clock::now() - t0);
         for (std::size_t w = 0; w < bits.size(); ++w) {
             std::uint64_t word = bits[w];
             while (word) {
@@ -326,27 +354,34 @@ Result<void> Replicator::wait_placed(std::uint32_t ri, std::uint64_t p, std::uin
     return {};
 }
 
-// Fills the staging area from the cursor on; returns true when every dirty page is staged.
-Result<bool> Replicator::stage_next(std::uint64_t& staged_pages) {
+// One process_vm_readv of the first `iovs` runs of local_iov_/remote_iov_.
+Result<void> Replicator::read_guest(std::size_t iovs) {
+    if (iovs == 0) return {};
+    std::size_t want = 0;
+    for (std::size_t i = 0; i < iovs; ++i) want += local_iov_[i].iov_len;
+    const ssize_t n = ::process_vm_readv(::getpid(), local_iov_.data(), iovs, remote_iov_.data(), iovs, 0);
+    if (n < 0) return LZ_SYS_ERROR("destination replication: process_vm_readv of {} runs of guest pages", iovs);
+    if (static_cast<std::size_t>(n) != want)
+        return logic_error(fmt::format("destination replication: process_vm_readv read {} of {} bytes", n, want));
+    return {};
+}
+
+void Replicator::reset_staging() {
     pieces_.clear();
+    used_ = 0;
+}
+
+// Appends to the staging area the pages set in `all`, from the cursor on, and clears
+// their bits; returns true when every one is staged (false: the area is full, the
+// cursor says where to go on).
+Result<bool> Replicator::stage_next(Bitmaps& all, std::uint64_t& staged_pages) {
     staged_pages = 0;
     const auto& regions = pager_.regions();
-    std::size_t used = 0, iovs = 0;
-    auto flush = [&]() -> Result<void> {
-        std::size_t done = 0;
-        for (std::size_t i = 0; i < iovs; ++i) done += local_iov_[i].iov_len;
-        if (iovs == 0) return {};
-        const ssize_t n = ::process_vm_readv(::getpid(), local_iov_.data(), iovs, remote_iov_.data(), iovs, 0);
-        if (n < 0) return LZ_SYS_ERROR("destination replication: process_vm_readv of {} runs of guest pages", iovs);
-        if (static_cast<std::size_t>(n) != done)
-            return logic_error(fmt::format("destination replication: process_vm_readv read {} of {} bytes", n, done));
-        iovs = 0;
-        return {};
-    };
+    std::size_t iovs = 0;
     for (; cursor_region_ < regions.size(); ++cursor_region_, cursor_page_ = 0) {
         const auto& r = regions[cursor_region_];
         const std::size_t ps = r.guest.page_size;
-        const auto& bits = dirty_[cursor_region_];
+        auto& bits = all[cursor_region_];
         std::uint64_t p = cursor_page_;
         while (p < r.pages) {
             const std::uint64_t word = bits[p / 64] >> (p % 64);
@@ -358,25 +393,79 @@ Result<bool> Replicator::stage_next(std::uint64_t& staged_pages) {
             if (p >= r.pages) break;
             std::uint64_t e = p + 1;
             while (e < r.pages && (bits[e / 64] >> (e % 64) & 1)) ++e;
-            const std::uint64_t room = (staging_size_ - used) / ps;
+            const std::uint64_t room = (staging_size_ - used_) / ps;
             if (room == 0) {
                 cursor_page_ = p;
-                if (auto f = flush(); !f) return std::unexpected(f.error());
+                if (auto f = read_guest(iovs); !f) return std::unexpected(f.error());
                 return false;
             }
             const std::uint64_t take = std::min(e - p, room);
-            local_iov_[iovs] = {staging_ + used, take * ps};
+            for (std::uint64_t q = p; q < p + take; ++q) bits[q / 64] &= ~(1ull << (q % 64));
+            local_iov_[iovs] = {staging_ + used_, take * ps};
             remote_iov_[iovs] = {r.host(p), take * ps};
-            pieces_.push_back({cursor_region_, p, take, used});
-            used += take * ps;
+            pieces_.push_back({cursor_region_, p, take, used_});
+            used_ += take * ps;
             staged_pages += take;
             p += take;
-            if (++iovs == kIovMax)
-                if (auto f = flush(); !f) return std::unexpected(f.error());
+            if (++iovs == kIovMax) {
+                if (auto f = read_guest(iovs); !f) return std::unexpected(f.error());
+                iovs = 0;
+            }
         }
     }
-    if (auto f = flush(); !f) return std::unexpected(f.error());
+    if (auto f = read_guest(iovs); !f) return std::unexpected(f.error());
     return true;
+}
+
+// One pass, vCPUs running or paused: a get-and-clear scan into fresh_; every staged
+// page it reports is copied again into its slot; the others join the epoch (epoch_) and
+// what is left to stage (unstaged_). Returns the pages new to the epoch; `copied` counts
+// the pages copied again.
+Result<std::uint64_t> Replicator::pass(std::uint64_t& copied) {
+    scan_ns_ = 0;
+    if (auto f = scan(fresh_); !f) return std::unexpected(f.error());
+    const auto& regions = pager_.regions();
+    std::size_t iovs = 0;
+    copied = 0;
+    for (const auto& piece : pieces_) {
+        const auto& r = regions[piece.region];
+        const std::size_t ps = r.guest.page_size;
+        auto& bits = fresh_[piece.region];
+        for (std::uint64_t p = piece.first, end = piece.first + piece.count; p < end;) {
+            const std::uint64_t word = bits[p / 64] >> (p % 64);
+            if (word == 0) {
+                p = (p / 64 + 1) * 64;
+                continue;
+            }
+            p += static_cast<std::uint64_t>(std::countr_zero(word));
+            if (p >= end) break;
+            std::uint64_t e = p + 1;
+            while (e < end && (bits[e / 64] >> (e % 64) & 1)) ++e;
+            for (std::uint64_t q = p; q < e; ++q) bits[q / 64] &= ~(1ull << (q % 64));
+            local_iov_[iovs] = {staging_ + piece.offset + (p - piece.first) * ps, (e - p) * ps};
+            remote_iov_[iovs] = {r.host(p), (e - p) * ps};
+            copied += e - p;
+            p = e;
+            if (++iovs == kIovMax) {
+                if (auto f = read_guest(iovs); !f) return std::unexpected(f.error());
+                iovs = 0;
+            }
+        }
+    }
+    if (auto f = read_guest(iovs); !f) return std::unexpected(f.error());
+    std::uint64_t added = 0;
+    for (std::uint32_t ri = 0; ri < regions.size(); ++ri) {
+        auto& fresh = fresh_[ri];
+        auto& epoch = epoch_[ri];
+        auto& unstaged = unstaged_[ri];
+        for (std::size_t w = 0; w < fresh.size(); ++w) {
+            if (fresh[w] == 0) continue;
+            added += static_cast<std::uint64_t>(std::popcount(fresh[w] & ~epoch[w]));
+            epoch[w] |= fresh[w];
+            unstaged[w] |= fresh[w];
+        }
+    }
+    return added;
 }
 
 // EPOCH_PAGES frames of the staged pieces, each checksummed like PAGES.
@@ -412,36 +501,83 @@ Result<void> Replicator::send_staged(std::uint64_t n, std::uint32_t& frames, std
 }
 
 Result<void> Replicator::run_epoch() {
+    // While the vCPUs run: what they wrote since the last pause, staged (replicator.hpp
+    // says why a copy made now is the epoch's wherever a later scan does not object);
+    // again while a pass copied many pages, since the vCPUs wrote on meanwhile.
+    const auto pre_at = Clock::now();
+    for (auto* b : {&epoch_, &unstaged_})
+        for (auto& bits : *b) std::fill(bits.begin(), bits.end(), 0);
+    reset_staging();
+    std::uint64_t epoch_pages = 0, prescan_ns = 0, last = UINT64_MAX;
+    for (int i = 0; i < kRunningPasses; ++i) {
+        std::uint64_t copied = 0, staged = 0;
+        auto added = pass(copied);
+        if (!added) return std::unexpected(added.error());
+        prescan_ns += scan_ns_;
+        epoch_pages += *added;
+        cursor_region_ = 0;
+        cursor_page_ = 0;
+        if (auto all = stage_next(unstaged_, staged); !all) return std::unexpected(all.error());
+        stats_.prestaged_pages.add(copied + staged);
+        // Few pages left for the pause, or the vCPUs wrote as many as the pass copied
+        // (another pass would not shrink the pause, only cost them faults): pause now.
+        if (copied + staged <= kPausedPages || copied + staged > last / 2) break;
+        last = copied + staged;
+    }
+    stats_.prestage.record(ns(Clock::now() - pre_at));
+    stats_.prescan.record(prescan_ns);
+    {
+        std::lock_guard lock(mu_);
+        if (stopping_ || done_) return {};  // complete(): no epoch any more
+    }
+
     std::unique_lock vcpus(vcpu_mu_);
     if (fenced_) return {};
     const auto paused_at = Clock::now();
     hooks_.pause_vcpus();
+    auto step_at = Clock::now();
+    stats_.park.record(ns(step_at - paused_at));
+    auto step = [&](Histogram& h) {
+        const auto now = Clock::now();
+        h.record(ns(now - step_at));
+        step_at = now;
+    };
     bool paused = true;
     auto resume = [&] {
         if (!paused) return;
+        step(stats_.stage);
         hooks_.resume_vcpus();
         paused = false;
-        stats_.pause.record(static_cast<std::uint64_t>(
-            std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - paused_at).count()));
+        const auto now = Clock::now();
+        stats_.unpark.record(ns(now - step_at));
+        stats_.pause.record(ns(now - paused_at));
         vcpus.unlock();
     };
     const std::uint64_t n = open_.fetch_add(1, std::memory_order_acq_rel);
-    auto pages = scan();
-    if (!pages) return std::unexpected(pages.error());
+    std::uint64_t copied = 0;
+    auto added = pass(copied);
+    if (!added) return std::unexpected(added.error());
+    epoch_pages += *added;
+    stats_.paused_pages.add(copied);
+    stats_.scan.record(scan_ns_);
+    step(stats_.filter);  // the scan, its page-state filter and the copies of staged pages again
     std::vector<std::byte> device;
     if (hooks_.save_device_state) {
         auto d = hooks_.save_device_state();
         if (!d) return std::unexpected(d.error().wrap(fmt::format("destination: save_device_state for epoch {}", n)));
         device = std::move(*d);
     }
+    step(stats_.device);
+    auto pages = &epoch_pages;  // the epoch's page count, as EPOCH_BEGIN announces it
     cursor_region_ = 0;
     cursor_page_ = 0;
     std::uint32_t frames = 0, sum = 0;
     bool begun = false;
     for (;;) {
         std::uint64_t staged = 0;
-        auto all = stage_next(staged);
+        auto all = stage_next(unstaged_, staged);
         if (!all) return std::unexpected(all.error());
+        stats_.paused_pages.add(staged);
         if (*all) resume();  // the whole epoch is a snapshot now: the VM runs on
         else if (!begun) {
             stats_.overflows.add();
@@ -456,6 +592,7 @@ Result<void> Replicator::run_epoch() {
             begun = true;
         }
         if (auto s = send_staged(n, frames, sum, *pages); !s) return s;
+        reset_staging();
         if (*all) break;
     }
     const auto dev = proto::encode_epoch_device(device);

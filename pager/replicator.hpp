@@ -4,12 +4,26 @@
 // ships what the VM changes back to the source, so that the source can always resume
 // the VM from a consistent image if the destination is lost:
 //
-//   every epoch_ms:  pause_vcpus → PAGEMAP_SCAN get-and-clear of the written pages
-//                    (Pager::track_writes made every page write-protected, WP_ASYNC)
-//                    → save_device_state → copy the written pages into the staging area
-//                    with process_vm_readv (through the kernel, up to 1024 runs a call)
-//                    → resume_vcpus → EPOCH_BEGIN, EPOCH_PAGES..., EPOCH_DEVICE,
-//                    EPOCH_END on the replication channel.
+//   every epoch_ms:  while the vCPUs run: PAGEMAP_SCAN get-and-clear of the written
+//                    pages (Pager::track_writes made every page write-protected,
+//                    WP_ASYNC) and a copy of them into the staging area with
+//                    process_vm_readv (through the kernel, up to 1024 runs a call);
+//                    again (at most 3 passes) while a pass copied more than 512 pages
+//                    and less than half of what the pass before copied;
+//                    then pause_vcpus → one more get-and-clear scan → copy again the
+//                    pages it reports (into their slots when staged, else appended)
+//                    → save_device_state → resume_vcpus → EPOCH_BEGIN, EPOCH_PAGES...,
+//                    EPOCH_DEVICE, EPOCH_END on the replication channel.
+//
+// Why a copy made while the vCPUs run is the epoch's image: each scan write-protects
+// every page it reports before any of them is copied, so a write that lands after (or
+// during) that copy makes the page written again and the next scan reports it, and its
+// copy replaces the torn one. A staged page the paused scan does not report was not
+// written since the scan before its last copy: that copy is what it holds at the pause.
+// So the pause carries only what the vCPUs wrote during the last running pass. A guest
+// that rewrites its whole working set faster than a pass copies it (the test's 10k-page
+// sequential writer on an idle machine: ~1 us a page copied, ~10 ms for 10k) still
+// pauses for all of it; the passes stop as soon as they stop shrinking.
 //   the source:      applies an epoch only when it is whole and every checksum matched,
 //                    then answers EPOCH_ACK{n} (precopy/epoch_applier.hpp).
 //   EPOCH_ACK{n}:    the lease is renewed, then VmmHooks::on_epoch_committed(n) releases
@@ -77,6 +91,12 @@ struct ReplicatorConfig {
 struct ReplicatorStats {
     Counter epochs_sent, epochs_committed, pages, bytes, overflows, skipped;
     Histogram pause;   // pause_vcpus → resume_vcpus of each epoch
+    // The pause's steps: pause_vcpus returned; PAGEMAP_SCAN ioctls; the scan with its
+    // page-state filter and the copies of staged pages again (filter); save_device_state;
+    // the pages staged afresh (stage); resume_vcpus returned. Logged at stop().
+    Histogram park, scan, filter, device, stage, unpark;
+    Histogram prestage, prescan;  // the scan and copy made while the vCPUs run (not in the pause); its scan
+    Counter prestaged_pages, paused_pages;  // copied while running / while paused
     Histogram commit;  // EPOCH_END sent → EPOCH_ACK received
     std::atomic<std::uint64_t> last_pages{0}, largest_pages{0};
 };
@@ -130,9 +150,13 @@ private:
     void ack_loop();
     void lease_loop();
     Result<void> run_epoch();
-    Result<std::uint64_t> scan();
+    using Bitmaps = std::vector<std::vector<std::uint64_t>>;
+    Result<std::uint64_t> scan(Bitmaps& bits);
     Result<void> wait_placed(std::uint32_t ri, std::uint64_t first, std::uint64_t count);
-    Result<bool> stage_next(std::uint64_t& staged_pages);
+    void reset_staging();
+    Result<bool> stage_next(Bitmaps& bits, std::uint64_t& staged_pages);
+    Result<std::uint64_t> pass(std::uint64_t& copied);
+    Result<void> read_guest(std::size_t iovs);
     Result<void> send_staged(std::uint64_t n, std::uint32_t& frames, std::uint32_t& sum, std::uint64_t pages);
     void renew(Clock::time_point anchor);
     void fail(const Error& e);
@@ -149,11 +173,13 @@ private:
     std::function<void(const Error&)> on_error_;
     std::atomic<bool> reported_{false};
 
-    // Epoch thread only: the written pages of this epoch (a bit per page per region),
-    // where staging resumes, and the staged pieces.
-    std::vector<std::vector<std::uint64_t>> dirty_;
+    // Epoch thread only, a bit per page per region: the pages of this epoch, those not
+    // staged yet, and what the last scan reported; where staging resumes, and the staged
+    // pieces.
+    Bitmaps epoch_, unstaged_, fresh_;
     std::uint32_t cursor_region_ = 0;
     std::uint64_t cursor_page_ = 0;
+    std::size_t used_ = 0;  // staging bytes taken by pieces_
     struct Piece {
         std::uint32_t region;
         std::uint64_t first, count;
@@ -165,6 +191,7 @@ private:
     std::vector<iovec> local_iov_, remote_iov_;
     std::vector<std::uint32_t> crcs_;
     std::vector<const std::byte*> ptrs_;
+    std::uint64_t scan_ns_ = 0;  // this epoch's PAGEMAP_SCAN ioctls
 
     std::mutex vcpu_mu_;  // held from pause_vcpus to resume_vcpus; fence() takes it
     std::atomic<std::uint64_t> open_{1}, committed_{0};

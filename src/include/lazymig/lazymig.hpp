@@ -201,9 +201,10 @@ struct Parameters {
                                           // resumes the VM after GO (hybrid = bounded
                                           // pre-copy + post-copy only)
     std::uint64_t epoch_staging_bytes = 64ull << 20;  // destination: the staging area an
-                                          // epoch's pages are copied into while the vCPUs
-                                          // are paused; an epoch that does not fit keeps
-                                          // them paused while the staged part is sent
+                                          // epoch's pages are copied into (while the vCPUs
+                                          // run, then again in the pause for what they
+                                          // wrote meanwhile); an epoch that does not fit
+                                          // keeps them paused while the staged part is sent
                                           // (Stats::epoch_overflows), memory never grows
     std::uint32_t lease_ms = 1000;        // both sides, must match: the destination runs
                                           // the VM only within lease_ms of its last
