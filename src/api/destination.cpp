@@ -144,7 +144,9 @@ public:
 
     std::uint64_t open_epoch() const override {
         auto* r = replicator_ready_.load(std::memory_order_acquire);
-        return r ? r->open_epoch() : 0;
+        // Between resume_vcpus() and the replicator's start the VM already runs here:
+        // its output belongs to the first epoch, not to none.
+        return r ? r->open_epoch() : first_epoch_.load(std::memory_order_acquire);
     }
 
     Stats stats() const override {
@@ -450,6 +452,9 @@ private:
         watchdog_->disarm();
         if (int e = failpoint::check("destination_after_go", 0, 0, 0))
             return sys_error("destination: failpoint destination_after_go", e);
+        // Output commit from the first instruction the VM runs here: what it outputs
+        // before the replicator starts (below) is held for the first epoch's commit.
+        if (replicator_) first_epoch_.store(replicator_->open_epoch(), std::memory_order_release);
         cfg_.hooks.resume_vcpus();
         resumed_at_ = Clock::now();
         resumed_ = true;
@@ -978,6 +983,7 @@ private:
     std::unique_ptr<net::Channel> replication_;  // hybrid
     std::unique_ptr<pager::Replicator> replicator_;  // hybrid; stopped in session()
     std::atomic<pager::Replicator*> replicator_ready_{nullptr};  // for stats()/open_epoch()
+    std::atomic<std::uint64_t> first_epoch_{0};  // open_epoch() from GO until replicator_ready_
     Clock::time_point device_loaded_at_{};
     std::atomic<bool> channels_ready_{false};
     std::atomic<std::uint32_t> bulk_count_{0};
