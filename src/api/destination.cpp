@@ -581,7 +581,12 @@ private:
         if (!r && !stop_.signalled()) r.error().kind = ErrorClass::transport_lost;  // back to paused
         if (!r) return r;
         ++recoveries_;
+        // A link lost inside on_go() may have left RESUMED unsent (or its flush failed
+        // after the frame left): the resume handshake is the source's word that the VM
+        // runs here, so COMPLETE may follow from now on — at once if every page is here.
+        resumed_sent_ = true;
         state_.set_phase(Phase::postcopy, "post-copy resumed after recover");
+        maybe_send_complete();
         return urgent_loop(*ureader_, true);
     }
 

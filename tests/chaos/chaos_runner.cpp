@@ -144,11 +144,11 @@ struct SideState {
     }
 };
 
-Result run_row(const Row& row) {
+// `dir` is the caller's, so that a step that throws still leaves the logs to print.
+Result run_row(const Row& row, const TempDir& dir) {
     Result res;
     const bool recover = row.fault.recover && row.merged_on();
     const Expect& ex = row.expect();
-    TempDir dir;
     // A paused side gives up after 5 s: a lost source (no recover coming) ends the row
     // in seconds, and the runner's own migrate-recover comes well within it.
     const std::vector<std::string> base{"--workload", row.workload, "--recover-timeout-ms", "5000"};
@@ -446,14 +446,20 @@ int run_matrix() {
             continue;
         }
         Result res;
+        TempDir dir;  // outlives the row's processes (they end with run_row's stack)
+        auto logs = [&] {
+            for (const char* side : {"src", "dst"}) res.wrong.push_back(fmt::format("{} log: {}", side, tail(dir.file(std::string(side) + ".log"), 4000)));
+        };
         try {
-            res = run_row(r);
+            res = run_row(r, dir);
         } catch (const std::exception& e) {
             res.outcome = Outcome::other;
             res.wrong.push_back(std::string("step failed: ") + e.what());
+            logs();
         } catch (...) {  // a harness REQUIRE (doctest reported it above)
             res.outcome = Outcome::other;
             res.wrong.push_back("step failed: a harness assertion (see above)");
+            logs();
         }
         const bool ok = res.wrong.empty();
         (ok ? passed : failed) += 1;
