@@ -233,7 +233,7 @@ private:
     // cancel() then changes nothing.
     // A post-copy link loss pauses instead (link_lost).
     void fail(const Error& e) {
-        if (pager_->complete()) {
+        if (whole_here()) {
             LZ_LOG(debug, "session_error_after_complete", "side=destination {}", e.message());
             return;
         }
@@ -241,7 +241,7 @@ private:
         end_session(e);
     }
     void end_session(const Error& e) {
-        if (pager_->complete()) {  // every page is here: nothing can fail the migration now
+        if (whole_here()) {  // every page is here: nothing can fail the migration now
             LZ_LOG(debug, "session_error_after_complete", "side=destination {}", e.message());
             return;
         }
@@ -249,6 +249,11 @@ private:
         std::lock_guard lock(precopy_mu_);  // ends a wait for PRECOPY_END
         precopy_cv_.notify_all();
     }
+    // Every page is here and the VM runs here (GO arrived). Before GO, every page
+    // present (a hybrid's pre-copy round 1 done) is no migration: without the device
+    // state and GO the VM never ran here, and a lost source fails it.
+    bool whole_here() const { return resumed_.load() && pager_->complete(); }
+
     void stop_all() {
         stop_.signal();
         std::lock_guard lock(link_mu_);
@@ -278,7 +283,7 @@ private:
         // Link loss: pause, wait for recover(), resume; as often as it happens.
         while (!r) {
             fail(r.error());
-            if (!link_is_down() || pager_->complete()) break;
+            if (!link_is_down() || whole_here()) break;
             if (state_.phase() == Phase::switchover) state_.set_phase(Phase::postcopy, "the VM runs here; the link broke");
             teardown_link();
             r = pause_and_recover();
@@ -304,7 +309,7 @@ private:
                    rep.device, rep.source_on_demand, rep.fault_reads, rep.bulk_reads, rep.samples_checked);
         }
         close_channels();
-        if (pager_->complete()) {
+        if (whole_here()) {
             // Every page arrived verified: the VM is whole here whatever else happened.
             state_.forget_error();
             if (auto f = pager_->finish(); !f) {
