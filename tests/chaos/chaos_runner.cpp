@@ -309,6 +309,7 @@ Result run_row(const Row& row, const TempDir& dir) {
     // What runs where.
     SideState* running = nullptr;
     std::string phases, dst_status;
+    bool dst_paused_by_migration = false;  // lazymig stopped its vCPUs (not a poison_on_loss VM)
     for (SideState* s : {&src, &dst}) {
         if (s->dead) {
             phases += fmt::format("{} killed; ", s->vm->name);
@@ -317,7 +318,11 @@ Result run_row(const Row& row, const TempDir& dir) {
         const json st = s->query("query-status");
         const json q = s->query("query-migrate");
         phases += fmt::format("{} {} ({}); ", s->vm->name, st.value("status", "?"), q.value("phase", "?"));
-        if (s == &dst) dst_status = st.value("status", "");
+        if (s == &dst) {
+            dst_status = st.value("status", "");
+            if (st.contains("pause-reasons") && st["pause-reasons"].is_array())
+                for (const auto& r : st["pause-reasons"]) dst_paused_by_migration |= r == "migration";
+        }
         if (q.contains("error") && q["error"].is_string() && !q["error"].get<std::string>().empty())
             res.error += (res.error.empty() ? "" : " | ") + s->vm->name + ": " + q["error"].get<std::string>();
         if (st.value("status", "") == "running") {
@@ -330,8 +335,9 @@ Result run_row(const Row& row, const TempDir& dir) {
     if (src_done && dst_done && running == &dst) res.outcome = recovered ? Outcome::recovered : Outcome::completed;
     else if (running == &src && res.running == 1) res.outcome = Outcome::resumed_on_source;
     else if (std::ranges::find(row.fault.dst_args, "--poison-on-loss") != row.fault.dst_args.end() && src.dead && !dst.dead &&
-             (running == &dst || dst_status == "internal-error"))
-        res.outcome = Outcome::poisoned;  // --poison-on-loss: the VM went on without its source
+             !dst_paused_by_migration && (running == &dst || dst_status == "internal-error"))
+        res.outcome = Outcome::poisoned;  // --poison-on-loss: the VM went on without its source (a vCPU
+                                          // that touched a poisoned page stopped: internal-error)
     else if (res.running == 0) res.outcome = Outcome::stopped_with_error;
     else res.outcome = Outcome::other;
     if (res.outcome == Outcome::other) res.wrong.push_back("state: " + phases);
