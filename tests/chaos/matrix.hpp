@@ -57,7 +57,8 @@ struct Fault {
 
 struct Expect {
     std::set<Outcome> outcomes;
-    std::string error;                // substring of the surviving side's error, when stopped
+    std::string error;                // substring of the surviving side's error, when stopped;
+                                      // alternatives separated by '|'
     bool check_fails_with_poison = false;  // poison-on-loss: the checker names a poisoned page
 };
 
