@@ -127,7 +127,7 @@ std::vector<Row> matrix() {
              .fault = {.wait_status = when, .proxy = {"stall 20000"}, .recover = recovers, .throttle = slow},
              .today = mode == "precopy" ? Expect{{O::completed, O::resumed_on_source}, ""} : Expect{},
              .merged = mode == "precopy" ? Expect{{O::completed, O::resumed_on_source}, ""} : link_lost,
-             .needs = needs});  // hybrid bank/kv: the fenced destination hangs (open, see README)
+             .needs = needs});
         add({.scenario = "close-one-bulk-channel", .mode = mode,
              .fault = {.wait_status = when, .proxy = {"close 2"}, .recover = recovers, .throttle = slow},
              .today = needs.empty() ? link_lost : Expect{}, .merged = link_lost, .needs = needs});
