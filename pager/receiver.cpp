@@ -82,9 +82,12 @@ Result<void> receive_pages(net::FrameReader& reader, Pager& pager, const proto::
     if (precopy && !(precopy_open && *precopy_open))
         return peer_violation(fmt::format("{}: {} {}", where, proto::to_string(h.type),
                                           precopy_open ? "after PRECOPY_END" : "on a channel that carries no pre-copy"));
+    // A link that breaks inside a frame is a lost link (post-copy pauses and recovers),
+    // as FrameReader says of one that breaks inside a header.
     auto truncated = [&](const Error& e) -> Error {
         if (e.code == ECONNRESET)
-            return Error{0, fmt::format("{}: truncated PAGES frame: the peer closed the connection inside it", where)};
+            return Error{0, fmt::format("{}: truncated PAGES frame: the peer closed the connection inside it", where),
+                         ErrorClass::transport_lost};
         return e;
     };
     if (h.length < proto::kPagesMetaFixed)

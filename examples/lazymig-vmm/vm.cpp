@@ -114,6 +114,10 @@ lazymig::VmmHooks Vm::hooks() {
         log_event("vm_state", "status=paused reason=migration");
     };
     h.resume_vcpus = [this] {
+        // A hybrid source that takes the VM back from a checkpoint after it handed it
+        // over (handed_over() dropped the devices' clients): its devices serve again
+        // before its vCPUs run. Elsewhere nothing was dropped and this does nothing.
+        if (auto r = workload_->resumed_here(); !r) log_event("vm_device_error", "{}", r.error().message());
         unpark(PauseReason::migration);
         log_event("vm_state", "status={} reason=migration", gate_.running() ? "running" : "paused");
     };

@@ -57,6 +57,10 @@ public:
     // The VM now runs elsewhere (the destination resumed it): drop clients, so they
     // reconnect to the destination. Must not block: lazymig's session thread calls it.
     virtual void migrated_away() {}
+    // The VM runs here again after migrated_away() (a hybrid source resumed it from the
+    // last committed epoch): serve clients again, on the same address. A no-op when
+    // nothing was dropped. Must not block: lazymig's session thread calls it.
+    [[nodiscard]] virtual lazymig::Result<void> resumed_here() { return {}; }
     // Output commit (hybrid, destination): `open_epoch` tells which epoch output produced
     // now belongs to (0: release at once); the workload holds external output of epoch
     // e until release_output(n) with n >= e. Unset (the default, and on a source):

@@ -144,7 +144,9 @@ public:
 
     std::uint64_t open_epoch() const override {
         auto* r = replicator_ready_.load(std::memory_order_acquire);
-        return r ? r->open_epoch() : 0;
+        // Between resume_vcpus() and the replicator's start the VM already runs here:
+        // its output belongs to the first epoch, not to none.
+        return r ? r->open_epoch() : first_epoch_.load(std::memory_order_acquire);
     }
 
     Stats stats() const override {
@@ -231,7 +233,7 @@ private:
     // cancel() then changes nothing.
     // A post-copy link loss pauses instead (link_lost).
     void fail(const Error& e) {
-        if (pager_->complete()) {
+        if (whole_here()) {
             LZ_LOG(debug, "session_error_after_complete", "side=destination {}", e.message());
             return;
         }
@@ -239,7 +241,7 @@ private:
         end_session(e);
     }
     void end_session(const Error& e) {
-        if (pager_->complete()) {  // every page is here: nothing can fail the migration now
+        if (whole_here()) {  // every page is here: nothing can fail the migration now
             LZ_LOG(debug, "session_error_after_complete", "side=destination {}", e.message());
             return;
         }
@@ -247,6 +249,11 @@ private:
         std::lock_guard lock(precopy_mu_);  // ends a wait for PRECOPY_END
         precopy_cv_.notify_all();
     }
+    // Every page is here and the VM runs here (GO arrived). Before GO, every page
+    // present (a hybrid's pre-copy round 1 done) is no migration: without the device
+    // state and GO the VM never ran here, and a lost source fails it.
+    bool whole_here() const { return resumed_.load() && pager_->complete(); }
+
     void stop_all() {
         stop_.signal();
         std::lock_guard lock(link_.mu);
@@ -276,7 +283,7 @@ private:
         // Link loss: pause, wait for recover(), resume; as often as it happens.
         while (!r) {
             fail(r.error());
-            if (!link_is_down() || pager_->complete()) break;
+            if (!link_is_down() || whole_here()) break;
             if (state_.phase() == Phase::switchover) state_.set_phase(Phase::postcopy, "the VM runs here; the link broke");
             teardown_link();
             r = pause_and_recover();
@@ -308,7 +315,7 @@ private:
                    rep.device, rep.source_on_demand, rep.fault_reads, rep.bulk_reads, rep.samples_checked);
         }
         close_channels();
-        if (pager_->complete() && !released) {
+        if (whole_here() && !released) {
             // The fence paused the vCPUs; a lease a misbehaving source kept renewing
             // without RELEASE ends the wait too, and this side stops the VM itself.
             if (!replicator_->fenced()) cfg_.hooks.pause_vcpus();
@@ -326,7 +333,7 @@ private:
             state_.emit(Event{Event::Kind::error, Phase::failed, e.message()});
             return;
         }
-        if (pager_->complete()) {
+        if (whole_here()) {
             // Every page arrived verified: the VM is whole here whatever else happened.
             state_.forget_error();
             if (auto f = pager_->finish(); !f) {
@@ -474,6 +481,9 @@ private:
         watchdog_->disarm();
         if (int e = failpoint::check("destination_after_go", 0, 0, 0))
             return sys_error("destination: failpoint destination_after_go", e);
+        // Output commit from the first instruction the VM runs here: what it outputs
+        // before the replicator starts (below) is held for the first epoch's commit.
+        if (replicator_) first_epoch_.store(replicator_->open_epoch(), std::memory_order_release);
         cfg_.hooks.resume_vcpus();
         resumed_at_ = Clock::now();
         resumed_ = true;
@@ -586,7 +596,12 @@ private:
         if (!r && !stop_.signalled()) r.error().kind = ErrorClass::transport_lost;  // back to paused
         if (!r) return r;
         ++recoveries_;
+        // A link lost inside on_go() may have left RESUMED unsent (or its flush failed
+        // after the frame left): the resume handshake is the source's word that the VM
+        // runs here, so COMPLETE may follow from now on — at once if every page is here.
+        resumed_sent_ = true;
         state_.set_phase(Phase::postcopy, "post-copy resumed after recover");
+        maybe_send_complete();
         return urgent_loop(*ureader_, true);
     }
 
@@ -985,6 +1000,7 @@ private:
     std::unique_ptr<net::Channel> replication_;  // hybrid
     std::unique_ptr<pager::Replicator> replicator_;  // hybrid; stopped in session()
     std::atomic<pager::Replicator*> replicator_ready_{nullptr};  // for stats()/open_epoch()
+    std::atomic<std::uint64_t> first_epoch_{0};  // open_epoch() from GO until replicator_ready_
     Clock::time_point device_loaded_at_{};
     std::atomic<bool> channels_ready_{false};
     std::atomic<std::uint32_t> bulk_count_{0};

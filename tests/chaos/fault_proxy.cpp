@@ -197,6 +197,7 @@ private:
     }
 
     // Throttle: a token bucket over every connection and direction.
+    static constexpr std::size_t kThrottleChunk = 4096;
     double burst() const { return std::max(double(throttle_) / 10, 1.0); }
     double want_tokens() const { return std::min(burst(), 16384.0); }
     void refill(Clock::time_point now) {
@@ -206,10 +207,12 @@ private:
         refilled_ = now;
     }
     bool stalled() const { return stalled_until_ && Clock::now() < *stalled_until_; }
+    // Whether the throttle applies to a direction (`throttle BPS up`: source → target only).
+    bool throttled(bool upward) const { return throttle_ && (upward || !throttle_up_only_); }
     // How many bytes may be written now.
-    std::size_t allowance(std::size_t want) const {
+    std::size_t allowance(std::size_t want, bool upward) const {
         if (stalled()) return 0;
-        if (!throttle_) return want;
+        if (!throttled(upward)) return want;
         return std::min(want, std::size_t(tokens_));
     }
 
@@ -223,15 +226,15 @@ private:
     }
     void update(Conn& c) {
         if (!c.open) return;
-        const bool can_write = !stalled() && (!throttle_ || tokens_ >= 1);
+        auto can_write = [&](bool upward) { return !stalled() && (!throttled(upward) || tokens_ >= 1); };
         std::uint32_t mc = 0, mu = 0;
         if (!c.connecting && !c.up.eof && c.up.room() + c.up.head > 0) mc |= EPOLLIN;
-        if (c.down.len && can_write) mc |= EPOLLOUT;
+        if (c.down.len && can_write(false)) mc |= EPOLLOUT;
         if (c.connecting) {
             mu = EPOLLOUT;
         } else {
             if (!c.down.eof && c.down.room() + c.down.head > 0) mu |= EPOLLIN;
-            if (c.up.len && can_write) mu |= EPOLLOUT;
+            if (c.up.len && can_write(true)) mu |= EPOLLOUT;
         }
         set_mask(c, c.client.get(), c.hup_client, mc, c.mask_client, kClient);
         set_mask(c, c.upstream.get(), c.hup_upstream, mu, c.mask_upstream, kUpstream);
@@ -272,8 +275,13 @@ private:
     }
     // Writes what is allowed of d to `to`; false when the connection had to close.
     bool drain(Conn& c, int to, Direction& d, bool upward) {
+        // Throttled, a connection writes one chunk per turn: the connections share the
+        // rate instead of the first busy one (a bulk channel) taking every token and
+        // starving the others (the urgent channel, back-replication's acks).
+        const bool metered = throttled(upward);
         while (d.len) {
-            const std::size_t allowed = allowance(d.len);
+            std::size_t allowed = allowance(d.len, upward);
+            if (metered) allowed = std::min(allowed, kThrottleChunk);
             if (allowed == 0) return true;
             if (upward && corrupt_pending_ && (corrupt_conn_ == 0 || corrupt_conn_ == c.id)) {
                 d.buf[d.head] = char(d.buf[d.head] ^ 0xff);
@@ -289,10 +297,11 @@ private:
             d.head += std::size_t(n);
             d.len -= std::size_t(n);
             d.forwarded += std::uint64_t(n);
-            if (throttle_) tokens_ -= double(n);
+            if (metered) tokens_ -= double(n);
             if (d.len == 0) d.head = 0;
+            if (metered) break;
         }
-        if (d.eof && !d.shut) {
+        if (d.len == 0 && d.eof && !d.shut) {
             d.shut = true;
             ::shutdown(to, SHUT_WR);
         }
@@ -437,10 +446,14 @@ private:
             return fmt::format("ok stall {} ms\n", v);
         }
         if (cmd == "throttle" && number(&v)) {
+            std::string dir;
+            is >> dir;
+            if (!dir.empty() && dir != "up") return fmt::format("error throttle BPS [up], not '{}'\n", line);
             throttle_ = v;
+            throttle_up_only_ = dir == "up";
             tokens_ = 0;
             refilled_ = Clock::now();
-            return fmt::format("ok throttle {} bytes/s\n", v);
+            return fmt::format("ok throttle {} bytes/s{}\n", v, throttle_up_only_ ? " up" : "");
         }
         if (cmd == "corrupt") {
             corrupt_conn_ = number(&v) ? int(v) : 0;
@@ -491,6 +504,7 @@ private:
     bool quit_ = false, cut_ = false;
     std::optional<Clock::time_point> stalled_until_;
     std::uint64_t throttle_ = 0;
+    bool throttle_up_only_ = false;
     double tokens_ = 0;
     Clock::time_point refilled_ = Clock::now();
     bool corrupt_pending_ = false;

@@ -19,8 +19,10 @@
 //   stall MS         hold the bytes in both directions of every connection for MS ms
 //                    (nothing is written; reads stop when a buffer is full): a link that
 //                    goes silent, as a partition looks to TCP; `stall 0` ends a stall
-//   throttle BPS     at most BPS bytes per second over all connections and directions
-//                    (a token bucket, burst BPS/10); `throttle 0` lifts it
+//   throttle BPS [up]  at most BPS bytes per second over all connections and directions
+//                    (a token bucket, burst BPS/10), or with `up` over the source → target
+//                    direction only (post-copy pages slow, back-replication free);
+//                    `throttle 0` lifts it
 //   corrupt [K]      flip (xor 0xff) one byte of the next bytes forwarded from the
 //                    source side to the target (on connection K only, if given)
 //   close K          close connection K only (RST both ways); the others go on

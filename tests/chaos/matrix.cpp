@@ -69,7 +69,11 @@ std::vector<Row> matrix() {
         // there); hybrid resumes it on the source from the last committed epoch.
         // (After GO the source must say that the destination may run the VM; mid
         // post-copy, that the destination went away.)
-        const Expect dst_lost_mid{{O::stopped_with_error}, "the destination closed the connection"};
+        // The killed destination's socket closes with a FIN, or with a RST when bytes
+        // were still unread: the source then takes it for a lost link, pauses, and gives
+        // up after the recover timeout.
+        const Expect dst_lost_mid{{O::stopped_with_error},
+                                  "the destination closed the connection|the destination may be running the VM: it was not resumed here"};
         for (const auto& [scenario, fp, lost] : std::vector<std::tuple<std::string, std::string, Expect>>{
                  {"dst-killed-after-go", "destination_after_go=kill", dst_lost_after_go},
                  {"dst-killed-mid-postcopy", "pager_urgent_before_place=kill:2", dst_lost_mid}}) {
@@ -81,15 +85,24 @@ std::vector<Row> matrix() {
                      .today = lost, .merged = resumed, .needs = "replicate", .in_short = "kv"});
         }
         if (mode == "hybrid") {
+            // The epoch points: hybrid post-copy carries only the stale set and ends in a
+            // few hundred ms, often before an epoch. From GO on the proxy lets 1 MB/s of
+            // pages through (and back-replication free), so post-copy outlasts the first
+            // epochs whatever the workload; the runner fails a row whose point was not hit.
+            const std::uint64_t crawl = 1'000'000;
             add({.scenario = "dst-killed-mid-epoch-send", .mode = mode,
-                 .fault = {.killed = Side::destination, .failpoint = "destination_epoch_send=kill:3"},
+                 .fault = {.killed = Side::destination, .failpoint = "destination_epoch_send=kill:3",
+                           .postcopy_throttle_up = crawl},
                  .today = {}, .merged = resumed, .needs = "replicate"});
             add({.scenario = "dst-killed-after-commit-before-release", .mode = mode,
                  .fault = {.killed = Side::destination, .failpoint = "destination_epoch_committed=kill",
-                           .throttle = 20'000'000},
-                 .today = {}, .merged = resumed, .needs = "replicate"});  // post-copy often ends before it
+                           .postcopy_throttle_up = crawl},
+                 .today = {}, .merged = resumed, .needs = "replicate"});
+            // The source dies applying epoch 2: it cannot be resumed anywhere but on the
+            // destination, which then misses the pages the source still held.
             add({.scenario = "src-killed-epoch-apply", .mode = mode,
-                 .fault = {.killed = Side::source, .failpoint = "source_epoch_apply=kill:2"},
+                 .fault = {.killed = Side::source, .failpoint = "source_epoch_apply=kill:2",
+                           .postcopy_throttle_up = crawl},
                  .today = {}, .merged = {{O::completed, O::stopped_with_error}, ""}, .needs = "replicate"});
         }
     }
@@ -104,26 +117,25 @@ std::vector<Row> matrix() {
         const Expect link_lost = recovers ? recovered : resumed;
         const std::string needs = recovers ? "recover" : mode == "hybrid" ? "replicate" : "";
         add({.scenario = "cut", .mode = mode, .fault = {.wait_status = when, .proxy = {"cut"}, .recover = recovers, .throttle = slow},
-             .today = {}, .merged = link_lost, .needs = needs,
-             .in_short = mode == "postcopy" || mode == "hybrid" ? "pattern" : ""});
-        // (cut/postcopy/kv stalled once after recover, in a CI run on a loaded machine:
-        // open, and left out of the short matrix until understood.)
+             .today = needs.empty() ? link_lost : Expect{}, .merged = link_lost, .needs = needs,
+             .in_short = mode == "postcopy" || mode == "hybrid" ? "kv" : ""});
         if (recovers)
             add({.scenario = "cut-recover-new-address", .mode = mode,
                  .fault = {.wait_status = when, .proxy = {"cut"}, .recover = true, .new_address = true, .throttle = slow},
                  .today = {}, .merged = recovered, .needs = "recover"});
         add({.scenario = "stall-past-heartbeat", .mode = mode,
              .fault = {.wait_status = when, .proxy = {"stall 20000"}, .recover = recovers, .throttle = slow},
-             .today = {}, .merged = mode == "precopy" ? Expect{{O::completed, O::resumed_on_source}, ""} : link_lost,
-             .needs = needs});  // hybrid bank/kv: the fenced destination hangs (open, see README)
+             .today = mode == "precopy" ? Expect{{O::completed, O::resumed_on_source}, ""} : Expect{},
+             .merged = mode == "precopy" ? Expect{{O::completed, O::resumed_on_source}, ""} : link_lost,
+             .needs = needs});
         add({.scenario = "close-one-bulk-channel", .mode = mode,
              .fault = {.wait_status = when, .proxy = {"close 2"}, .recover = recovers, .throttle = slow},
-             .today = {}, .merged = link_lost, .needs = needs});
+             .today = needs.empty() ? link_lost : Expect{}, .merged = link_lost, .needs = needs});
         // A flipped byte: TLS refuses the record (no bad frame is placed); the channel is
         // lost like a cut one.
         add({.scenario = "corrupt", .mode = mode,
              .fault = {.wait_status = when, .proxy = {"corrupt"}, .recover = recovers, .throttle = slow},
-             .today = {}, .merged = link_lost, .needs = needs});  // postcopy/bank: the dst never paused once in 4 runs (open)
+             .today = needs.empty() ? link_lost : Expect{}, .merged = link_lost, .needs = needs, .in_short = mode == "postcopy" ? "bank" : ""});
         // During pre-copy the VM never left: it keeps running on the source.
         if (mode != "postcopy")
             add({.scenario = "corrupt-during-precopy", .mode = mode,

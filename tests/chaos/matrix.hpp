@@ -46,13 +46,19 @@ struct Fault {
     bool recover = false;             // then migrate-recover on both sides (needs recover)
     bool new_address = false;         // ... to a new destination address and proxy port
     std::uint64_t throttle = 0;       // the link's rate during the migration (bytes/s); 0: free
+    // Post-copy that lasts: the source holds just before GO (source_before_go=hold:FIFO)
+    // until the proxy throttles the source → destination direction to this rate (bytes/s),
+    // so every post-copy page crawls while back-replication (destination → source) runs
+    // free. Pre-copy ran unthrottled. 0: not used.
+    std::uint64_t postcopy_throttle_up = 0;
     std::vector<std::string> dst_args;  // more `run` options for the destination
     nlohmann::json params = nlohmann::json::object();     // migrate-set-parameters on the source before migrate
 };
 
 struct Expect {
     std::set<Outcome> outcomes;
-    std::string error;                // substring of the surviving side's error, when stopped
+    std::string error;                // substring of the surviving side's error, when stopped;
+                                      // alternatives separated by '|'
     bool check_fails_with_poison = false;  // poison-on-loss: the checker names a poisoned page
 };
 

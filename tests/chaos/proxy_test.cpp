@@ -265,6 +265,25 @@ TEST_CASE("chaos/proxy/throttle-bounds-the-rate") {
     w2.join();
 }
 
+TEST_CASE("chaos/proxy/throttle-up-leaves-the-other-direction-free") {
+    Rig r;
+    auto [src, dst] = r.connection();
+    CHECK(r.cmd("throttle 200000 up") == "ok throttle 200000 bytes/s up\n");
+    // Down (target → source) is not throttled: 4 MiB would take over 20 s at the rate.
+    const std::string down = random_bytes(4 << 20, 5);
+    std::thread w1([&, fd = dst.fd] { send_all(fd, down); });
+    CHECK((read_n(src.fd, down.size(), 15s) == down));
+    w1.join();
+    // Up is: 120000 bytes take >= 0.5 s (the bucket starts empty, holds at most 20000).
+    const std::string up = random_bytes(120000, 6);
+    const auto t0 = std::chrono::steady_clock::now();
+    std::thread w2([&, fd = src.fd] { send_all(fd, up); });
+    CHECK((read_n(dst.fd, up.size(), 20s) == up));
+    CHECK(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() >= 0.5);
+    w2.join();
+    CHECK(r.cmd("throttle 1 sideways").starts_with("error throttle BPS [up]"));
+}
+
 TEST_CASE("chaos/proxy/corrupt-flips-one-byte-source-to-destination") {
     Rig r;
     auto [s1, d1] = r.connection();

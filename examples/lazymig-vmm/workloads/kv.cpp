@@ -29,7 +29,10 @@ void KvWorkload::run_vcpu(unsigned, const GuestView& ram, VcpuRegs& regs, VcpuGa
             continue;
         }
         meter_.add();
-        device_->respond(req, std::move(*reply));
+        // Output commit (hybrid destination): the ack belongs to the epoch open now, read
+        // after the write and before the next safe point, so the epoch that holds the
+        // write is the one whose commit releases the ack. 0 elsewhere: it goes out at once.
+        device_->respond(req, std::move(*reply), open_epoch_ ? open_epoch_() : 0);
     }
 }
 
@@ -59,5 +62,7 @@ void KvWorkload::stop_devices() { device_.reset(); }
 void KvWorkload::migrated_away() {
     if (device_) device_->drop_clients();
 }
+
+lazymig::Result<void> KvWorkload::resumed_here() { return device_ ? device_->serve_again() : lazymig::Result<void>{}; }
 
 }  // namespace vmm

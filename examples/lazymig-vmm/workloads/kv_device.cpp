@@ -14,20 +14,31 @@
 
 namespace vmm {
 
-lazymig::Result<std::unique_ptr<KvDevice>> KvDevice::start(std::uint16_t port, VcpuGate& gate) {
-    std::unique_ptr<KvDevice> d(new KvDevice(gate));
-    d->listen_.reset(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-    if (!d->listen_) return lazymig::sys_error("kv: socket");
+namespace {
+// A non-blocking listener on 127.0.0.1:port (0: the kernel picks).
+lazymig::Result<UniqueFd> bind_listener(std::uint16_t port) {
+    UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (!fd) return lazymig::sys_error("kv: socket");
     const int one = 1;
-    if (::setsockopt(d->listen_.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0)
+    if (::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof one) != 0)
         return lazymig::sys_error("kv: setsockopt SO_REUSEADDR");
     sockaddr_in addr{};
     addr.sin_family = AF_INET;
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     addr.sin_port = htons(port);
-    if (::bind(d->listen_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0)
+    if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0)
         return lazymig::sys_error(fmt::format("kv: bind 127.0.0.1:{}", port));
-    if (::listen(d->listen_.get(), 64) != 0) return lazymig::sys_error("kv: listen");
+    if (::listen(fd.get(), 64) != 0) return lazymig::sys_error("kv: listen");
+    return fd;
+}
+}  // namespace
+
+lazymig::Result<std::unique_ptr<KvDevice>> KvDevice::start(std::uint16_t port, VcpuGate& gate) {
+    std::unique_ptr<KvDevice> d(new KvDevice(gate));
+    auto l = bind_listener(port);
+    if (!l) return std::unexpected(l.error());
+    d->listen_ = std::move(*l);
+    sockaddr_in addr{};
     socklen_t len = sizeof addr;
     if (::getsockname(d->listen_.get(), reinterpret_cast<sockaddr*>(&addr), &len) != 0)
         return lazymig::sys_error("kv: getsockname");
@@ -83,13 +94,56 @@ void KvDevice::requeue(Request req) {
 }
 
 void KvDevice::drop_clients() {
-    drop_.store(true, std::memory_order_release);
+    {
+        std::lock_guard lock(listen_mu_);
+        if (listen_state_ != Listen::serving) return;
+        listen_state_ = Listen::drop_asked;
+    }
     wake_.signal();
 }
 
+lazymig::Result<void> KvDevice::serve_again() {
+    {
+        std::lock_guard lock(listen_mu_);
+        switch (listen_state_) {
+        case Listen::serving: return {};
+        case Listen::drop_asked:  // the I/O thread has not dropped anything yet: it need not
+            listen_state_ = Listen::serving;
+            return {};
+        case Listen::dropped: break;
+        }
+        auto l = bind_listener(port_);
+        if (!l) return std::unexpected(l.error().wrap("kv: serving again"));
+        relisten_ = std::move(*l);
+        listen_state_ = Listen::serving;
+    }
+    log_event("kv_listening", "port={} reason=resumed-here", port_);
+    wake_.signal();
+    return {};
+}
+
+// I/O thread: does what drop_clients()/serve_again() asked.
+void KvDevice::apply_listen_state() {
+    std::lock_guard lock(listen_mu_);
+    if (listen_state_ == Listen::drop_asked) {
+        for (std::uint32_t c = 0; c < kMaxConns; ++c)
+            if (conns_[c].fd) close_conn(c, "the VM migrated away");
+        listen_.reset();
+        listen_state_ = Listen::dropped;
+        log_event("kv_closed", "reason=migrated");
+    } else if (listen_state_ == Listen::serving && relisten_) {
+        listen_ = std::move(relisten_);
+    }
+}
+
 nlohmann::json KvDevice::status() const {
+    bool serving;
+    {
+        std::lock_guard lock(listen_mu_);
+        serving = listen_state_ == Listen::serving;
+    }
     return {{"port", port_}, {"connections", open_conns_.load()}, {"served", served_.load()},
-            {"serving", !drop_.load()}, {"acks_held", held_total_.load()}, {"committed_epoch", committed_.load()}};
+            {"serving", serving}, {"acks_held", held_total_.load()}, {"committed_epoch", committed_.load()}};
 }
 
 void KvDevice::run() {
@@ -115,13 +169,9 @@ void KvDevice::run() {
         if (fds[1].revents) {
             wake_.drain();
             deliver_responses();
-            if (drop_.load(std::memory_order_acquire) && listen_) {
-                for (std::uint32_t c = 0; c < kMaxConns; ++c)
-                    if (conns_[c].fd) close_conn(c, "the VM migrated away");
-                listen_.reset();
-                log_event("kv_closed", "reason=migrated");
-                continue;  // the fds gathered above may be closed
-            }
+            const int was = listen_.get();
+            apply_listen_state();
+            if (listen_.get() != was) continue;  // the fds gathered above may be closed
         }
         if (fds[2].revents) accept_one();
         for (std::size_t i = 3; i < fds.size(); ++i) {

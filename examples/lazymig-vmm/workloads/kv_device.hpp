@@ -55,6 +55,10 @@ public:
     void requeue(Request req);
     // The VM moved away: close every connection and the listener.
     void drop_clients();
+    // The VM runs here again (a hybrid source that resumed it from a checkpoint): listen
+    // on the same port once more. Bound before it returns (a client that connects after
+    // it is served); a no-op while serving. Does not block: lazymig's session thread calls it.
+    [[nodiscard]] lazymig::Result<void> serve_again();
     [[nodiscard]] nlohmann::json status() const;
 
 private:
@@ -78,6 +82,7 @@ private:
     void flush(std::uint32_t c);
     void close_conn(std::uint32_t c, std::string_view why);
     void deliver_responses();
+    void apply_listen_state();
 
     VcpuGate& gate_;
     UniqueFd listen_;
@@ -89,7 +94,13 @@ private:
     std::vector<Response> responses_;     // under resp_mu_; <= kMaxConns entries
     std::vector<Response> held_;          // I/O thread: not committed yet; <= kMaxConns
     std::atomic<std::uint64_t> committed_{0}, held_total_{0};
-    std::atomic<bool> drop_{false};
+    // Serving (listener open), a drop asked (drop_clients) the I/O thread has not done
+    // yet, or dropped; under listen_mu_. A listener bound by serve_again() waits in
+    // relisten_ until the I/O thread takes it.
+    enum class Listen { serving, drop_asked, dropped };
+    mutable std::mutex listen_mu_;
+    Listen listen_state_ = Listen::serving;
+    UniqueFd relisten_;
     std::atomic<std::uint32_t> open_conns_{0};
     std::atomic<std::uint64_t> served_{0};
     std::thread thread_;  // the I/O thread; joined in the destructor

@@ -87,6 +87,7 @@ public:
     [[nodiscard]] lazymig::Result<void> start_devices(VcpuGate& gate) override;
     void stop_devices() override;
     void migrated_away() override;
+    [[nodiscard]] lazymig::Result<void> resumed_here() override;
     void hold_output(std::function<std::uint64_t()> open_epoch) override { open_epoch_ = std::move(open_epoch); }
     void release_output(std::uint64_t epoch) override {
         if (device_) device_->release(epoch);
