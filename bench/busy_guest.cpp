@@ -87,21 +87,10 @@ Fields run(const std::string& dir, std::size_t bytes) {
     // Both clients negotiated QMP capabilities on connect, so they receive events.
 
     // Guest progress before: pattern pages/s over one second of the running source.
-    auto ops = [](vmm::QmpClient& c) -> std::optional<double> {
-        auto r = c.execute("query-status");
-        if (!r) return std::nullopt;
-        return num(*r, {"workload-status", "operations"});
-    };
-    const auto b0 = std::chrono::steady_clock::now();
-    const auto ops0 = ops(*sc);
-    {
-        pollfd none{-1, 0, 0};
-        ::poll(&none, 0, 1000);  // the measuring window, not a synchronisation
-    }
-    const auto ops1 = ops(*sc);
-    const double before_s = seconds_since(b0);
-    if (!ops0 || !ops1) return Fields().set_str("error", "busy guest: query-status failed");
-    const double rate_before = (*ops1 - *ops0) / before_s;
+    const auto ops = guest_ops;
+    const auto before = guest_rate(*sc);
+    if (!before) return Fields().set_str("error", "busy guest: query-status failed");
+    const double rate_before = *before;
 
     const auto m0 = std::chrono::steady_clock::now();
     if (auto r = sc->execute("migrate", {{"uri", dst->incoming}, {"mode", "postcopy"}}); !r) return fail("migrate", r.error());
@@ -156,12 +145,7 @@ Fields run(const std::string& dir, std::size_t bytes) {
 }  // namespace
 
 Fields busy_guest_run(std::size_t bytes) {
-    char tmpl[] = "/tmp/lazymig-bench-XXXXXX";
-    if (::mkdtemp(tmpl) == nullptr) return Fields().set_str("error", "busy guest: mkdtemp failed");
-    Fields f = run(tmpl, bytes);
-    std::error_code ec;
-    std::filesystem::remove_all(tmpl, ec);
-    return f;
+    return in_scratch_dir("busy guest", [&](const std::string& dir) { return run(dir, bytes); });
 }
 
 }  // namespace bench

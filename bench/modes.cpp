@@ -79,32 +79,19 @@ Fields run(const std::string& dir, std::size_t bytes, std::uint64_t rate, const 
     if (rate == 0) common.insert(common.end(), {"--workload", "idle"});
     else common.insert(common.end(), {"--workload", "dirty", "--rate", std::to_string(rate), "--pattern", "random"});
     std::string err;
-    auto dst_args = common;
-    dst_args.insert(dst_args.end(), {"--incoming", "tcp:127.0.0.1:0"});
-    auto dst = Vm::start(dir, "dst", dst_args, &err);
-    if (!dst) return Fields().set_str("error", "modes: " + err);
-    auto src = Vm::start(dir, "src", common, &err);
-    if (!src) return Fields().set_str("error", "modes: " + err);
-    auto sc = vmm::QmpClient::connect(src->qmp);
-    auto dc = vmm::QmpClient::connect(dst->qmp);
-    if (!sc || !dc) return Fields().set_str("error", "modes: cannot connect to the management sockets");
+    auto pair = start_pair(dir, common, "modes", &err);
+    if (!pair) return Fields().set_str("error", err);
+    auto& src = pair->src;
+    auto& dst = pair->dst;
+    auto& sc = pair->sc;
+    auto& dc = pair->dc;
     auto fail = [](const char* what, const lazymig::Error& e) {
         return Fields().set_str("error", fmt::format("modes: {}: {}", what, e.message()));
     };
-    auto ops = [](vmm::QmpClient& c) -> std::optional<double> {
-        auto r = c.execute("query-status");
-        if (!r) return std::nullopt;
-        return num(*r, {"workload-status", "operations"});
-    };
-    const auto b0 = std::chrono::steady_clock::now();
-    const auto ops0 = ops(*sc);
-    {
-        pollfd none{-1, 0, 0};
-        ::poll(&none, 0, 1000);  // the measuring window, not a synchronisation
-    }
-    const auto ops1 = ops(*sc);
-    if (!ops0 || !ops1) return Fields().set_str("error", "modes: query-status failed");
-    const double rate_before = (*ops1 - *ops0) / seconds_since(b0);
+    const auto ops = guest_ops;
+    const auto before = guest_rate(*sc);
+    if (!before) return Fields().set_str("error", "modes: query-status failed");
+    const double rate_before = *before;
 
     if (auto r = sc->execute("migrate-set-parameters", {{"downtime-limit", 50}, {"max-rounds", 30},
                                                         {"max-precopy-ms", 120000}});
@@ -176,12 +163,7 @@ Fields run(const std::string& dir, std::size_t bytes, std::uint64_t rate, const 
 }  // namespace
 
 Fields modes_run(std::size_t bytes, std::uint64_t rate, const std::string& mode) {
-    char tmpl[] = "/tmp/lazymig-bench-XXXXXX";
-    if (::mkdtemp(tmpl) == nullptr) return Fields().set_str("error", "modes: mkdtemp failed");
-    Fields f = run(tmpl, bytes, rate, mode);
-    std::error_code ec;
-    std::filesystem::remove_all(tmpl, ec);
-    return f;
+    return in_scratch_dir("modes", [&](const std::string& dir) { return run(dir, bytes, rate, mode); });
 }
 
 }  // namespace bench

@@ -11,13 +11,18 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
 #include <initializer_list>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
+
+#include "bench/common.hpp"
+#include "qmp_client.hpp"
 
 extern char** environ;
 
@@ -111,6 +116,60 @@ inline double num(const json& j, std::initializer_list<const char*> path) {
 
 inline double seconds_since(std::chrono::steady_clock::time_point t) {
     return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+// Runs `body(dir)` in a fresh directory under /tmp, removed afterwards with all it holds
+// (the VMs' sockets and logs).
+template <class Body>
+Fields in_scratch_dir(const std::string& what, Body body) {
+    char tmpl[] = "/tmp/lazymig-bench-XXXXXX";
+    if (::mkdtemp(tmpl) == nullptr) return Fields().set_str("error", what + ": mkdtemp failed");
+    Fields f = body(std::string(tmpl));
+    std::error_code ec;
+    std::filesystem::remove_all(tmpl, ec);
+    return f;
+}
+
+// A migration's two VMs, started with the same `common` arguments: the destination
+// listening on loopback, then the source; a QMP client on each (capabilities negotiated,
+// so both receive events). Null with *error prefixed by `what` if any step failed.
+struct VmPair {
+    std::unique_ptr<Vm> src, dst;
+    std::optional<vmm::QmpClient> sc, dc;
+};
+inline std::unique_ptr<VmPair> start_pair(const std::string& dir, const std::vector<std::string>& common,
+                                          const std::string& what, std::string* error) {
+    auto pair = std::make_unique<VmPair>();
+    auto dst_args = common;
+    dst_args.insert(dst_args.end(), {"--incoming", "tcp:127.0.0.1:0"});
+    std::string err;
+    pair->dst = Vm::start(dir, "dst", dst_args, &err);
+    if (pair->dst) pair->src = Vm::start(dir, "src", common, &err);
+    if (!pair->dst || !pair->src) return *error = what + ": " + err, nullptr;
+    auto sc = vmm::QmpClient::connect(pair->src->qmp);
+    auto dc = vmm::QmpClient::connect(pair->dst->qmp);
+    if (!sc || !dc) return *error = what + ": cannot connect to the management sockets", nullptr;
+    pair->sc.emplace(std::move(*sc));
+    pair->dc.emplace(std::move(*dc));
+    return pair;
+}
+
+// The guest's operations so far (workload-status), or nothing if the VM did not answer.
+inline std::optional<double> guest_ops(vmm::QmpClient& c) {
+    auto r = c.execute("query-status");
+    if (!r) return std::nullopt;
+    return num(*r, {"workload-status", "operations"});
+}
+
+// The guest's operations per second over one second of the running VM.
+inline std::optional<double> guest_rate(vmm::QmpClient& c) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto ops0 = guest_ops(c);
+    pollfd none{-1, 0, 0};
+    ::poll(&none, 0, 1000);  // the measuring window, not a synchronisation
+    const auto ops1 = guest_ops(c);
+    if (!ops0 || !ops1) return std::nullopt;
+    return (*ops1 - *ops0) / seconds_since(t0);
 }
 
 }  // namespace bench
