@@ -30,7 +30,12 @@ T get(const std::byte* p) noexcept {
 // Appends little-endian fields to a frame under construction.
 class Writer {
 public:
-    explicit Writer(Type type) : type_(type), out_(kHeaderSize) {}
+    // Room for a small frame up front (and g++ 12's -Warray-bounds false positive on
+    // growing a vector first sized to the 16-byte header goes away).
+    explicit Writer(Type type) : type_(type) {
+        out_.reserve(kHeaderSize + 112);
+        out_.resize(kHeaderSize);
+    }
     template <class T>
     Writer& num(T v) {
         const auto at = out_.size();
