@@ -81,10 +81,7 @@ Fields run(const std::string& dir, std::size_t bytes, std::uint64_t rate, const 
     std::string err;
     auto pair = start_pair(dir, common, "modes", &err);
     if (!pair) return Fields().set_str("error", err);
-    auto& src = pair->src;
-    auto& dst = pair->dst;
-    auto& sc = pair->sc;
-    auto& dc = pair->dc;
+    auto& [src, dst, sc, dc] = *pair;
     auto fail = [](const char* what, const lazymig::Error& e) {
         return Fields().set_str("error", fmt::format("modes: {}: {}", what, e.message()));
     };
