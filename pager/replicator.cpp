@@ -271,17 +271,18 @@ bool Replicator::await_release() {
 }
 
 void Replicator::complete() {
+    std::uint64_t n;
     {
         std::lock_guard lock(mu_);
         if (done_) return;
         done_ = true;
+        n = open_epoch();  // final: run_epoch() opens none once done_ is set
     }
     cv_.notify_all();
     // The epoch thread may be inside an epoch: it ends at its next wait; the vCPUs it
     // paused it resumes first (vcpu_mu_ orders this after it).
     std::lock_guard c(commit_mu_);
     if (fenced_) return;
-    const std::uint64_t n = open_epoch();
     LZ_LOG(info, "replicator_complete", "epoch={} committed={}", n, committed());
     if (hooks_.on_epoch_committed) hooks_.on_epoch_committed(n);
 }
@@ -553,7 +554,17 @@ Result<void> Replicator::run_epoch() {
         stats_.pause.record(ns(now - paused_at));
         vcpus.unlock();
     };
-    const std::uint64_t n = open_.fetch_add(1, std::memory_order_acq_rel);
+    std::uint64_t n;
+    {
+        // Under mu_ with complete(): RELEASE releases the output of the open epoch it
+        // reads, so no epoch may open after it (its output would be held for good).
+        std::lock_guard lock(mu_);
+        if (stopping_ || done_) {
+            resume();
+            return {};
+        }
+        n = open_.fetch_add(1, std::memory_order_acq_rel);
+    }
     std::uint64_t copied = 0;
     auto added = pass(copied);
     if (!added) return std::unexpected(added.error());
